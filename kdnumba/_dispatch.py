@@ -1,0 +1,65 @@
+"""Choose where a computation runs and which kernel family implements it.
+
+``device`` is one of ``"cpu"``, ``"cuda"``, ``"auto"``. ``"auto"`` picks CUDA
+when any input exposes ``__cuda_array_interface__`` (Numba device arrays, CuPy,
+PyTorch CUDA tensors), else CPU. Kernel families are modules named alike under
+``kdnumba.kernels.cpu`` and ``kdnumba.kernels.cuda``; CUDA modules are imported
+only when a CUDA computation is requested, so the CPU path never imports
+``numba.cuda``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def check_device(device) -> str:
+    """Validate a ``device`` argument (``ValueError`` lists the valid ones)."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    return device
+
+
+def is_cuda_array(x) -> bool:
+    """True for objects that live on a CUDA device."""
+    return hasattr(x, "__cuda_array_interface__")
+
+
+def resolve_device(device: str, *arrays) -> str:
+    """The concrete device (``"cpu"`` or ``"cuda"``) for these inputs."""
+    check_device(device)
+    if device == "auto":
+        return "cuda" if any(is_cuda_array(a) for a in arrays if a is not None) else "cpu"
+    return device
+
+
+def cuda_unavailable_reason() -> str | None:
+    """Why CUDA cannot be used here, or ``None`` if it can."""
+    try:
+        from numba import cuda
+    except ImportError:
+        return ("device='cuda' needs the numba-cuda package: pip install 'kdnumba[cuda]'")
+    try:
+        if not cuda.is_available():
+            return "device='cuda' was requested but no usable CUDA GPU/driver was found"
+    except Exception as exc:  # pragma: no cover - driver-specific failures
+        return f"device='cuda' was requested but CUDA failed to initialise: {exc}"
+    return None
+
+
+def kernels(family: str, device: str) -> ModuleType:
+    """The kernel module implementing ``family`` on ``device``."""
+    if device == "cpu":
+        return importlib.import_module(f"kdnumba.kernels.cpu.{family}")
+    if device == "cuda":
+        reason = cuda_unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(reason)
+        try:
+            return importlib.import_module(f"kdnumba.kernels.cuda.{family}")
+        except ModuleNotFoundError as exc:
+            raise RuntimeError(f"no CUDA implementation of {family!r} yet") from exc
+    raise ValueError(f"device must be 'cpu' or 'cuda' here, got {device!r}")

@@ -1,0 +1,89 @@
+"""The one place that decides how kdnumba compiles its Numba kernels.
+
+Every CPU kernel is built with :func:`jit` (serial) or :func:`parallel_jit`
+(``prange`` loops). Reading this file tells you the whole compilation policy:
+
+* ``cache=True`` -- compiled machine code is stored on disk next to the module
+  (or in ``NUMBA_CACHE_DIR``), so the 0.3-0.8 s first-call compile is paid once
+  per machine, not once per process.
+* ``fastmath=FASTMATH_FLAGS`` -- a *subset* of LLVM's fast-math flags. We allow
+  reassociation (so reductions vectorise), contraction (FMA), reciprocal and
+  approximate-function rewrites, and ignoring the sign of zero. We do **not**
+  allow ``nnan``/``ninf``: with those LLVM may delete NaN checks and mis-handle a
+  log-sum-exp over ``-inf``.  Reassociation only changes the order of a
+  reduction *inside* one row, and that order is fixed at compile time, so
+  results stay bit-identical run to run and for any thread count.
+* ``error_model="numpy"`` -- division by zero gives inf/nan like NumPy instead
+  of raising (and, importantly, lets LLVM vectorise divisions).
+* ``nogil=True`` -- kernels release the GIL, so several Python threads can run
+  them at once.
+* ``boundscheck=False`` -- inputs are validated before any kernel is called.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from contextlib import contextmanager
+
+import numba
+
+FASTMATH_FLAGS = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
+
+_COMMON = dict(
+    cache=True,
+    fastmath=set(FASTMATH_FLAGS),
+    error_model="numpy",
+    nogil=True,
+    boundscheck=False,
+)
+
+
+def jit(fn=None, **overrides):
+    """Serial kernel: ``numba.njit`` with kdnumba's policy."""
+    options = {**_COMMON, **overrides}
+    if fn is None:
+        return lambda f: numba.njit(**options)(f)
+    return numba.njit(**options)(fn)
+
+
+def parallel_jit(fn=None, **overrides):
+    """Parallel kernel (``prange`` loops): :func:`jit` plus ``parallel=True``."""
+    return jit(fn, parallel=True, **overrides)
+
+
+# --- threading ---------------------------------------------------------------
+# The ``workqueue`` threading layer (used when neither OpenMP nor TBB can be
+# loaded) aborts the process if two Python threads launch parallel kernels at
+# the same time. The ``omp`` and ``tbb`` layers are thread-safe. We therefore
+# serialise kernel launches only when the active layer is ``workqueue`` (or not
+# yet known, i.e. the very first launch).
+_THREAD_SAFE_LAYERS = frozenset({"omp", "tbb"})
+_launch_lock = threading.Lock()
+
+
+def _active_threading_layer() -> str | None:
+    try:
+        return numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet
+        return None
+
+
+@contextmanager
+def kernel_launch():
+    """Context for launching a parallel kernel safely from any Python thread."""
+    if _active_threading_layer() in _THREAD_SAFE_LAYERS:
+        yield
+        return
+    with _launch_lock:
+        yield
+
+
+def num_threads() -> int:
+    """Number of threads Numba's parallel kernels use now."""
+    return numba.get_num_threads()
+
+
+def cache_dir() -> str | None:
+    """Where compiled kernels are cached (``None``: next to the sources)."""
+    return os.environ.get("NUMBA_CACHE_DIR") or None

@@ -1,0 +1,181 @@
+"""Input validation: coerce user input to kernel-ready arrays or raise clearly.
+
+Every public entry point funnels its arguments through these helpers, so the
+error messages are uniform: they name the argument, say what was expected and
+what was received. Nothing here modifies a caller's array; coercion copies only
+when it must (dtype cast, non-contiguous input).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _describe_dtype(dtype: np.dtype) -> str:
+    return f"{dtype.name}"
+
+
+def as_float_array(x, name: str, *, ndim: int | None = None, min_ndim: int | None = None,
+                   dtype=None) -> np.ndarray:
+    """``x`` as a C-contiguous float32/float64 array with at least one row.
+
+    ``dtype`` (optional) is the dtype to compute in, e.g. the student's: a
+    float array of the *other* float dtype is cast to it (a teacher in float64
+    for a float32 student). Integer, bool, float16, complex and object input
+    raise ``TypeError``; wrong rank or an empty batch raise ``ValueError``.
+    """
+    if hasattr(x, "__cuda_array_interface__") and not hasattr(x, "__array__"):
+        raise TypeError(
+            f"{name} is a GPU array; pass device='cuda' (or 'auto') to run on the GPU, "
+            "or copy it to the host first")
+    try:
+        arr = np.asarray(x)
+    except Exception as exc:  # e.g. a CUDA torch tensor
+        raise TypeError(f"{name} could not be converted to a NumPy array: {exc}") from exc
+    if arr.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a float32 or float64 array, got dtype "
+            f"{_describe_dtype(arr.dtype)}"
+            + (" (cast it with .astype(np.float32))" if arr.dtype.kind in "biuf" else ""))
+    if ndim is not None and arr.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {arr.shape}")
+    if min_ndim is not None and arr.ndim < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimensions, got shape {arr.shape}")
+    if arr.ndim == 0 or arr.shape[0] == 0:
+        raise ValueError(f"{name} is empty: the batch must hold at least one row, got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{name} has a zero-length dimension: shape {arr.shape}")
+    if dtype is not None and arr.dtype != dtype:
+        arr = arr.astype(dtype)
+    return np.ascontiguousarray(arr)
+
+
+def check_same_shape(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:
+    """Raise ``ValueError`` unless ``a`` and ``b`` have the same shape."""
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(
+            f"batch size mismatch: {name_a} has {a.shape[0]} rows, {name_b} has {b.shape[0]}")
+    if a.shape != b.shape:
+        raise ValueError(
+            f"shape mismatch: {name_a} has shape {a.shape}, {name_b} has shape {b.shape}")
+
+
+def first_non_finite(named_arrays) -> str | None:
+    """Name of the first array holding NaN or inf, else ``None``."""
+    for name, arr in named_arrays:
+        if arr is not None and arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            return name
+    return None
+
+
+def raise_non_finite(named_arrays, what: str = "the loss") -> None:
+    """Called when a kernel produced a non-finite result: say why."""
+    name = first_non_finite(named_arrays)
+    if name is not None:
+        raise ValueError(f"{name} contains NaN or inf values")
+    raise ValueError(
+        f"{what} overflowed although every input is finite: the inputs' magnitudes "
+        "exceed what the dtype can represent in differences (rescale them, or use float64)")
+
+
+def check_positive(value, name: str) -> float:
+    """A finite float > 0 (temperatures, margins...)."""
+    v = check_real(value, name)
+    if not v > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return v
+
+
+def check_unit_interval(value, name: str) -> float:
+    """A float in [0, 1] (alpha, weights...)."""
+    v = check_real(value, name)
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    return v
+
+
+def check_non_negative(value, name: str) -> float:
+    v = check_real(value, name)
+    if v < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return v
+
+
+def check_real(value, name: str) -> float:
+    """A finite real number (bool rejected: ``True`` is not a temperature)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return v
+
+
+def check_int(value, name: str, *, minimum: int | None = None) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    v = int(value)
+    if minimum is not None and v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return v
+
+
+def check_name(value, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"{name} must be a non-empty string, got {value!r}")
+    return value
+
+
+def as_labels(labels, name: str, n_rows: int, n_classes: int, dtype) -> tuple[str, np.ndarray | None]:
+    """Classify and validate labels for ``n_rows`` rows over ``n_classes`` classes.
+
+    Returns ``(kind, array)`` with kind ``"none"``, ``"index"`` (int64 ``(B,)``)
+    or ``"dense"`` (``dtype`` ``(B, C)``, rows non-negative and summing to 1
+    within 1e-3).
+    """
+    if labels is None:
+        return "none", None
+    try:
+        arr = np.asarray(labels)
+    except Exception as exc:
+        raise TypeError(f"{name} could not be converted to a NumPy array: {exc}") from exc
+    if arr.dtype.kind in "iu":
+        if arr.ndim != 1:
+            raise ValueError(
+                f"integer {name} must be 1-D class indices of shape ({n_rows},), got shape {arr.shape}")
+        if arr.shape[0] != n_rows:
+            raise ValueError(
+                f"batch size mismatch: {name} has {arr.shape[0]} entries, the logits have {n_rows} rows")
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= n_classes:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{name} must be class indices in [0, {n_classes}), found {bad}")
+        return "index", np.ascontiguousarray(arr, dtype=np.int64)
+    if arr.dtype.kind == "f" and arr.dtype in FLOAT_DTYPES:
+        if arr.ndim != 2 or arr.shape != (n_rows, n_classes):
+            raise ValueError(
+                f"float {name} must be one-hot or soft targets of shape ({n_rows}, {n_classes}), "
+                f"got shape {arr.shape}")
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{name} contains NaN or inf values")
+        if (arr < 0).any():
+            raise ValueError(f"{name} rows must be probability vectors, found a negative entry")
+        sums = arr.sum(axis=1, dtype=np.float64)
+        worst = int(np.argmax(np.abs(sums - 1.0)))
+        if abs(sums[worst] - 1.0) > 1e-3:
+            raise ValueError(
+                f"{name} rows must be probability vectors summing to 1, row {worst} sums to {sums[worst]:.6g}")
+        return "dense", np.ascontiguousarray(arr, dtype=dtype)
+    raise TypeError(
+        f"{name} must be None, integer class indices (B,), or float32/float64 targets (B, C); "
+        f"got dtype {arr.dtype.name}")
+
+
+def as_layer_array(acts, name: str, layer: str, dtype=None) -> np.ndarray:
+    """One layer of an ``IntermediateActivations``, validated like any input."""
+    return as_float_array(acts[layer], f"{name}[{layer!r}]", dtype=dtype)

@@ -1,0 +1,1 @@
+"""CPU kernels (Numba ``@njit``). Import a family module directly."""

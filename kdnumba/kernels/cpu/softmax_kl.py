@@ -1,0 +1,228 @@
+"""Response-based KD: temperature softmax, KL to the teacher, hard cross-entropy.
+
+One fused kernel computes, for every row ``i`` of ``(B, C)`` logits, the
+per-row loss and the gradient row, in three passes over the row while it is
+hot in cache:
+
+1. row maxima ``m_s = max_j s_ij`` and ``m_t = max_j t_ij`` (stability);
+2. the exponentials ``e^T_s = exp((s - m_s)/T)``, ``e^T_t = exp((t - m_t)/T)``
+   and, when a hard term is present, ``e_s = exp(s - m_s)``; their sums
+   ``Z`` (accumulated in float64) and ``W = sum_j e^T_t (u_t - u_s)`` with
+   ``u = (z - m)/T``. The exponentials are parked in the gradient row and a
+   per-thread scratch row so that pass 3 needs no second ``exp``;
+3. the gradient row
+   ``g = c_soft (e^T_s/Z^T_s - e^T_t/Z^T_t) + c_hard (sum(y) e_s/Z_s - y)``.
+
+Per-row loss (all logs of sums, never of a probability that may underflow)::
+
+    KL_i = W / Z^T_t - log Z^T_t + log Z^T_s
+    CE_i = logsumexp(s_i) * sum(y_i) - sum_j y_ij s_ij
+    loss_i = w_soft * KL_i + w_hard * CE_i
+
+The caller chooses the weights (``w_soft = (1-alpha) T^2 / B``, ``c_soft =
+(1-alpha) T / B``, ...). Rows are independent, so the result of each row is the
+same for any thread count; the batch loss is reduced in a fixed order by the
+caller.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import prange
+
+from kdnumba._policy import jit, parallel_jit
+from kdnumba.kernels.cpu.dtypes import cast_like
+from kdnumba.kernels.cpu.fastexp import exp_nonpos
+
+#: ``labels_kind`` values understood by :func:`kd_rows`.
+LABELS_NONE = 0
+LABELS_INDEX = 1
+LABELS_DENSE = 2
+
+_ROWS_PER_CHUNK = 16
+
+
+@jit
+def _row_max(row):
+    """``max_j row_j`` with eight independent running maxima.
+
+    Eight independent running maxima: a single loop-carried ``max`` cannot be
+    vectorised without LLVM's ``nnan`` flag (which we refuse; see
+    ``_policy``); eight lanes are SLP-vectorised (4.6x faster, measured).
+    """
+    n = row.shape[0]
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = row[0]
+    j = 0
+    while j + 8 <= n:
+        m0 = max(m0, row[j])
+        m1 = max(m1, row[j + 1])
+        m2 = max(m2, row[j + 2])
+        m3 = max(m3, row[j + 3])
+        m4 = max(m4, row[j + 4])
+        m5 = max(m5, row[j + 5])
+        m6 = max(m6, row[j + 6])
+        m7 = max(m7, row[j + 7])
+        j += 8
+    while j < n:
+        m0 = max(m0, row[j])
+        j += 1
+    return max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+
+
+#: Sums of float32 terms run in float32 SIMD lanes for ``_BLOCK`` elements and
+#: are then added to a float64 total: the loop keeps its full vector width
+#: (8-16 lanes instead of the 4 a float64 accumulator allows, 2x faster) and
+#: the rounding error stays that of a 256-term sum, whatever C is.
+_BLOCK = 256
+
+
+@jit
+def _soft_block(s_blk, t_blk, m_s, m_t, inv_t, e_s_t, e_t_t):
+    """One block of pass 2 (soft): F-typed partial sums (Z_s, Z_t, W)."""
+    zs = inv_t - inv_t  # a zero of the row's dtype
+    zt = zs
+    w = zs
+    # ``range(len)`` from 0 lets LLVM prove indices non-negative, so loads are
+    # contiguous vectors (an offset range compiles to gathers, 2x slower).
+    for j in range(s_blk.shape[0]):
+        u_s = (s_blk[j] - m_s) * inv_t
+        u_t = (t_blk[j] - m_t) * inv_t
+        es = exp_nonpos(u_s)
+        et = exp_nonpos(u_t)
+        e_s_t[j] = es
+        e_t_t[j] = et
+        zs += es
+        zt += et
+        w += et * (u_t - u_s)
+    return zs, zt, w
+
+
+@jit
+def _soft_exponentials(s_row, t_row, m_s, m_t, inv_t, e_s_t, e_t_t):
+    """Pass 2 (soft part): fills ``e_s_t``/``e_t_t``; returns (Z_s, Z_t, W)."""
+    n = s_row.shape[0]
+    z_s = 0.0
+    z_t = 0.0
+    w = 0.0
+    for start in range(0, n, _BLOCK):
+        stop = min(n, start + _BLOCK)
+        zs_b, zt_b, w_b = _soft_block(s_row[start:stop], t_row[start:stop], m_s, m_t,
+                                      inv_t, e_s_t[start:stop], e_t_t[start:stop])
+        z_s += zs_b
+        z_t += zt_b
+        w += w_b
+    return z_s, z_t, w
+
+
+@jit
+def _hard_block(s_blk, m_s, e_s):
+    z = m_s - m_s
+    for j in range(s_blk.shape[0]):
+        e = exp_nonpos(s_blk[j] - m_s)
+        e_s[j] = e
+        z += e
+    return z
+
+
+@jit
+def _hard_exponentials(s_row, m_s, e_s):
+    """Pass 2 (hard part): fills ``e_s = exp(s - m_s)``; returns Z_s."""
+    n = s_row.shape[0]
+    z = 0.0
+    for start in range(0, n, _BLOCK):
+        stop = min(n, start + _BLOCK)
+        z += _hard_block(s_row[start:stop], m_s, e_s[start:stop])
+    return z
+
+
+@jit
+def _label_block(y_blk, s_blk):
+    y_b = s_blk[0] - s_blk[0]
+    ys_b = y_b
+    for j in range(y_blk.shape[0]):
+        y_b += y_blk[j]
+        ys_b += y_blk[j] * s_blk[j]
+    return y_b, ys_b
+
+
+@jit
+def _label_sums(y_row, s_row):
+    """``(sum_j y_j, sum_j y_j s_j)`` in blocked float64."""
+    n = y_row.shape[0]
+    y_sum = 0.0
+    ys_sum = 0.0
+    for start in range(0, n, _BLOCK):
+        stop = min(n, start + _BLOCK)
+        y_b, ys_b = _label_block(y_row[start:stop], s_row[start:stop])
+        y_sum += y_b
+        ys_sum += ys_b
+    return y_sum, ys_sum
+
+
+@parallel_jit
+def kd_rows(s, t, labels_index, labels_dense, labels_kind, inv_t,
+            w_soft, w_hard, c_soft, c_hard, grad, row_loss):
+    """Fused KD loss and gradient, one row per ``prange`` iteration.
+
+    Parameters (``F`` is the dtype of ``s``; scalars typed by the caller):
+        s, t: ``(B, C)`` F, C-contiguous student / teacher logits.
+        labels_index: ``(B,)`` int64 class indices (used when ``labels_kind == 1``).
+        labels_dense: ``(B, C)`` F target rows (used when ``labels_kind == 2``).
+        labels_kind: 0 none, 1 index, 2 dense.
+        inv_t: F, ``1/T``.
+        w_soft, w_hard: float64 loss weights of the KL and CE terms.
+        c_soft, c_hard: float64 gradient weights of the KL and CE terms.
+        grad: ``(B, C)`` F output.
+        row_loss: ``(B,)`` float64 output, ``w_soft*KL_i + w_hard*CE_i``;
+            non-finite for a row whose inputs hold NaN or inf (see below).
+
+    Non-finite input is detected without a separate sweep over the arrays:
+    any NaN/inf in ``s`` or ``t`` makes some ``u_t - u_s`` (or ``e^T_t``)
+    non-finite, and since the policy never grants LLVM ``nnan``/``ninf``,
+    ``W`` and hence the row loss become NaN or inf (a NaN/inf label does
+    the same through ``sum(y)``). The caller checks only the total.
+    """
+    n_rows, n_cols = s.shape
+    n_chunks = (n_rows + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK
+    has_hard = labels_kind != LABELS_NONE
+    for chunk in prange(n_chunks):
+        # Per-chunk scratch: the teacher's (and hard) exponentials of one row.
+        e_t_t = np.empty(n_cols, dtype=s.dtype)
+        e_s = np.empty(n_cols if has_hard else 0, dtype=s.dtype)
+        stop = min(n_rows, (chunk + 1) * _ROWS_PER_CHUNK)
+        for i in range(chunk * _ROWS_PER_CHUNK, stop):
+            s_row = s[i]
+            t_row = t[i]
+            g_row = grad[i]
+            m_s = _row_max(s_row)
+            m_t = _row_max(t_row)
+            z_s, z_t, w = _soft_exponentials(s_row, t_row, m_s, m_t, inv_t, g_row, e_t_t)
+            kl = w / z_t - math.log(z_t) + math.log(z_s)
+            a_s = cast_like(c_soft / z_s, s)
+            a_t = cast_like(c_soft / z_t, s)
+            loss = w_soft * kl
+            if not has_hard:
+                for j in range(n_cols):
+                    g_row[j] = a_s * g_row[j] - a_t * e_t_t[j]
+            else:
+                z_h = _hard_exponentials(s_row, m_s, e_s)
+                lse = m_s + math.log(z_h)
+                if labels_kind == LABELS_INDEX:
+                    y = labels_index[i]
+                    a_h = cast_like(c_hard / z_h, s)
+                    for j in range(n_cols):
+                        g_row[j] = a_s * g_row[j] - a_t * e_t_t[j] + a_h * e_s[j]
+                    g_row[y] -= cast_like(c_hard, s)
+                    loss += w_hard * (lse - s_row[y])
+                else:
+                    y_row = labels_dense[i]
+                    c_h = cast_like(c_hard, s)
+                    y_sum, ys_sum = _label_sums(y_row, s_row)
+                    a_h = cast_like(c_hard * y_sum / z_h, s)
+                    for j in range(n_cols):
+                        g_row[j] = (a_s * g_row[j] - a_t * e_t_t[j]
+                                    + a_h * e_s[j] - c_h * y_row[j])
+                    loss += w_hard * (lse * y_sum - ys_sum)
+            row_loss[i] = loss
