@@ -185,14 +185,19 @@ def kd_rows(s, t, labels_index, labels_dense, labels_kind, inv_t,
     the same through ``sum(y)``). The caller checks only the total.
     """
     n_rows, n_cols = s.shape
-    n_chunks = (n_rows + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK
+    # Chunks of rows share one scratch row; small batches get smaller chunks
+    # (at least 32 of them) so every thread has work. Rows are independent, so
+    # chunking never changes bits. (Asking Numba for the thread count here
+    # would make the kernel uncacheable.)
+    per_chunk = max(1, min(_ROWS_PER_CHUNK, n_rows // 32))
+    n_chunks = (n_rows + per_chunk - 1) // per_chunk
     has_hard = labels_kind != LABELS_NONE
     for chunk in prange(n_chunks):
         # Per-chunk scratch: the teacher's (and hard) exponentials of one row.
         e_t_t = np.empty(n_cols, dtype=s.dtype)
         e_s = np.empty(n_cols if has_hard else 0, dtype=s.dtype)
-        stop = min(n_rows, (chunk + 1) * _ROWS_PER_CHUNK)
-        for i in range(chunk * _ROWS_PER_CHUNK, stop):
+        stop = min(n_rows, (chunk + 1) * per_chunk)
+        for i in range(chunk * per_chunk, stop):
             s_row = s[i]
             t_row = t[i]
             g_row = grad[i]
