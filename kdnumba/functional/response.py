@@ -55,6 +55,10 @@ def kd_loss(student_logits, teacher_logits, labels=None, *, temperature=3.0, alp
     temperature = v.check_positive(temperature, "temperature")
     alpha = v.check_unit_interval(alpha, "alpha")
     target = _dispatch.resolve_device(device, student_logits, teacher_logits, labels)
+    if target == "cuda":
+        from kdnumba import _cuda_paths  # imports numba.cuda: CUDA path only
+        return _cuda_paths.kd_loss(student_logits, teacher_logits, labels,
+                                   temperature=temperature, alpha=alpha, out=out)
     s = v.as_float_array(student_logits, "student_logits", ndim=2)
     t = v.as_float_array(teacher_logits, "teacher_logits", ndim=2, dtype=s.dtype)
     v.check_same_shape(s, t, "student_logits", "teacher_logits")
@@ -62,12 +66,12 @@ def kd_loss(student_logits, teacher_logits, labels=None, *, temperature=3.0, alp
     kind, y = v.as_labels(labels, "labels", n_rows, n_cols, s.dtype)
     if kind == "none":
         alpha = 0.0
-    grad = _gradient_buffer(out, s)
+    grad = _gradient_buffer(out, s, (student_logits, teacher_logits, labels))
 
     kernels = _dispatch.kernels("softmax_kl", target)
     row_loss = np.empty(n_rows, dtype=np.float64)
     scalar = s.dtype.type
-    with _policy.kernel_launch():
+    with _policy.kernel_launch(s.size):
         kernels.kd_rows(
             s, t,
             y if kind == "index" else _NO_INDEX,
@@ -86,7 +90,7 @@ def kd_loss(student_logits, teacher_logits, labels=None, *, temperature=3.0, alp
     return float(loss), grad
 
 
-def _gradient_buffer(out, like: np.ndarray) -> np.ndarray:
+def _gradient_buffer(out, like: np.ndarray, inputs) -> np.ndarray:
     if out is None:
         return np.empty_like(like)
     if not isinstance(out, np.ndarray):
@@ -95,6 +99,8 @@ def _gradient_buffer(out, like: np.ndarray) -> np.ndarray:
         raise ValueError(
             f"out must be a C-contiguous {like.dtype.name} array of shape {like.shape}, "
             f"got {out.dtype.name} {out.shape}")
-    if np.shares_memory(out, like):
-        raise ValueError("out must not share memory with the inputs")
+    # Check the caller's own arrays too: ``like`` may be a converted copy.
+    for array in (like, *inputs):
+        if isinstance(array, np.ndarray) and np.shares_memory(out, array):
+            raise ValueError("out must not share memory with the inputs")
     return out

@@ -6,10 +6,10 @@ hot in cache:
 
 1. row maxima ``m_s = max_j s_ij`` and ``m_t = max_j t_ij`` (stability);
 2. the exponentials ``e^T_s = exp((s - m_s)/T)``, ``e^T_t = exp((t - m_t)/T)``
-   and, when a hard term is present, ``e_s = exp(s - m_s)``; their sums
-   ``Z`` (accumulated in float64) and ``W = sum_j e^T_t (u_t - u_s)`` with
-   ``u = (z - m)/T``. The exponentials are parked in the gradient row and a
-   per-thread scratch row so that pass 3 needs no second ``exp``;
+   and, when a hard term is present, ``e_s = exp(s - m_s)``, element-wise
+   into the gradient row and per-chunk scratch rows (so pass 3 needs no
+   second ``exp``); then their sums ``Z`` and ``W = sum_j e^T_t (u_t - u_s)``
+   with ``u = (z - m)/T`` by ``reductions.lane_sum`` (float64, fixed order);
 3. the gradient row
    ``g = c_soft (e^T_s/Z^T_s - e^T_t/Z^T_t) + c_hard (sum(y) e_s/Z_s - y)``.
 
@@ -35,6 +35,7 @@ from numba import prange
 from kdnumba._policy import jit, parallel_jit
 from kdnumba.kernels.cpu.dtypes import cast_like
 from kdnumba.kernels.cpu.fastexp import exp_nonpos
+from kdnumba.kernels.cpu.reductions import lane_dot, lane_sum
 
 #: ``labels_kind`` values understood by :func:`kd_rows`.
 LABELS_NONE = 0
@@ -71,94 +72,28 @@ def _row_max(row):
     return max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
 
 
-#: Sums of float32 terms run in float32 SIMD lanes for ``_BLOCK`` elements and
-#: are then added to a float64 total: the loop keeps its full vector width
-#: (8-16 lanes instead of the 4 a float64 accumulator allows, 2x faster) and
-#: the rounding error stays that of a 256-term sum, whatever C is.
-_BLOCK = 256
-
-
 @jit
-def _soft_block(s_blk, t_blk, m_s, m_t, inv_t, e_s_t, e_t_t):
-    """One block of pass 2 (soft): F-typed partial sums (Z_s, Z_t, W)."""
-    zs = inv_t - inv_t  # a zero of the row's dtype
-    zt = zs
-    w = zs
-    # ``range(len)`` from 0 lets LLVM prove indices non-negative, so loads are
-    # contiguous vectors (an offset range compiles to gathers, 2x slower).
-    for j in range(s_blk.shape[0]):
-        u_s = (s_blk[j] - m_s) * inv_t
-        u_t = (t_blk[j] - m_t) * inv_t
+def _soft_exponentials(s_row, t_row, m_s, m_t, inv_t, e_s_t, e_t_t, w_terms):
+    """Pass 2 (soft part): element-wise, no reduction, so it vectorises fully.
+
+    Fills ``e_s_t = exp(u_s)``, ``e_t_t = exp(u_t)`` and
+    ``w_terms = e_t_t * (u_t - u_s)`` with ``u = (z - m) / T``.
+    """
+    for j in range(s_row.shape[0]):
+        u_s = (s_row[j] - m_s) * inv_t
+        u_t = (t_row[j] - m_t) * inv_t
         es = exp_nonpos(u_s)
         et = exp_nonpos(u_t)
         e_s_t[j] = es
         e_t_t[j] = et
-        zs += es
-        zt += et
-        w += et * (u_t - u_s)
-    return zs, zt, w
-
-
-@jit
-def _soft_exponentials(s_row, t_row, m_s, m_t, inv_t, e_s_t, e_t_t):
-    """Pass 2 (soft part): fills ``e_s_t``/``e_t_t``; returns (Z_s, Z_t, W)."""
-    n = s_row.shape[0]
-    z_s = 0.0
-    z_t = 0.0
-    w = 0.0
-    for start in range(0, n, _BLOCK):
-        stop = min(n, start + _BLOCK)
-        zs_b, zt_b, w_b = _soft_block(s_row[start:stop], t_row[start:stop], m_s, m_t,
-                                      inv_t, e_s_t[start:stop], e_t_t[start:stop])
-        z_s += zs_b
-        z_t += zt_b
-        w += w_b
-    return z_s, z_t, w
-
-
-@jit
-def _hard_block(s_blk, m_s, e_s):
-    z = m_s - m_s
-    for j in range(s_blk.shape[0]):
-        e = exp_nonpos(s_blk[j] - m_s)
-        e_s[j] = e
-        z += e
-    return z
+        w_terms[j] = et * (u_t - u_s)
 
 
 @jit
 def _hard_exponentials(s_row, m_s, e_s):
-    """Pass 2 (hard part): fills ``e_s = exp(s - m_s)``; returns Z_s."""
-    n = s_row.shape[0]
-    z = 0.0
-    for start in range(0, n, _BLOCK):
-        stop = min(n, start + _BLOCK)
-        z += _hard_block(s_row[start:stop], m_s, e_s[start:stop])
-    return z
-
-
-@jit
-def _label_block(y_blk, s_blk):
-    y_b = s_blk[0] - s_blk[0]
-    ys_b = y_b
-    for j in range(y_blk.shape[0]):
-        y_b += y_blk[j]
-        ys_b += y_blk[j] * s_blk[j]
-    return y_b, ys_b
-
-
-@jit
-def _label_sums(y_row, s_row):
-    """``(sum_j y_j, sum_j y_j s_j)`` in blocked float64."""
-    n = y_row.shape[0]
-    y_sum = 0.0
-    ys_sum = 0.0
-    for start in range(0, n, _BLOCK):
-        stop = min(n, start + _BLOCK)
-        y_b, ys_b = _label_block(y_row[start:stop], s_row[start:stop])
-        y_sum += y_b
-        ys_sum += ys_b
-    return y_sum, ys_sum
+    """Pass 2 (hard part): fills ``e_s = exp(s - m_s)``."""
+    for j in range(s_row.shape[0]):
+        e_s[j] = exp_nonpos(s_row[j] - m_s)
 
 
 @parallel_jit
@@ -195,6 +130,7 @@ def kd_rows(s, t, labels_index, labels_dense, labels_kind, inv_t,
     for chunk in prange(n_chunks):
         # Per-chunk scratch: the teacher's (and hard) exponentials of one row.
         e_t_t = np.empty(n_cols, dtype=s.dtype)
+        w_terms = np.empty(n_cols, dtype=s.dtype)
         e_s = np.empty(n_cols if has_hard else 0, dtype=s.dtype)
         stop = min(n_rows, (chunk + 1) * per_chunk)
         for i in range(chunk * per_chunk, stop):
@@ -203,8 +139,13 @@ def kd_rows(s, t, labels_index, labels_dense, labels_kind, inv_t,
             g_row = grad[i]
             m_s = _row_max(s_row)
             m_t = _row_max(t_row)
-            z_s, z_t, w = _soft_exponentials(s_row, t_row, m_s, m_t, inv_t, g_row, e_t_t)
-            kl = w / z_t - math.log(z_t) + math.log(z_s)
+            _soft_exponentials(s_row, t_row, m_s, m_t, inv_t, g_row, e_t_t, w_terms)
+            z_s = lane_sum(g_row)
+            z_t = lane_sum(e_t_t)
+            w = lane_sum(w_terms)
+            # KL >= 0 exactly; rounding can leave -1e-16 (float64) or -1e-7
+            # (float32) when student and teacher agree up to a row constant.
+            kl = max(w / z_t - math.log(z_t) + math.log(z_s), 0.0)
             a_s = cast_like(c_soft / z_s, s)
             a_t = cast_like(c_soft / z_t, s)
             loss = w_soft * kl
@@ -212,7 +153,8 @@ def kd_rows(s, t, labels_index, labels_dense, labels_kind, inv_t,
                 for j in range(n_cols):
                     g_row[j] = a_s * g_row[j] - a_t * e_t_t[j]
             else:
-                z_h = _hard_exponentials(s_row, m_s, e_s)
+                _hard_exponentials(s_row, m_s, e_s)
+                z_h = lane_sum(e_s)
                 lse = m_s + math.log(z_h)
                 if labels_kind == LABELS_INDEX:
                     y = labels_index[i]
@@ -224,7 +166,8 @@ def kd_rows(s, t, labels_index, labels_dense, labels_kind, inv_t,
                 else:
                     y_row = labels_dense[i]
                     c_h = cast_like(c_hard, s)
-                    y_sum, ys_sum = _label_sums(y_row, s_row)
+                    y_sum = lane_sum(y_row)
+                    ys_sum = lane_dot(y_row, s_row)
                     a_h = cast_like(c_hard * y_sum / z_h, s)
                     for j in range(n_cols):
                         g_row[j] = (a_s * g_row[j] - a_t * e_t_t[j]
