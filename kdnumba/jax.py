@@ -1,0 +1,221 @@
+"""JAX bridge: kdnumba's fused CPU losses as ``jax.custom_vjp`` functions.
+
+    >>> import kdnumba.jax as kdj
+    >>> g = jax.jit(jax.grad(lambda s: kdj.kd_loss(s, t, y, temperature=4.0)))(s)
+
+Every loss of :mod:`kdnumba.functional` is here under the same name and
+signature (less ``device`` and ``out``), taking JAX arrays and returning a 0-d
+array of the student's dtype. It works under ``jax.jit``, ``jax.grad``,
+``jax.value_and_grad`` and ``jax.vmap``:
+
+* the primal runs kdnumba's fused CPU kernel through ``jax.pure_callback``;
+  that one call returns the loss *and* its gradient, which is kept as the
+  residual, so the backward pass only multiplies it by the cotangent;
+* only the first argument (the student's output) is differentiated: teacher
+  outputs and labels are constants, as in distillation, and get a zero
+  cotangent;
+* keyword options (``temperature``, ``alpha``...) must be Python values; under
+  ``jax.jit`` make them static (``static_argnames``) or close over them;
+* the kernels run on the host CPU whatever JAX's backend (arrays on an
+  accelerator are copied to the host and back), in the student's dtype
+  (float32, or float64 with ``jax_enable_x64``); under ``vmap`` the callback
+  runs once per batch element;
+* shape, dtype and value errors (batch mismatch, NaN, labels out of range) are
+  raised inside the callback, so JAX reports them as
+  ``jax.errors.JaxRuntimeError`` whose message holds the original
+  ``ValueError``/``TypeError``. float16/bfloat16 inputs and traced options
+  raise ``TypeError`` at trace time.
+* kdnumba computes first derivatives only: ``jax.hessian`` and forward-mode
+  (``jax.jvp``, ``jax.jacfwd``) are not supported.
+
+:func:`wrap` turns any ``(loss, grad)`` function (e.g. a strategy's bound
+``loss_and_gradient``) into such a function; :func:`intermediate_loss` does
+the same for intermediate-activation strategies over dicts of arrays.
+
+This module is ``kdnumba/jax.py``; its ``import jax`` is an absolute import
+(Python 3) and loads JAX itself. Importing :mod:`kdnumba` does not import this
+module or JAX.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+try:
+    import jax
+    import jax.numpy as jnp
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess
+    raise ImportError("kdnumba.jax needs JAX: pip install 'kdnumba[jax]'") from exc
+
+from kdnumba.bridges._adapter import (
+    LossAdapter,
+    intermediate_loss_and_gradient,
+    registered_losses,
+)
+
+_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+#: Distinct option sets kept compiled per loss (a sweep over many values just rebuilds).
+_CACHE_SIZE = 64
+
+
+def _operand(x, name: str, where: str):
+    """``x`` as a JAX array, rejecting float dtypes the kernels lack."""
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"{where}: {name} must be float32 or float64, got {x.dtype} "
+                        "(convert it with .astype(jnp.float32))")
+    return x
+
+
+def _check_options(where: str, options: Mapping) -> None:
+    for key, value in options.items():
+        if isinstance(value, jax.Array):
+            raise TypeError(
+                f"{where}: option {key} must be a Python value, got a JAX array (under jax.jit, "
+                f"pass it through static_argnames or close over it)")
+
+
+def _option_key(options: Mapping):
+    """A hashable key for one option set, or ``None`` if it has none.
+    Types are part of it, so ``alpha=True`` does not reuse ``alpha=1``."""
+    key = tuple(sorted((k, type(val), val) for k, val in options.items()))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _fused(host: Callable, operands, result_shapes):
+    return jax.pure_callback(host, result_shapes, *operands, vmap_method="sequential")
+
+
+def _custom_vjp(adapter: LossAdapter, present: tuple[bool, ...], options: Mapping):
+    """A ``custom_vjp`` function of the non-``None`` array arguments."""
+    n_operands = sum(present)
+
+    def host(*operands):
+        given = iter(operands)
+        arrays = [np.asarray(next(given)) if p else None for p in present]
+        loss, grad = adapter(arrays, options)
+        dtype = arrays[0].dtype
+        return np.asarray(loss, dtype=dtype), np.asarray(grad, dtype=dtype)
+
+    def loss_and_grad(*operands):
+        student = operands[0]
+        return _fused(host, operands, (jax.ShapeDtypeStruct((), student.dtype),
+                                       jax.ShapeDtypeStruct(student.shape, student.dtype)))
+
+    @jax.custom_vjp
+    def loss(*operands):
+        return loss_and_grad(*operands)[0]
+
+    def bwd(grad, cotangent):
+        # the teacher and labels are constants: None is JAX's zero cotangent
+        return (cotangent * grad,) + (None,) * (n_operands - 1)
+
+    loss.defvjp(loss_and_grad, bwd)
+    return loss
+
+
+def wrap(fn: Callable, name: str | None = None):
+    """Make a JAX-differentiable loss of any ``(loss, grad)`` function.
+
+    ``fn(x, *others, **options)`` must return ``(loss, d loss / d x)`` with the
+    gradient of ``x``'s shape, computed on NumPy arrays. Its positional
+    parameters are array arguments (arrays or ``None``; only ``x`` is
+    differentiated), its keyword-only parameters Python-valued options. The
+    result has ``fn``'s signature less ``device`` (always ``"cpu"``) and
+    ``out``, and returns a 0-d array of ``x``'s dtype.
+
+    >>> double = kdnumba.jax.wrap(lambda x, *, k=1.0: (k * float((x * x).sum()), 2 * k * x))
+    """
+    adapter = LossAdapter.of(fn, name, hidden=("device",), fixed={"device": "cpu"})
+    cache: dict = {}
+
+    def loss(*args, **kwargs):
+        arrays, options = adapter.bind(args, kwargs)
+        _check_options(adapter.name, options)
+        if arrays[0] is None:
+            raise TypeError(f"{adapter.name}: {adapter.array_params[0]} must be an array, got None")
+        present = tuple(a is not None for a in arrays)
+        operands = [_operand(a, n, adapter.name)
+                    for a, n in zip(arrays, adapter.array_params) if a is not None]
+        key = _option_key(options)
+        f = cache.get((present, key)) if key is not None else None
+        if f is None:
+            f = _custom_vjp(adapter, present, options)
+            if key is not None:
+                if len(cache) >= _CACHE_SIZE:
+                    cache.clear()
+                cache[(present, key)] = f
+        return f(*operands)
+
+    loss.__name__ = loss.__qualname__ = adapter.name
+    loss.__signature__ = adapter.signature
+    loss.__doc__ = (f"JAX version of ``{adapter.name}{adapter.signature}``: a 0-d array, "
+                    f"differentiable with respect to ``{adapter.array_params[0]}`` only.\n\n"
+                    + (fn.__doc__ or ""))
+    return loss
+
+
+def intermediate_loss(strategy) -> Callable:
+    """An intermediate-activation strategy as a JAX loss over dicts of arrays:
+    ``f(student_acts, teacher_acts) -> 0-d array``.
+
+    The value is the strategy's weighted intermediate loss (dtype: the
+    promoted dtype of the student layers). ``jax.grad`` with respect to
+    ``student_acts`` gives each contributing layer its exact gradient and
+    zeros for the layers the strategy ignores; teacher layers are constants.
+    Dicts are pytrees, so it works under ``jax.jit`` too.
+    """
+    call = intermediate_loss_and_gradient(strategy)
+    where = f"{type(strategy).__name__} intermediate loss"
+
+    def host(student, teacher):
+        student = {k: np.asarray(a) for k, a in student.items()}
+        loss, grads = call(student, {k: np.asarray(a) for k, a in teacher.items()})
+        dtype = np.result_type(*student.values())
+        return (np.asarray(loss, dtype=dtype),
+                {k: np.asarray(grads[k], dtype=a.dtype) if k in grads else np.zeros_like(a)
+                 for k, a in student.items()})
+
+    def loss_and_grads(student, teacher):
+        shapes = (jax.ShapeDtypeStruct((), jnp.result_type(*student.values())),
+                  {k: jax.ShapeDtypeStruct(a.shape, a.dtype) for k, a in student.items()})
+        return _fused(host, (student, teacher), shapes)
+
+    @jax.custom_vjp
+    def fused(student, teacher):
+        return loss_and_grads(student, teacher)[0]
+
+    def bwd(grads, cotangent):
+        return jax.tree.map(lambda g: cotangent.astype(g.dtype) * g, grads), None
+
+    fused.defvjp(loss_and_grads, bwd)
+
+    def loss(student_acts: Mapping, teacher_acts: Mapping):
+        acts = []
+        for name, given in (("student_acts", student_acts), ("teacher_acts", teacher_acts)):
+            if not isinstance(given, Mapping):
+                raise TypeError(f"{where}: {name} must be a mapping layer name -> array, "
+                                f"got {type(given).__name__}")
+            acts.append({k: _operand(a, f"{name}[{k!r}]", where) for k, a in given.items()})
+        if not acts[0]:
+            raise ValueError(f"{where}: student_acts is empty")
+        return fused(*acts)
+
+    return loss
+
+
+def _export_losses() -> list[str]:
+    names = []
+    for name, fn in registered_losses().items():
+        globals()[name] = wrap(fn, name)
+        names.append(name)
+    return names
+
+
+__all__ = ["intermediate_loss", "wrap", *_export_losses()]
