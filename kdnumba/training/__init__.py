@@ -1,0 +1,44 @@
+"""Distillation training outside autograd frameworks.
+
+* :mod:`~kdnumba.training.protocol` -- what a student/teacher must implement
+  (``forward(x, collect)``, ``backward(output_grad, intermediate_grads)``,
+  ``step()``, ``predict(x)``).
+* :class:`Distiller` -- the loop: teacher and student forward per minibatch,
+  output + intermediate losses of any strategy (hybrids included), backward with
+  gradients injected at intermediate layers, update; metrics, early stopping,
+  seeded shuffling, a progress bar on long runs.
+* :class:`TeacherCache` / :class:`TeacherOutputs` -- the teacher run once, kept
+  on disk (``.npz``) for offline distillation.
+* :class:`MLP` -- a NumPy multilayer perceptron implementing the protocol: the
+  demo's student and teacher, and a template for your own model.
+"""
+
+from kdnumba.training.cache import TeacherCache, TeacherOutputs, dataset_fingerprint, run_teacher
+from kdnumba.training.loop import (
+    BatchLosses,
+    Distiller,
+    EarlyStopping,
+    TrainingHistory,
+    cross_entropy_and_accuracy,
+    is_intermediate,
+    required_layers,
+)
+from kdnumba.training.mlp import MLP
+from kdnumba.training.protocol import Student, Teacher
+
+__all__ = [
+    "BatchLosses",
+    "Distiller",
+    "EarlyStopping",
+    "MLP",
+    "Student",
+    "Teacher",
+    "TeacherCache",
+    "TeacherOutputs",
+    "TrainingHistory",
+    "cross_entropy_and_accuracy",
+    "dataset_fingerprint",
+    "is_intermediate",
+    "required_layers",
+    "run_teacher",
+]

@@ -1,0 +1,597 @@
+"""The distillation training loop: :class:`Distiller`.
+
+Per minibatch (AiDotNet's trainer, with ``BackpropagateFromIntermediateLayers``)::
+
+    t_out, t_acts = teacher outputs for the batch        (cached: run once)
+    s_out, s_acts = student.forward(x, collect=layers)
+    L_out, g_out  = strategy.loss_and_gradient(s_out, t_out, y)
+    L_int, g_int  = strategy.intermediate_loss_and_gradient(s_acts, t_acts)
+    student.backward(g_out, g_int)                       # dL/dtheta of L_out + L_int
+    student.step()
+
+``layers`` are read off the strategy (``target_layer_name``,
+``embedding_layer_name``, ``layer_name(s)``, and recursively the members of a
+hybrid), so a :class:`~kdnumba.HybridDistillationStrategy` mixing response,
+selectivity and contrastive terms trains with one call.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+import warnings
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+
+from kdnumba import _validation as v
+from kdnumba.functional import kd_loss
+from kdnumba.strategies.base import IntermediateActivations, IntermediateStrategyMixin
+from kdnumba.training.cache import (
+    TeacherCache,
+    TeacherOutputs,
+    as_teacher_outputs,
+    run_teacher,
+)
+from kdnumba.training.protocol import check_student, check_teacher
+
+#: Attributes through which strategies name the layers they read.
+_LAYER_ATTRIBUTES = ("layers", "layer_names", "layer_name", "target_layer_name",
+                     "embedding_layer_name", "target_layer_names")
+
+
+# -- strategy introspection ---------------------------------------------------------
+def strategy_members(strategy) -> list:
+    """The member strategies of a hybrid (``get_strategies()`` -> ``[(s, w), ...]``
+    or ``[s, ...]``), else ``[]``."""
+    getter = getattr(strategy, "get_strategies", None)
+    members = getter() if callable(getter) else getattr(strategy, "strategies", None)
+    if not members or isinstance(members, (str, bytes)):
+        return []
+    out = []
+    for m in members:
+        out.append(m[0] if isinstance(m, tuple) else m)
+    return out
+
+
+def is_intermediate(strategy) -> bool:
+    """True if ``strategy`` computes a loss on intermediate activations: it
+    overrides ``intermediate_loss_and_gradient`` of
+    :class:`~kdnumba.strategies.base.IntermediateStrategyMixin`, or has its
+    own ``compute_intermediate_loss``/``compute_intermediate_gradient``."""
+    if strategy is None:
+        return False
+    mixin = IntermediateStrategyMixin
+    cls = type(strategy)
+    fused = getattr(cls, "intermediate_loss_and_gradient", None)
+    if fused is not None and fused is not mixin.intermediate_loss_and_gradient:
+        return True
+    loss = getattr(strategy, "compute_intermediate_loss", None)
+    grad = getattr(strategy, "compute_intermediate_gradient", None)
+    if not (callable(loss) and callable(grad)):
+        return False
+    return not (getattr(cls, "compute_intermediate_loss", None) is mixin.compute_intermediate_loss
+                and getattr(cls, "compute_intermediate_gradient", None)
+                is mixin.compute_intermediate_gradient)
+
+
+def _layer_pairs(strategy) -> set[tuple[str, str]]:
+    """``(student layer, teacher layer)`` pairs read by ``strategy`` (recursively)."""
+    found: set[tuple[str, str]] = set()
+
+    def visit(s, depth=0):
+        if s is None or depth > 16:
+            return
+        if is_intermediate(s):
+            for attr in _LAYER_ATTRIBUTES:
+                value = getattr(s, attr, None)
+                if isinstance(value, str):
+                    found.add((value, value))
+                elif isinstance(value, Mapping):
+                    found.update((k, t) for k, t in value.items()
+                                 if isinstance(k, str) and isinstance(t, str))
+                elif isinstance(value, Collection):
+                    found.update((x, x) for x in value if isinstance(x, str))
+        for m in strategy_members(s):
+            visit(m, depth + 1)
+
+    visit(strategy)
+    return found
+
+
+def required_layers(strategy, *, teacher: bool = False) -> tuple[str, ...]:
+    """Names of the student layers (``teacher=True``: teacher layers) whose
+    activations ``strategy`` reads, sorted and unique.
+
+    Looks at ``layers`` (a name list or a ``{student: teacher}`` mapping),
+    ``layer_names``, ``layer_name``, ``target_layer_name`` and
+    ``embedding_layer_name`` of intermediate strategies, and recurses into
+    hybrids' members. Pass ``layers=`` to :class:`Distiller` when a custom
+    strategy names its layers otherwise.
+    """
+    return tuple(sorted({pair[1 if teacher else 0] for pair in _layer_pairs(strategy)}))
+
+
+def _accepts_labels(fn) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "labels" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _memory_updaters(strategy) -> list[tuple[Callable, str]]:
+    """``(update_memory, embedding layer)`` of every contrastive (member) strategy."""
+    out, seen = [], set()
+
+    def visit(s, depth=0):
+        if s is None or depth > 16 or id(s) in seen:
+            return
+        seen.add(id(s))
+        upd = getattr(s, "update_memory", None)
+        layer = getattr(s, "embedding_layer_name", None)
+        if callable(upd) and isinstance(layer, str) and getattr(s, "negatives_sample_size", 1):
+            out.append((upd, layer))
+        for m in strategy_members(s):
+            visit(m, depth + 1)
+
+    visit(strategy)
+    return out
+
+
+class BatchLosses(NamedTuple):
+    """Losses and gradients of one minibatch (see :meth:`Distiller.compute_losses`)."""
+
+    output_loss: float
+    output_grad: np.ndarray
+    intermediate_loss: float
+    intermediate_grads: IntermediateActivations
+
+    @property
+    def total(self) -> float:
+        return self.output_loss + self.intermediate_loss
+
+
+# -- early stopping and history -------------------------------------------------------
+@dataclass
+class EarlyStopping:
+    """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs.
+
+    Args:
+        monitor: a metric of :class:`TrainingHistory` (``"val_loss"``,
+            ``"val_accuracy"``, ``"train_loss"``, ...).
+        patience: epochs without improvement before stopping (>= 1).
+        min_delta: smallest change that counts as an improvement (>= 0).
+        mode: ``"min"``, ``"max"`` or ``"auto"`` (``max`` for accuracies).
+        restore_best: put the best epoch's parameters back at the end (needs
+            ``state_dict``/``load_state_dict`` on the student; warns otherwise).
+    """
+
+    monitor: str = "val_loss"
+    patience: int = 10
+    min_delta: float = 0.0
+    mode: str = "auto"
+    restore_best: bool = True
+
+    def __post_init__(self):
+        self.patience = v.check_int(self.patience, "patience", minimum=1)
+        self.min_delta = v.check_non_negative(self.min_delta, "min_delta")
+        if self.mode not in ("auto", "min", "max"):
+            raise ValueError(f"mode must be 'auto', 'min' or 'max', got {self.mode!r}")
+        if self.monitor not in TrainingHistory.METRICS:
+            raise ValueError(f"monitor must be one of {TrainingHistory.METRICS}, "
+                             f"got {self.monitor!r}")
+
+    @property
+    def maximize(self) -> bool:
+        return self.mode == "max" or (self.mode == "auto" and "accuracy" in self.monitor)
+
+    def improved(self, value: float, best: float | None) -> bool:
+        if best is None:
+            return not math.isnan(value)
+        if self.maximize:
+            return value > best + self.min_delta
+        return value < best - self.min_delta
+
+
+@dataclass
+class TrainingHistory:
+    """Per-epoch metrics of a :meth:`Distiller.fit` run.
+
+    ``history["val_accuracy"]`` is the list over epochs of one metric (NaN
+    where not measured, e.g. validation metrics without validation data).
+    Losses are means over the epoch's examples: ``train_loss =
+    train_output_loss + train_intermediate_loss``; ``val_loss`` is the
+    cross-entropy of the student on the validation labels.
+    ``strategy_seconds`` is the time spent inside the kdnumba strategy calls,
+    ``teacher_seconds`` inside the teacher.
+    """
+
+    METRICS = ("train_loss", "train_output_loss", "train_intermediate_loss", "train_accuracy",
+               "val_loss", "val_accuracy", "epoch_seconds", "strategy_seconds",
+               "teacher_seconds")
+
+    epochs: list[dict] = field(default_factory=list)
+    best_epoch: int | None = None
+    stopped_early: bool = False
+    layers: tuple[str, ...] = ()
+    teacher_cache_hit: bool | None = None
+
+    def __getitem__(self, metric: str) -> list[float]:
+        if metric not in self.METRICS:
+            raise KeyError(f"unknown metric {metric!r}; available: {self.METRICS}")
+        return [e[metric] for e in self.epochs]
+
+    def __len__(self) -> int:
+        return len(self.epochs)
+
+    @property
+    def total_seconds(self) -> float:
+        return float(sum(self["epoch_seconds"]))
+
+    @property
+    def strategy_seconds(self) -> float:
+        return float(sum(self["strategy_seconds"]))
+
+    @property
+    def teacher_seconds(self) -> float:
+        return float(sum(self["teacher_seconds"]))
+
+    def to_dict(self) -> dict:
+        """JSON-ready: ``{"metrics": {name: [...]}, "best_epoch": ..., ...}``."""
+        return {"metrics": {m: [None if isinstance(x, float) and math.isnan(x) else x
+                                for x in self[m]] for m in self.METRICS},
+                "best_epoch": self.best_epoch, "stopped_early": self.stopped_early,
+                "layers": list(self.layers), "teacher_cache_hit": self.teacher_cache_hit}
+
+
+# -- the trainer -------------------------------------------------------------------------
+def _progress_bar(total: int, enabled, desc: str):
+    if enabled is False:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    kwargs = dict(total=total, desc=desc, unit="epoch", leave=False)
+    if enabled is None:
+        kwargs["delay"] = 2.0  # "long runs only": the bar appears after 2 s
+    try:
+        return tqdm(**kwargs)
+    except TypeError:  # tqdm < 4.54 has no delay
+        return tqdm(**{k: x for k, x in kwargs.items() if k != "delay"}) if enabled else None
+
+
+def cross_entropy_and_accuracy(logits, labels) -> tuple[float, float]:
+    """Mean cross-entropy (float64 log-softmax) and accuracy of ``logits`` against
+    integer labels ``(N,)`` or probability targets ``(N, C)``."""
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    y = np.asarray(labels)
+    if y.ndim == 1:
+        ce = -float(np.mean(logp[np.arange(len(y)), y]))
+        acc = float(np.mean(np.argmax(z, axis=1) == y))
+    else:
+        ce = -float(np.mean(np.sum(y * logp, axis=1)))
+        acc = float(np.mean(np.argmax(z, axis=1) == np.argmax(y, axis=1)))
+    return ce, acc
+
+
+class Distiller:
+    r"""Trains a student (see :mod:`kdnumba.training.protocol`) by distillation.
+
+    The minibatch loss is ``L = L_out(s_out, t_out, y) + L_int(s_acts, t_acts)``:
+    ``L_out`` from ``strategy.loss_and_gradient`` and ``L_int`` from its
+    intermediate part (strategies implementing
+    :class:`~kdnumba.IntermediateActivationStrategy`, hybrids included, whose
+    weights already scale both terms). The student receives ``dL/ds_out`` and
+    ``{layer: dL/ds_act}`` in one ``backward`` call, then ``step()``.
+
+    Args:
+        student: implements the ``Student`` protocol (e.g. :class:`MLP`).
+        teacher: a model with ``forward(x, collect)``, a :class:`TeacherOutputs`
+            aligned with the training set, or ``None`` when ``strategy`` is
+            ``None``.
+        strategy: any kdnumba strategy (or an object with
+            ``loss_and_gradient`` and/or the intermediate methods). ``None``
+            trains the student on the labels alone (cross-entropy, computed by
+            :func:`kdnumba.functional.kd_loss` with ``alpha=1``): the baseline.
+        layers: layer names to collect from both models, or a mapping
+            ``{student layer: teacher layer}``; default :func:`required_layers`
+            of the strategy (student side and teacher side).
+        batch_size: minibatch rows (last batch may be smaller).
+        epochs: default number of epochs for :meth:`fit`.
+        seed: seeds the per-epoch shuffling (``np.random.default_rng(seed)``);
+            same seed, same data order.
+        shuffle: shuffle each epoch (else the data order).
+        offline: compute the teacher's outputs for the whole training set once
+            before training (default); ``False`` runs the teacher on every
+            minibatch (for teachers that change, or augmented data).
+        cache: a :class:`TeacherCache` or a directory for one: offline teacher
+            outputs are read from / written to disk.
+        teacher_key: identifies the teacher in the cache key (see
+            :class:`TeacherCache`).
+        early_stopping: an :class:`EarlyStopping`, or ``None``.
+        update_memory: after each step, push the batch's teacher embeddings
+            into contrastive strategies' negative queues (``update_memory``).
+            Note that with a small dataset the queue soon holds each
+            example's own teacher embedding as a negative.
+        progress: ``True`` / ``False`` / ``None`` (auto: a tqdm bar that appears
+            only if the run lasts over 2 s; silently off without tqdm).
+    """
+
+    def __init__(self, student, teacher=None, strategy=None, *,
+                 layers: Collection[str] | Mapping[str, str] | None = None,
+                 batch_size: int = 64, epochs: int = 10, seed: int | None = 0,
+                 shuffle: bool = True,
+                 offline: bool = True, cache: TeacherCache | str | None = None,
+                 teacher_key: str | None = None, early_stopping: EarlyStopping | None = None,
+                 update_memory: bool = True, progress: bool | None = None):
+        check_student(student)
+        if strategy is None and layers:
+            raise ValueError("layers were given but strategy is None (the label-only baseline)")
+        if strategy is not None:
+            if teacher is None:
+                raise ValueError("a strategy needs a teacher (a model or TeacherOutputs)")
+            if not (callable(getattr(strategy, "loss_and_gradient", None))
+                    or is_intermediate(strategy)):
+                raise TypeError(f"strategy must have loss_and_gradient(student, teacher, labels) "
+                                f"and/or the intermediate methods; got {type(strategy).__name__}")
+            if isinstance(teacher, (TeacherOutputs, tuple)):
+                teacher = as_teacher_outputs(teacher)
+            else:
+                check_teacher(teacher)
+        self.student = student
+        self.teacher = teacher
+        self.strategy = strategy
+        if layers is None:
+            self.layers = required_layers(strategy)
+            self.teacher_layers = required_layers(strategy, teacher=True)
+        elif isinstance(layers, Mapping):
+            self.layers, self.teacher_layers = tuple(layers), tuple(dict.fromkeys(layers.values()))
+        else:
+            layers = (layers,) if isinstance(layers, str) else layers
+            self.layers = self.teacher_layers = tuple(layers)
+        for name in self.layers + self.teacher_layers:
+            v.check_name(name, "layer name")
+        for model, role, wanted in ((student, "student", self.layers),
+                                    (teacher, "teacher", self.teacher_layers)):
+            known = getattr(model, "layer_names", None)
+            if known is not None and not isinstance(model, TeacherOutputs):
+                missing = sorted(set(wanted) - set(known))
+                if missing:
+                    raise ValueError(f"the strategy needs layer(s) {missing}, which the {role} "
+                                     f"does not have (its layers: {tuple(known)})")
+        if isinstance(teacher, TeacherOutputs):
+            teacher.check_layers(self.teacher_layers)
+        self.batch_size = v.check_int(batch_size, "batch_size", minimum=1)
+        self.epochs = v.check_int(epochs, "epochs", minimum=0)
+        self.seed = seed
+        self.shuffle = bool(shuffle)
+        self.offline = bool(offline)
+        if not self.offline and isinstance(teacher, TeacherOutputs):
+            raise ValueError("offline=False needs a teacher model, not precomputed TeacherOutputs")
+        if isinstance(cache, str) or hasattr(cache, "__fspath__"):
+            cache = TeacherCache(cache)
+        self.cache = cache
+        self.teacher_key = teacher_key
+        self.early_stopping = early_stopping
+        self.progress = progress
+        self._updaters = _memory_updaters(strategy) if update_memory else []
+        self._has_output = (strategy is None
+                            or callable(getattr(strategy, "loss_and_gradient", None)))
+        self._int_fn, self._int_labels, self._int_split = self._intermediate_callable(strategy)
+        self.history = TrainingHistory(layers=self.layers)
+
+    # -- per-batch losses ---------------------------------------------------------
+    @staticmethod
+    def _intermediate_callable(strategy):
+        if not is_intermediate(strategy):
+            return None, False, False
+        own = getattr(type(strategy), "intermediate_loss_and_gradient", None)
+        if own is not None and own is not IntermediateStrategyMixin.intermediate_loss_and_gradient:
+            fn = strategy.intermediate_loss_and_gradient
+            return fn, _accepts_labels(fn), False
+        fn = strategy.compute_intermediate_loss
+        return fn, _accepts_labels(fn), True
+
+    def compute_losses(self, student_outputs, student_acts, teacher_outputs, teacher_acts,
+                       labels=None) -> BatchLosses:
+        """Losses and gradients of one minibatch (no parameter update).
+
+        ``output_grad = dL_out/d student_outputs``; ``intermediate_grads`` hold
+        ``dL_int/d student_acts[layer]`` for the contributing layers.
+        """
+        s = self.strategy
+        if s is None:
+            # Cross-entropy through kd_loss: with alpha=1 the soft term has weight 0,
+            # so any teacher logits do; the student's own are at hand.
+            loss_o, grad_o = kd_loss(student_outputs, student_outputs, labels, alpha=1.0)
+        elif self._has_output:
+            loss_o, grad_o = s.loss_and_gradient(student_outputs, teacher_outputs, labels)
+        else:
+            loss_o, grad_o = 0.0, np.zeros_like(student_outputs)
+        loss_i, grads_i = 0.0, IntermediateActivations()
+        if self._int_fn is not None:
+            kw = {"labels": labels} if self._int_labels else {}
+            if self._int_split:
+                loss_i = self._int_fn(student_acts, teacher_acts, **kw)
+                grad_fn = s.compute_intermediate_gradient
+                grads_i = grad_fn(student_acts, teacher_acts,
+                                  **(kw if _accepts_labels(grad_fn) else {}))
+            else:
+                loss_i, grads_i = self._int_fn(student_acts, teacher_acts, **kw)
+        return BatchLosses(float(loss_o), grad_o, float(loss_i),
+                           grads_i if grads_i is not None else IntermediateActivations())
+
+    # -- training -------------------------------------------------------------------
+    def teacher_outputs(self, x) -> TeacherOutputs:
+        """The teacher's outputs and activations for all of ``x`` (offline mode),
+        through the cache when one is set."""
+        if isinstance(self.teacher, TeacherOutputs):
+            if len(self.teacher) != len(x):
+                raise ValueError(f"the TeacherOutputs hold {len(self.teacher)} rows but x has "
+                                 f"{len(x)}: they must be aligned with the training set")
+            self.history.teacher_cache_hit = None
+            return self.teacher
+        if self.cache is not None:
+            hits = self.cache.hits
+            out = self.cache.get(self.teacher, x, self.teacher_layers,
+                                 teacher_key=self.teacher_key)
+            self.history.teacher_cache_hit = self.cache.hits > hits
+            return out
+        return run_teacher(self.teacher, x, self.teacher_layers)
+
+    def fit(self, x, y=None, *, validation: tuple | None = None, epochs: int | None = None,
+            callback: Callable[[int, dict], bool | None] | None = None) -> TrainingHistory:
+        """Train for ``epochs`` (default: the constructor's) and return the history.
+
+        Args:
+            x: training inputs ``(N, ...)`` (any array the student accepts).
+            y: labels ``(N,)`` integers or ``(N, C)`` targets; ``None`` for
+                label-free distillation (strategies then get ``labels=None``).
+            validation: ``(x_val, y_val)`` for validation loss/accuracy.
+            epochs: overrides the constructor's ``epochs``.
+            callback: ``callback(epoch, metrics)`` after each epoch; returning
+                ``True`` stops training.
+        """
+        epochs = self.epochs if epochs is None else v.check_int(epochs, "epochs", minimum=0)
+        n = len(x)
+        if n == 0:
+            raise ValueError("x is empty: training needs at least one example")
+        y = self._check_labels(y, n, "y")
+        if self.strategy is None and y is None:
+            raise ValueError("training without a strategy (the label-only baseline) needs labels y")
+        if validation is not None:
+            if len(validation) != 2:
+                raise ValueError("validation must be a pair (x_val, y_val)")
+            xv, yv = validation
+            yv = self._check_labels(yv, len(xv), "validation labels")
+            if yv is None:
+                raise ValueError("validation needs labels (x_val, y_val)")
+        es = self.early_stopping
+        if es is not None and es.monitor.startswith("val_") and validation is None:
+            raise ValueError(f"early stopping monitors {es.monitor!r} but no validation data "
+                             "was given")
+        restore = es is not None and es.restore_best
+        if restore and not callable(getattr(self.student, "state_dict", None)):
+            warnings.warn("early stopping cannot restore the best epoch: the student has no "
+                          "state_dict()/load_state_dict()", stacklevel=2)
+            restore = False
+
+        history = self.history = TrainingHistory(layers=self.layers)
+        distill = self.strategy is not None
+        t0 = time.perf_counter()
+        cached = self.teacher_outputs(x) if distill and self.offline else None
+        teacher_setup = time.perf_counter() - t0
+        rng = np.random.default_rng(self.seed)
+        best, best_state, stale = None, None, 0
+        bar = _progress_bar(epochs, self.progress, "distilling" if distill else "training")
+        try:
+            for epoch in range(epochs):
+                metrics = self._epoch(x, y, rng, cached)
+                if epoch == 0:
+                    metrics["teacher_seconds"] += teacher_setup
+                    metrics["epoch_seconds"] += teacher_setup
+                if validation is not None:
+                    metrics["val_loss"], metrics["val_accuracy"] = self.evaluate(xv, yv)
+                history.epochs.append(metrics)
+                if bar is not None:
+                    bar.update(1)
+                    post = {"loss": f"{metrics['train_loss']:.4f}"}
+                    if validation is not None:
+                        post["val_acc"] = f"{metrics['val_accuracy']:.3f}"
+                    bar.set_postfix(post, refresh=False)
+                stop = bool(callback(epoch, metrics)) if callback is not None else False
+                if es is not None:
+                    value = metrics[es.monitor]
+                    if es.improved(value, best):
+                        best, stale, history.best_epoch = value, 0, epoch
+                        if restore:
+                            best_state = self.student.state_dict()
+                    else:
+                        stale += 1
+                        if stale >= es.patience:
+                            history.stopped_early = True
+                            stop = True
+                if stop:
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+        if restore and best_state is not None and history.best_epoch != len(history) - 1:
+            self.student.load_state_dict(best_state)
+        return history
+
+    def _epoch(self, x, y, rng, cached: TeacherOutputs | None) -> dict:
+        start = time.perf_counter()
+        n = len(x)
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        sums = np.zeros(3)
+        correct, strat_s, teach_s = 0, 0.0, 0.0
+        student = self.student
+        for lo in range(0, n, self.batch_size):
+            idx = order[lo:lo + self.batch_size]
+            xb = x[idx]
+            yb = None if y is None else y[idx]
+            t_out = t_acts = None
+            if self.strategy is not None:
+                if cached is not None:
+                    t_out, t_acts = cached.batch(idx)
+                else:
+                    t1 = time.perf_counter()
+                    t_out, t_acts = self.teacher.forward(xb, collect=self.teacher_layers)
+                    teach_s += time.perf_counter() - t1
+            s_out, s_acts = student.forward(xb, collect=self.layers)
+            t1 = time.perf_counter()
+            losses = self.compute_losses(s_out, s_acts, t_out, t_acts, yb)
+            strat_s += time.perf_counter() - t1
+            student.backward(losses.output_grad, losses.intermediate_grads)
+            student.step()
+            for update, layer in self._updaters:
+                t1 = time.perf_counter()
+                update(t_acts[layer])
+                strat_s += time.perf_counter() - t1
+            rows = len(idx)
+            sums += (losses.total * rows, losses.output_loss * rows,
+                     losses.intermediate_loss * rows)
+            if yb is not None:
+                pred = np.argmax(s_out, axis=1)
+                correct += int(np.sum(pred == (yb if yb.ndim == 1 else np.argmax(yb, axis=1))))
+        loss, out_loss, int_loss = (sums / n).tolist()
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the training loss became {loss}; lower the learning rate")
+        return {"train_loss": loss, "train_output_loss": out_loss,
+                "train_intermediate_loss": int_loss,
+                "train_accuracy": correct / n if y is not None else math.nan,
+                "val_loss": math.nan, "val_accuracy": math.nan,
+                "epoch_seconds": time.perf_counter() - start,
+                "strategy_seconds": strat_s, "teacher_seconds": teach_s}
+
+    def evaluate(self, x, y) -> tuple[float, float]:
+        """``(cross-entropy, accuracy)`` of the student on ``(x, y)``."""
+        return cross_entropy_and_accuracy(self.student.predict(x), y)
+
+    @staticmethod
+    def _check_labels(y, n: int, name: str):
+        if y is None:
+            return None
+        arr = np.asarray(y)
+        if arr.dtype.kind in "iu":
+            if arr.ndim != 1 or arr.shape[0] != n:
+                raise ValueError(f"{name} must be class indices of shape ({n},), got {arr.shape}")
+            if arr.min() < 0:
+                raise ValueError(f"{name} must be non-negative class indices")
+            return arr.astype(np.int64, copy=False)
+        if arr.dtype.kind == "f" and arr.ndim == 2 and arr.shape[0] == n:
+            return arr
+        raise TypeError(f"{name} must be integer class indices (N,) or float targets (N, C); "
+                        f"got dtype {arr.dtype.name}, shape {arr.shape}")
+
+    def __repr__(self) -> str:
+        return (f"Distiller(strategy={self.strategy!r}, layers={self.layers}, "
+                f"batch_size={self.batch_size}, epochs={self.epochs}, seed={self.seed})")
