@@ -1,0 +1,284 @@
+"""Attention kernels: attention transfer on feature maps, KL between attention maps.
+
+Attention transfer (Zagoruyko & Komodakis 2017; RepDistiller ``AT.py``), one
+sample ``b`` per ``prange`` iteration, features viewed as ``(C, S)`` with ``S``
+the flattened spatial size::
+
+    q_j   = k * sum_c v(f_cj)          v(x) = x^p  (or |x|^p),  k = 1/C (or 1)
+    a     = q / max(||q||_2, eps)                      (F.normalize)
+    d     = a(student) - a(teacher)
+    loss_b = w * sum_j d_j^2     or     w * ||d||_2    ("paper" variant)
+
+Backward, in the same iteration while the sample is hot in cache::
+
+    g_a = d loss_b / d a                 (2 w d,  or  w d / ||d||)
+    g_q = (g_a - a (a . g_a)) / ||q||    if ||q|| >= eps,  else g_a / eps
+    grad_cj = k * g_q_j * v'(f_cj)
+
+The channel sums run in the features' dtype over blocks of ``_CBLOCK``
+channels and are added to float64 (vector width of the dtype, rounding of a
+short sum); everything of length ``S`` is float64. One loss per sample,
+reduced in index order by the caller: deterministic for any thread count.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import prange, types
+from numba.extending import intrinsic
+
+from kdnumba._policy import jit, parallel_jit
+from kdnumba.kernels.cpu.dtypes import cast_like
+from kdnumba.kernels.cpu.fastexp import _LN2_HI, _LN2_LO, _bits_to_f64
+
+_CBLOCK = 64
+
+
+@jit
+def _ipow(x, k):
+    """``x**k`` for a small integer ``k >= 0`` by repeated multiplication."""
+    r = cast_like(1.0, x)
+    for _ in range(k):
+        r *= x
+    return r
+
+
+@jit
+def _power(x, p, use_abs):
+    """``v(x)``: ``x^p``, or ``|x|^p`` when ``use_abs``."""
+    if use_abs:
+        x = abs(x)
+    return _ipow(x, p)
+
+
+@jit
+def _power_derivative(x, p, use_abs):
+    """``v'(x)``: ``p x^(p-1)``, or ``p |x|^(p-1) sign(x)`` (``sign(0) = 0``)."""
+    if use_abs:
+        r = _ipow(abs(x), p - 1) * cast_like(p, x)
+        if x > 0:
+            return r
+        if x < 0:
+            return -r
+        return x - x
+    return _ipow(x, p - 1) * cast_like(p, x)
+
+
+@jit
+def _channel_power_sum(f, p, use_abs, acc, q):
+    """``q_j += sum_c v(f_cj)`` for ``f`` of shape ``(C, S)``; ``acc`` is F scratch."""
+    n_ch, n_sp = f.shape
+    for c0 in range(0, n_ch, _CBLOCK):
+        c1 = min(n_ch, c0 + _CBLOCK)
+        for j in range(n_sp):
+            acc[j] = 0
+        if p == 2:  # the common case, written out so it vectorises for sure
+            for c in range(c0, c1):
+                row = f[c]
+                for j in range(n_sp):
+                    acc[j] += row[j] * row[j]
+        else:
+            for c in range(c0, c1):
+                row = f[c]
+                for j in range(n_sp):
+                    acc[j] += _power(row[j], p, use_abs)
+        for j in range(n_sp):
+            q[j] += acc[j]
+
+
+@jit
+def _normalise(q, eps):
+    """``q <- q / max(||q||, eps)`` in place; returns ``||q||``."""
+    norm = 0.0
+    for j in range(q.shape[0]):
+        norm += q[j] * q[j]
+    norm = math.sqrt(norm)
+    inv = 1.0 / max(norm, eps)
+    for j in range(q.shape[0]):
+        q[j] *= inv
+    return norm
+
+
+@parallel_jit
+def at_rows(s, t, p, use_abs, mean_channels, paper_loss, eps, w, grad, row_loss):
+    """Fused attention-transfer loss and gradient, one sample per iteration.
+
+    Parameters (``F`` is the dtype of ``s``):
+        s: ``(B, Cs, S)`` F student features; t: ``(B, Ct, S)`` F teacher.
+        p: int >= 1, the power; use_abs: ``|f|^p`` instead of ``f^p``.
+        mean_channels: ``k = 1/C`` (RepDistiller) instead of ``k = 1`` (paper).
+        paper_loss: per-sample ``||d||_2`` instead of ``sum d^2``.
+        eps: float64 norm clamp (1e-12, like ``F.normalize``).
+        w: float64 weight of each sample's term (``1/(B S)`` or ``1/B``).
+        grad: ``(B, Cs, S)`` F output; row_loss: ``(B,)`` float64 output.
+
+    NaN/inf in a sample make its ``q`` (hence ``a`` and the loss) NaN; a
+    finite input whose power overflows the dtype gives inf/NaN too, so the
+    caller checks only the total.
+    """
+    n_rows, c_s, n_sp = s.shape
+    c_t = t.shape[1]
+    for b in prange(n_rows):
+        acc = np.empty(n_sp, dtype=s.dtype)
+        a_s = np.zeros(n_sp, dtype=np.float64)
+        a_t = np.zeros(n_sp, dtype=np.float64)
+        _channel_power_sum(s[b], p, use_abs, acc, a_s)
+        _channel_power_sum(t[b], p, use_abs, acc, a_t)
+        k_s = 1.0 / c_s if mean_channels else 1.0
+        k_t = 1.0 / c_t if mean_channels else 1.0
+        for j in range(n_sp):
+            a_s[j] *= k_s
+            a_t[j] *= k_t
+        norm_s = _normalise(a_s, eps)
+        _normalise(a_t, eps)
+
+        # a_t <- d = a_s - a_t, then the gradient with respect to a_s.
+        dd = 0.0
+        for j in range(n_sp):
+            a_t[j] = a_s[j] - a_t[j]
+            dd += a_t[j] * a_t[j]
+        if paper_loss:
+            nd = math.sqrt(dd)
+            row_loss[b] = w * nd
+            c_d = w / nd if nd > 0.0 else 0.0
+        else:
+            row_loss[b] = w * dd
+            c_d = 2.0 * w
+        dot = 0.0
+        for j in range(n_sp):
+            a_t[j] *= c_d
+            dot += a_s[j] * a_t[j]
+        # acc <- k * g_q, the factor of v'(f_cj) in the gradient.
+        if norm_s >= eps:
+            inv = k_s / norm_s
+            for j in range(n_sp):
+                acc[j] = cast_like((a_t[j] - a_s[j] * dot) * inv, s)
+        else:
+            inv = k_s / eps
+            for j in range(n_sp):
+                acc[j] = cast_like(a_t[j] * inv, s)
+
+        f = s[b]
+        g = grad[b]
+        if p == 2:
+            two = cast_like(2.0, s)
+            for c in range(c_s):
+                f_row = f[c]
+                g_row = g[c]
+                for j in range(n_sp):
+                    g_row[j] = two * acc[j] * f_row[j]
+        else:
+            for c in range(c_s):
+                f_row = f[c]
+                g_row = g[c]
+                for j in range(n_sp):
+                    g_row[j] = acc[j] * _power_derivative(f_row[j], p, use_abs)
+
+
+@intrinsic
+def _f64_to_bits(typingctx, x):
+    """Reinterpret a float64 as an int64 (LLVM ``bitcast``; vectorises)."""
+    sig = types.int64(types.float64)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.int64))
+
+    return sig, codegen
+
+
+_SQRT2 = 1.4142135623730951
+_TINY = 2.2250738585072014e-308  # smallest normal float64
+
+
+@jit
+def _log_pos(x):
+    """``log(x)`` for float64 ``x > 0``, branch-free so that loops vectorise.
+
+    Why: the pip llvmlite has no SVML, so ``math.log`` in a loop is a scalar
+    libm call (the KL loop was 6x slower with it, measured).
+    ``x = m 2^e`` with ``m`` in ``[sqrt(1/2), sqrt(2))``; ``log m = 2 atanh(s)``,
+    ``s = (m - 1)/(m + 1)``, ``|s| <= 0.1716``, by its series to ``s^21``
+    (truncation < 3e-17). Error < 2 ulp (checked in the tests against
+    ``np.log``). Subnormal ``x`` is raised to the smallest normal number; 0
+    gives ``log(2^-1022)`` instead of ``-inf`` (every caller multiplies the
+    result by a probability that is then 0 or tiny).
+    """
+    bits = _f64_to_bits(max(x, _TINY))
+    e = (bits >> np.int64(52)) - np.int64(1023)
+    m = _bits_to_f64((bits & np.int64(0x000FFFFFFFFFFFFF)) | np.int64(0x3FF0000000000000))
+    big = m > _SQRT2
+    m = 0.5 * m if big else m
+    n = np.float64(e + np.int64(1)) if big else np.float64(e)
+    f = m - 1.0
+    s = f / (2.0 + f)
+    z = s * s
+    p = 1.0 / 21.0
+    p = p * z + 1.0 / 19.0
+    p = p * z + 1.0 / 17.0
+    p = p * z + 1.0 / 15.0
+    p = p * z + 1.0 / 13.0
+    p = p * z + 1.0 / 11.0
+    p = p * z + 1.0 / 9.0
+    p = p * z + 1.0 / 7.0
+    p = p * z + 1.0 / 5.0
+    p = p * z + 1.0 / 3.0
+    return n * _LN2_HI + (n * _LN2_LO + (f - s * (f - 2.0 * z * p)))
+
+
+_ROWS_PER_CHUNK = 64
+
+
+@parallel_jit
+def kl_prob_rows(s, t, eps, c, grad, row_loss, row_stats):
+    """KL(t_r || s_r) over rows of probability vectors, clamping the student at ``eps``.
+
+    Per row ``r`` of ``(R, L)`` arrays, with ``s^ = max(s, eps)``::
+
+        loss_r = sum_{j: t_j > 0} t_j log(t_j / s^_j)
+        grad_rj = -c t_j / s_j   if s_j >= eps,  else 0
+
+    (``0 log 0 = 0``; the clamp is flat below ``eps``, so no gradient there.)
+    The loop is branch-free (selects, :func:`_log_pos`) and vectorises.
+
+    Parameters (``F`` is the dtype of ``s``):
+        eps: F clamp; c: F gradient factor (``1/R`` for a mean over rows).
+        grad: ``(R, L)`` F output; row_loss: ``(R,)`` float64 output.
+        row_stats: ``(R, 4)`` float64 output: ``sum s, sum t`` and the sums
+            of the negative parts ``sum min(s, 0)``, ``sum min(t, 0)`` per row
+            (negative iff the row holds a negative entry, like a row minimum,
+            but a sum vectorises where a running minimum does not), for the
+            caller's validation (NaN/inf, negative entries, rows not summing
+            to 1) without another pass over the inputs.
+    """
+    n_rows, n_cols = s.shape
+    n_chunks = (n_rows + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK
+    zero = c - c
+    for chunk in prange(n_chunks):
+        stop = min(n_rows, (chunk + 1) * _ROWS_PER_CHUNK)
+        for i in range(chunk * _ROWS_PER_CHUNK, stop):
+            s_row = s[i]
+            t_row = t[i]
+            g_row = grad[i]
+            loss = 0.0
+            s_sum = 0.0
+            t_sum = 0.0
+            s_neg = 0.0
+            t_neg = 0.0
+            for j in range(n_cols):
+                sj = s_row[j]
+                tj = t_row[j]
+                s_sum += sj
+                t_sum += tj
+                s_neg += min(sj, zero)
+                t_neg += min(tj, zero)
+                g_row[j] = -c * tj / sj if sj >= eps else zero
+                t64 = np.float64(tj)
+                term = t64 * _log_pos(t64 / np.float64(max(sj, eps)))
+                loss += term if tj > zero else 0.0
+            row_loss[i] = loss
+            row_stats[i, 0] = s_sum
+            row_stats[i, 1] = t_sum
+            row_stats[i, 2] = s_neg
+            row_stats[i, 3] = t_neg
