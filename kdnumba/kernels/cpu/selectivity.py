@@ -1,0 +1,502 @@
+"""Neuron selectivity: per-column statistics of a ``(B, N)`` activation matrix
+over its rows (the batch), and the row-major gradient pass.
+
+Memory layout drives the design. Activations are row-major, a neuron is a
+*column*, and its statistics are sums over rows. Walking one column at a time
+would touch one float per cache line; instead every parallel task owns a
+rectangle ``rows [r0, r1) x columns [c0, c1)`` and walks its rows in order,
+adding each row segment into per-column accumulators (``float64``, a few KiB,
+in L1). The inner loop runs along a contiguous row segment, so it vectorises
+across columns: each SIMD lane is one neuron, and every neuron's partial is
+summed in row order.
+
+Tasks are ``(row chunk, column block)`` pairs (of the student and the
+teacher, in one launch) whose sizes depend only on the shape (see
+:func:`plan`), never on the thread count. Each task writes its partials to its
+own slot of a ``(n_chunks, N)`` buffer; :func:`column_stats` then adds the
+chunks of every column serially, in chunk order. So every statistic has the
+same bits for any number of threads, with no cross-thread reduction.
+
+Accumulators per metric (``d = x - x[0, j]``; the shift by the first row makes
+the one-pass variance formula accurate: ``(x[0,j] - mean_j)**2 <= B var_j``,
+so the cancellation in ``S2/B - (S1/B)**2`` loses at most ``log10(B)`` digits
+of float64, far below float32/float64 output precision):
+
+=================  =====================================================
+statistic          per-column partials
+=================  =====================================================
+variance           ``S1 = sum d``, ``S2 = sum d**2``
+relaxed sparsity   ``R = sum sigmoid(z)``, ``A = sum |x|`` (``A`` detects
+                   NaN/inf, which ``R`` hides)
+hard sparsity      ``H = #{|x| < threshold}`` (statistics only)
+peak_to_average    ``M = max x`` with its first row, ``A = sum |x|``
+=================  =====================================================
+
+with ``z = sharpness * (1 - |x| / threshold) = sharpness - k |x|``,
+``k = sharpness / threshold``. Rows are consumed four at a time (the four
+values are combined, then added once to the float64 accumulator), which
+halves the load/store traffic on the accumulators; the grouping is fixed by
+the row index, so it is deterministic too. The sigmoid terms are summed in
+the input's dtype over 32 rows before they join their float64 partial, so
+the exp runs at the full float32 vector width.
+
+The gradient of every metric is, per element, a per-column coefficient times
+a function of the element itself (``d stat_j / d x_ij`` depends on column
+``j``'s statistics only), so :func:`gradient_rows` writes it in one row-major
+pass; the peak-to-average metric then adds one extra term per column at the
+row of the column maximum.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+
+from kdnumba._policy import jit, parallel_jit
+from kdnumba.kernels.cpu.dtypes import cast_like
+from kdnumba.kernels.cpu.fastexp import exp_nonpos
+
+#: ``metric`` codes of :func:`gradient_rows`.
+VARIANCE = 0
+SPARSITY = 1
+PEAK_TO_AVERAGE = 2
+
+#: ``flags`` bits of :func:`column_stats`
+#: (``WANT_SPARSITY``: the relaxed fraction; ``WANT_HARD``: the hard one).
+WANT_VARIANCE = 1
+WANT_SPARSITY = 2
+WANT_PEAK = 4
+WANT_HARD = 8
+
+#: Widest column block. A 4 KiB row segment (float32) spans a whole page, which
+#: keeps the hardware prefetchers streaming although consecutive segments of a
+#: task are a row stride apart (measured: 1024 columns read at np.sum speed,
+#: 256 columns 35% slower).
+COL_BLOCK = 1024
+#: Rows per task are at least this many, so a task's fixed costs are amortised.
+MIN_ROWS_PER_CHUNK = 64
+#: Aim for this many tasks, enough to balance 16-64 threads.
+TARGET_TASKS = 64
+#: Relaxed-sparsity terms are summed in the input's dtype over this many rows
+#: (a multiple of 4), then added to the float64 partial: float32 SIMD width
+#: for the exp, float32 rounding of at most 32 terms in [0, 1].
+SOFT_FLUSH_ROWS = 32
+#: Rows per task of the gradient pass.
+GRAD_ROWS_PER_CHUNK = 32
+
+
+def plan(n_rows: int, n_cols: int) -> tuple[int, int]:
+    """``(col_block, rows_per_chunk)`` for a ``(n_rows, n_cols)`` input.
+
+    A function of the shape only: results never depend on the thread count.
+    """
+    col_block = min(n_cols, COL_BLOCK)
+    n_col_blocks = -(-n_cols // col_block)
+    want_chunks = max(1, -(-TARGET_TASKS // n_col_blocks))
+    rows = max(MIN_ROWS_PER_CHUNK, -(-n_rows // want_chunks))
+    return col_block, min(rows, n_rows)
+
+
+def n_chunks(n_rows: int, rows_per_chunk: int) -> int:
+    """Number of row chunks of :func:`column_stats`."""
+    return -(-n_rows // rows_per_chunk)
+
+
+# --- accumulation of one group of rows into per-column partials ----------------
+# ``r*`` are row segments (views of one row, columns [c0, c1)); all other arrays
+# are the matching segments of per-column buffers. Loops run over
+# ``range(len)`` from 0 so LLVM sees contiguous, non-negative indices.
+
+@jit
+def _var_rows4(r0, r1, r2, r3, shift, s1, s2):
+    for j in range(r0.shape[0]):
+        c = shift[j]
+        d0 = r0[j] - c
+        d1 = r1[j] - c
+        d2 = r2[j] - c
+        d3 = r3[j] - c
+        s1[j] += (d0 + d1) + (d2 + d3)
+        s2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+
+
+@jit
+def _var_row(r0, shift, s1, s2):
+    for j in range(r0.shape[0]):
+        d0 = r0[j] - shift[j]
+        s1[j] += d0
+        s2[j] += d0 * d0
+
+
+@jit
+def sigmoid(z):
+    """``1 / (1 + exp(-z))`` without overflow, in the dtype of ``z``.
+
+    ``1/(1+e)`` for ``z >= 0`` and ``e/(1+e)`` for ``z < 0``, with
+    ``e = exp(-|z|) <= 1`` (branch-free selects; vectorises).
+    """
+    e = exp_nonpos(-abs(z))
+    r = cast_like(1.0, z) / (cast_like(1.0, z) + e)
+    return r if z >= cast_like(0.0, z) else e * r
+
+
+@jit
+def _soft(v, sharp, k):
+    return sigmoid(sharp - k * abs(v))
+
+
+@jit
+def _soft_rows4(r0, r1, r2, r3, sharp, k, acc):
+    # ``acc`` has the rows' dtype: with a float64 accumulator LLVM would run
+    # the whole loop, exp included, at the float64 vector width (measured 2x
+    # slower in float32). The caller flushes ``acc`` into float64 often.
+    for j in range(r0.shape[0]):
+        acc[j] += ((_soft(r0[j], sharp, k) + _soft(r1[j], sharp, k))
+                   + (_soft(r2[j], sharp, k) + _soft(r3[j], sharp, k)))
+
+
+@jit
+def _soft_row(r0, sharp, k, acc):
+    for j in range(r0.shape[0]):
+        acc[j] += _soft(r0[j], sharp, k)
+
+
+@jit
+def _flush(acc, total):
+    for j in range(acc.shape[0]):
+        total[j] += acc[j]
+        acc[j] = 0
+
+
+# ``thr`` is float64 and the comparison exact: a float32 threshold would be
+# rounded (float32(0.01) < 0.01) and misclassify values between the two.
+@jit
+def _below(v, thr):
+    return np.float64(abs(np.float64(v)) < thr)
+
+
+@jit
+def _hard_rows4(r0, r1, r2, r3, thr, hard):
+    for j in range(r0.shape[0]):
+        hard[j] += ((_below(r0[j], thr) + _below(r1[j], thr))
+                    + (_below(r2[j], thr) + _below(r3[j], thr)))
+
+
+@jit
+def _hard_row(r0, thr, hard):
+    for j in range(r0.shape[0]):
+        hard[j] += _below(r0[j], thr)
+
+
+@jit
+def _abs_rows4(r0, r1, r2, r3, asum):
+    # float64 before adding: a sum of float32 maxima would overflow float32.
+    for j in range(r0.shape[0]):
+        asum[j] += ((abs(np.float64(r0[j])) + abs(np.float64(r1[j])))
+                    + (abs(np.float64(r2[j])) + abs(np.float64(r3[j]))))
+
+
+@jit
+def _abs_row(r0, asum):
+    for j in range(r0.shape[0]):
+        asum[j] += abs(np.float64(r0[j]))
+
+
+@jit
+def _peak_rows4(r0, r1, r2, r3, i0, pmax, parg):
+    # Strict ``>`` in row order keeps the first maximal row (the tie rule).
+    # ``parg`` and ``i0`` are int32 offsets within the chunk: int64 lanes
+    # would halve the vector width of the whole loop.
+    for j in range(r0.shape[0]):
+        m = pmax[j]
+        a = parg[j]
+        v = r0[j]
+        t = v > m
+        m = v if t else m
+        a = i0 if t else a
+        v = r1[j]
+        t = v > m
+        m = v if t else m
+        a = i0 + np.int32(1) if t else a
+        v = r2[j]
+        t = v > m
+        m = v if t else m
+        a = i0 + np.int32(2) if t else a
+        v = r3[j]
+        t = v > m
+        m = v if t else m
+        a = i0 + np.int32(3) if t else a
+        pmax[j] = m
+        parg[j] = a
+
+
+@jit
+def _peak_row(r0, i0, pmax, parg):
+    for j in range(r0.shape[0]):
+        v = r0[j]
+        if v > pmax[j]:
+            pmax[j] = v
+            parg[j] = i0
+
+
+#: Rows of the ``part`` buffer of :func:`column_stats` (per matrix).
+P_S1, P_S2, P_HARD, P_SOFT, P_ABS = 0, 1, 2, 3, 4
+N_PARTIALS = 5
+#: Rows of the ``stats`` output of :func:`column_stats` (per matrix).
+ST_MEAN, ST_VAR, ST_HARD, ST_SOFT, ST_MEAN_ABS, ST_PEAK, ST_RATIO = 0, 1, 2, 3, 4, 5, 6
+N_STATS = 7
+
+
+@jit
+def _task(x, flags, threshold, sharpness, k, r0, r1, c0, c1, shift, part, p_max, p_arg):
+    """Partials of rows ``[r0, r1)`` x columns ``[c0, c1)`` of ``x``.
+
+    ``part`` (``(N_PARTIALS, N)``), ``p_max`` and ``p_arg`` (``(N,)``) are this
+    chunk's slots, ``shift`` the matrix's first row; all C-contiguous, so the
+    row segments below are contiguous vectors for LLVM.
+    """
+    want_var = (flags & WANT_VARIANCE) != 0
+    want_sparsity = (flags & WANT_SPARSITY) != 0
+    want_peak = (flags & WANT_PEAK) != 0
+    want_hard = (flags & WANT_HARD) != 0
+    want_abs = want_sparsity or want_peak
+    # Buffers are full-size (unused ones are never written, so their pages
+    # are never touched): the views below are always valid.
+    s1 = part[P_S1, c0:c1]
+    s2 = part[P_S2, c0:c1]
+    hard = part[P_HARD, c0:c1]
+    soft = part[P_SOFT, c0:c1]
+    asum = part[P_ABS, c0:c1]
+    sh = shift[c0:c1]
+    pmax = p_max[c0:c1]
+    parg = p_arg[c0:c1]
+    if want_var:
+        s1[:] = 0.0
+        s2[:] = 0.0
+    if want_hard:
+        hard[:] = 0.0
+    if want_sparsity:
+        soft[:] = 0.0
+    acc = np.zeros(c1 - c0 if want_sparsity else 0, dtype=x.dtype)
+    if want_abs:
+        asum[:] = 0.0
+    if want_peak:
+        pmax[:] = x[r0, c0:c1]
+        parg[:] = 0
+    i = r0
+    while i + 4 <= r1:
+        a0 = x[i, c0:c1]
+        a1 = x[i + 1, c0:c1]
+        a2 = x[i + 2, c0:c1]
+        a3 = x[i + 3, c0:c1]
+        if want_var:
+            _var_rows4(a0, a1, a2, a3, sh, s1, s2)
+        if want_hard:
+            _hard_rows4(a0, a1, a2, a3, threshold, hard)
+        if want_sparsity:
+            _soft_rows4(a0, a1, a2, a3, sharpness, k, acc)
+            if (i - r0) % SOFT_FLUSH_ROWS == SOFT_FLUSH_ROWS - 4:
+                _flush(acc, soft)
+        if want_peak:
+            _peak_rows4(a0, a1, a2, a3, np.int32(i - r0), pmax, parg)
+        if want_abs:
+            _abs_rows4(a0, a1, a2, a3, asum)
+        i += 4
+    while i < r1:
+        a0 = x[i, c0:c1]
+        if want_var:
+            _var_row(a0, sh, s1, s2)
+        if want_hard:
+            _hard_row(a0, threshold, hard)
+        if want_sparsity:
+            _soft_row(a0, sharpness, k, acc)
+        if want_peak:
+            _peak_row(a0, np.int32(i - r0), pmax, parg)
+        if want_abs:
+            _abs_row(a0, asum)
+        i += 1
+    if want_sparsity:
+        _flush(acc, soft)
+
+
+# No fast-math here: ``arcp`` would turn ``count / B`` into ``count * (1/B)``,
+# one ulp off the exactly rounded fraction. (Fast-math flags live on each LLVM
+# instruction, so they stay off when this is inlined into the parallel
+# kernel.) The loops are O(chunks * N); speed does not matter.
+@jit(fastmath=False)
+def _combine(shift, n_rows, rows_per_chunk, flags, eps, part, p_max, p_arg, stats, argmax):
+    """Per-column statistics of one matrix from its partials, chunks added in
+    chunk order (see :func:`column_stats`)."""
+    n_ch = part.shape[0]
+    n_cols = part.shape[2]
+    b = np.float64(n_rows)
+    if (flags & WANT_VARIANCE) != 0:
+        for j in range(n_cols):
+            s1 = 0.0
+            s2 = 0.0
+            for ch in range(n_ch):
+                s1 += part[ch, P_S1, j]
+                s2 += part[ch, P_S2, j]
+            m = s1 / b
+            v = s2 / b - m * m
+            if v < 0.0:  # a rounding residue; NaN stays NaN
+                v = 0.0
+            stats[ST_MEAN, j] = shift[j] + m
+            stats[ST_VAR, j] = v
+    if (flags & WANT_HARD) != 0:
+        for j in range(n_cols):
+            h = 0.0
+            for ch in range(n_ch):
+                h += part[ch, P_HARD, j]
+            stats[ST_HARD, j] = h / b
+    if (flags & WANT_SPARSITY) != 0:
+        for j in range(n_cols):
+            r = 0.0
+            for ch in range(n_ch):
+                r += part[ch, P_SOFT, j]
+            stats[ST_SOFT, j] = r / b
+    if (flags & (WANT_SPARSITY | WANT_PEAK)) != 0:
+        for j in range(n_cols):
+            a = 0.0
+            for ch in range(n_ch):
+                a += part[ch, P_ABS, j]
+            stats[ST_MEAN_ABS, j] = a / b
+    if (flags & WANT_PEAK) != 0:
+        for j in range(n_cols):
+            m = p_max[0, j]
+            arg = np.int64(p_arg[0, j])
+            for ch in range(1, n_ch):
+                if p_max[ch, j] > m:  # strict: the earliest chunk wins ties
+                    m = p_max[ch, j]
+                    arg = ch * rows_per_chunk + np.int64(p_arg[ch, j])
+            stats[ST_PEAK, j] = m
+            argmax[j] = arg
+            stats[ST_RATIO, j] = m / (stats[ST_MEAN_ABS, j] + eps)
+
+
+@parallel_jit
+def column_stats(a, b, n_mats, flags, threshold, sharpness, k, eps, col_block,
+                 rows_per_chunk, part, p_max, p_arg, stats, argmax):
+    """Per-column statistics of ``a`` (and of ``b`` when ``n_mats == 2``).
+
+    One parallel loop over the tasks ``(matrix, row chunk, column block)``
+    writes partials; then, serially, the chunks of every column are combined
+    in chunk order into::
+
+        stats[m, ST_MEAN]     = mean_i x_ij = x_0j + S1_j / B
+        stats[m, ST_VAR]      = max(S2_j / B - (S1_j / B)**2, 0)     (ddof = 0)
+        stats[m, ST_HARD]     = H_j / B        stats[m, ST_SOFT] = R_j / B
+        stats[m, ST_MEAN_ABS] = A_j / B
+        stats[m, ST_PEAK]     = max_i x_ij     argmax[m, j] = first such i
+        stats[m, ST_RATIO]    = peak_j / (mean_abs_j + eps)
+
+    (only the rows that ``flags`` asks for are written).
+
+    Parameters (``F`` is the dtype of ``a``):
+        a, b: ``(B, N)`` F, C-contiguous (``b`` is ignored when ``n_mats == 1``).
+        flags: bit set of ``WANT_VARIANCE | WANT_SPARSITY | WANT_PEAK | WANT_HARD``.
+        threshold: float64, bound of the hard count (compared exactly).
+        sharpness, k: F scalars of the relaxation (``k = sharpness / threshold``).
+        eps: float64.
+        col_block, rows_per_chunk: the task grid (:func:`plan`).
+        part: ``(n_mats, C, N_PARTIALS, N)`` float64 scratch;
+            p_max ``(n_mats, C, N)`` F, p_arg ``(n_mats, C, N)`` int32 scratch
+            (row offsets within the chunk, so ``rows_per_chunk < 2**31``),
+            with ``C = n_chunks(B, rows_per_chunk)``. Allocate them with
+            ``np.empty``: only the parts ``flags`` needs are touched.
+        stats: ``(n_mats, N_STATS, N)`` float64 output; argmax ``(n_mats, N)`` int64.
+    """
+    n_rows, n_cols = a.shape
+    n_row_chunks = (n_rows + rows_per_chunk - 1) // rows_per_chunk
+    n_col_blocks = (n_cols + col_block - 1) // col_block
+    per_mat = n_row_chunks * n_col_blocks
+    # Shift of the variance sums: the first row, exactly (float64 holds F).
+    shift = np.empty((n_mats, n_cols), dtype=np.float64)
+    for j in range(n_cols):
+        shift[0, j] = a[0, j]
+        if n_mats == 2:
+            shift[1, j] = b[0, j]
+    for task in prange(n_mats * per_mat):
+        m = task // per_mat
+        rest = task % per_mat
+        ch = rest // n_col_blocks
+        c0 = (rest % n_col_blocks) * col_block
+        r0 = ch * rows_per_chunk
+        _task(a if m == 0 else b, flags, threshold, sharpness, k,
+              r0, min(n_rows, r0 + rows_per_chunk), c0, min(n_cols, c0 + col_block),
+              shift[m], part[m, ch], p_max[m, ch], p_arg[m, ch])
+    for m in range(n_mats):
+        _combine(shift[m], n_rows, rows_per_chunk, flags, eps, part[m], p_max[m], p_arg[m],
+                 stats[m], argmax[m])
+
+
+# --- gradient ------------------------------------------------------------------
+# No reduction in these loops (the policy grants no ``reassoc``, so a scalar
+# accumulator would keep LLVM from vectorising them): overflow of the gradient
+# is ruled out by the caller from per-column bounds instead.
+
+@jit
+def _grad_var_row(row, mean, coef, g):
+    # float64 arithmetic: ``x - mean`` cancels when |mean| >> std; the loop is
+    # memory-bound, so the narrower vectors cost nothing (measured).
+    for j in range(row.shape[0]):
+        g[j] = cast_like((np.float64(row[j]) - mean[j]) * coef[j], g)
+
+
+@jit
+def _grad_sparsity_row(row, sharp, k, coef, g):
+    zero = cast_like(0.0, g)
+    one = cast_like(1.0, g)
+    for j in range(row.shape[0]):
+        v = row[j]
+        # sigmoid'(z) = e / (1 + e)**2 with e = exp(-|z|): no overflow.
+        e = exp_nonpos(-abs(sharp - k * abs(v)))
+        r = one / (one + e)
+        sgn = one if v > zero else (-one if v < zero else zero)
+        g[j] = coef[j] * (e * r * r) * sgn
+
+
+@jit
+def _grad_sign_row(row, coef, g):
+    zero = cast_like(0.0, g)
+    one = cast_like(1.0, g)
+    for j in range(row.shape[0]):
+        v = row[j]
+        sgn = one if v > zero else (-one if v < zero else zero)
+        g[j] = coef[j] * sgn
+
+
+@parallel_jit
+def gradient_rows(x, metric, sharpness, k, mean64, coef64, coef, argmax, peak_coef64, grad):
+    """Write ``grad = d loss / d x`` row by row.
+
+    Parameters (``F`` is the dtype of ``x``):
+        x, grad: ``(B, N)`` F, C-contiguous.
+        metric: ``VARIANCE``, ``SPARSITY`` or ``PEAK_TO_AVERAGE``.
+        sharpness, k: F, the sparsity relaxation (as in :func:`column_stats`).
+        mean64, coef64: ``(N,)`` float64, variance only:
+            ``grad_ij = (x_ij - mean_j) * coef64_j``.
+        coef: ``(N,)`` F, sparsity: ``grad_ij = coef_j sigmoid'(z_ij) sign(x_ij)``;
+            peak: ``grad_ij = coef_j sign(x_ij)``, except at ``i = argmax_j``
+            where ``grad_ij = coef64_j sign(x_ij) + peak_coef64_j`` (the
+            maximum's own derivative; ``coef64`` is ``coef`` in float64).
+
+    ``sign(0) = 0``. Rows are independent: any thread count gives the same bits.
+    """
+    n_rows, n_cols = x.shape
+    n_ch = (n_rows + GRAD_ROWS_PER_CHUNK - 1) // GRAD_ROWS_PER_CHUNK
+    for ch in prange(n_ch):
+        r0 = ch * GRAD_ROWS_PER_CHUNK
+        for i in range(r0, min(n_rows, r0 + GRAD_ROWS_PER_CHUNK)):
+            if metric == VARIANCE:
+                _grad_var_row(x[i], mean64, coef64, grad[i])
+            elif metric == SPARSITY:
+                _grad_sparsity_row(x[i], sharpness, k, coef, grad[i])
+            else:
+                _grad_sign_row(x[i], coef, grad[i])
+    if metric == PEAK_TO_AVERAGE:
+        zero = cast_like(0.0, x)
+        for j in range(n_cols):
+            i = argmax[j]
+            v = x[i, j]
+            sgn = 1.0 if v > zero else (-1.0 if v < zero else 0.0)
+            grad[i, j] = cast_like(coef64[j] * sgn + peak_coef64[j], x)
