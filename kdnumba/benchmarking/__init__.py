@@ -37,6 +37,14 @@ class BenchCase:
             GEMM bound; ``None`` if memory-bound.
         quick: included in ``kdnumba bench --quick``.
         notes: free text shown in reports.
+        tags: free labels.
+        variants: ``((label, inputs -> result), ...)``: other ways of running
+            the same workload with kdnumba (e.g. ``"out="``, a preallocated
+            gradient buffer), timed and reported under the headline
+            ``kdnumba`` row.
+        compile_group: cases with the same group hit the same compiled
+            specialisations (same dtypes, ranks and flags), so their first-call
+            compile time is measured once; ``None``: the case's own name.
     """
 
     name: str
@@ -50,6 +58,8 @@ class BenchCase:
     quick: bool = False
     notes: str = ""
     tags: tuple = field(default_factory=tuple)
+    variants: tuple = ()
+    compile_group: str | None = None
 
 
 def all_cases(families=FAMILIES) -> list[BenchCase]:
