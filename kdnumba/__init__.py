@@ -7,23 +7,46 @@ Layers (arrows point down only)::
     _dispatch     (device, family) -> kernel module; CUDA imported lazily
     kernels/      @njit kernels on arrays (cpu/), numba.cuda variants (cuda/)
     _policy       the one Numba compilation policy
+
+Beside them: ``reference/`` (NumPy references), ``training/`` (a loop for
+models outside PyTorch), ``benchmarking/`` (``kdnumba bench``), and the
+framework bridges ``kdnumba.torch`` / ``kdnumba.jax`` (imported only on
+request; ``import kdnumba`` never imports torch or jax).
 """
 
 from kdnumba import functional
 from kdnumba.strategies import (
+    AttentionDistillationStrategy,
+    AttentionMode,
+    ContrastiveDistillationStrategy,
+    ContrastiveMode,
     DistillationLoss,
     DistillationStrategy,
+    FeatureDistillationStrategy,
+    HybridDistillationStrategy,
     IntermediateActivations,
     IntermediateActivationStrategy,
+    NeuronSelectivityDistillationStrategy,
+    RelationalDistillationStrategy,
+    SelectivityMetric,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionDistillationStrategy",
+    "AttentionMode",
+    "ContrastiveDistillationStrategy",
+    "ContrastiveMode",
     "DistillationLoss",
     "DistillationStrategy",
+    "FeatureDistillationStrategy",
+    "HybridDistillationStrategy",
     "IntermediateActivationStrategy",
     "IntermediateActivations",
+    "NeuronSelectivityDistillationStrategy",
+    "RelationalDistillationStrategy",
+    "SelectivityMetric",
     "functional",
     "__version__",
 ]

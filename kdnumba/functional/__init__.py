@@ -1,15 +1,56 @@
 """The functional layer: pure ``(loss, grad)`` functions.
 
 Each function validates its inputs, dispatches on dtype and device, and runs
-one fused kernel. They never modify their inputs.
+fused kernels; ``grad`` is the exact derivative of ``loss`` with respect to
+the first (student) argument. They never modify their inputs. All losses are
+batch means; ``p^T(z) = softmax(z / T)``; ``cos`` clamps norms at 1e-12.
 
-========================  =======================================================
-function                  loss
-========================  =======================================================
-``kd_loss``               ``alpha*CE(softmax(s), y) + (1-alpha)*T^2*KL(p^T(t)||p^T(s))``
-========================  =======================================================
+=========================  ===================================================================
+function                   loss
+=========================  ===================================================================
+``kd_loss``                ``alpha*CE(softmax(s), y) + (1-alpha)*T^2*KL(p^T(t) || p^T(s))``
+``selectivity_loss``       ``mean_n (sel_n(s) - sel_n(t))^2``, sel = variance / relaxed
+                           sparsity / peak-to-average over the batch
+``nt_xent``                ``mean_i [-cos(s_i,t_i)/tau + log sum_j exp(cos(s_i,t_j)/tau)]``
+``info_nce``               ``mean_i [-cos(t_i,s_i)/tau + log sum_j exp(cos(t_i,s_j)/tau)]``
+``supervised_contrastive`` ``mean_i [-mean_{j in P(i)} cos(s_i,t_j)/tau + log sum_j exp(...)]``
+``triplet_loss``           batch-hard ``max(0, max_p d(s_i,s_p) - min_n d(s_i,s_n) + margin)``
+``feature_loss``           ``mean (s - t)^2`` (FitNets)
+``attention_transfer``     ``mean (a(s) - a(t))^2``, ``a(f) = normalize(mean_c f^p)``
+``attention_map_loss``     MSE or row-KL between attention maps ``(B, heads, L, L)``
+``rkd_loss``               ``25 * smoothL1(distances) + 50 * smoothL1(angles)`` (RKD)
+=========================  ===================================================================
 """
 
+from kdnumba.functional.attention import attention_map_loss, attention_transfer
+from kdnumba.functional.contrastive import (
+    info_nce,
+    nt_xent,
+    supervised_contrastive,
+    triplet_loss,
+)
+from kdnumba.functional.feature import feature_loss
+from kdnumba.functional.relational import rkd_loss
 from kdnumba.functional.response import kd_loss
+from kdnumba.functional.selectivity import (
+    SelectivityMetric,
+    SelectivityStatistics,
+    selectivity_loss,
+    selectivity_statistics,
+)
 
-__all__ = ["kd_loss"]
+__all__ = [
+    "SelectivityMetric",
+    "SelectivityStatistics",
+    "attention_map_loss",
+    "attention_transfer",
+    "feature_loss",
+    "info_nce",
+    "kd_loss",
+    "nt_xent",
+    "rkd_loss",
+    "selectivity_loss",
+    "selectivity_statistics",
+    "supervised_contrastive",
+    "triplet_loss",
+]

@@ -1,11 +1,33 @@
 """Slow, obvious NumPy references: one module per kernel family.
 
-They are written for readability, straight from the formulas in
-``docs/math.md``, with no code shared with the kernels. Tests compare every
-kernel against them; ``kdnumba bench`` times them as "what a NumPy user
-would write". They compute in the dtype of their inputs.
+They are written for readability, straight from the formulas in ``docs/``,
+with no code shared with the kernels. Tests compare every kernel against
+them; ``kdnumba bench`` times them as "what a NumPy user would write". They
+compute in the dtype of their inputs.
 """
 
+from kdnumba.reference.attention import attention_map_loss, attention_transfer
+from kdnumba.reference.contrastive import (
+    info_nce,
+    nt_xent,
+    supervised_contrastive,
+    triplet_loss,
+)
+from kdnumba.reference.feature import feature_loss
+from kdnumba.reference.relational import rkd_loss
 from kdnumba.reference.response import kd_loss
+from kdnumba.reference.selectivity import selectivity_loss, selectivity_statistics
 
-__all__ = ["kd_loss"]
+__all__ = [
+    "attention_map_loss",
+    "attention_transfer",
+    "feature_loss",
+    "info_nce",
+    "kd_loss",
+    "nt_xent",
+    "rkd_loss",
+    "selectivity_loss",
+    "selectivity_statistics",
+    "supervised_contrastive",
+    "triplet_loss",
+]

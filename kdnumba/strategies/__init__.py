@@ -1,17 +1,33 @@
 """Strategies: thin, validated, user-facing classes over :mod:`kdnumba.functional`."""
 
+from kdnumba.functional.selectivity import SelectivityMetric
+from kdnumba.strategies.attention import AttentionDistillationStrategy, AttentionMode
 from kdnumba.strategies.base import (
     DistillationStrategy,
     IntermediateActivations,
     IntermediateActivationStrategy,
     IntermediateStrategyMixin,
 )
+from kdnumba.strategies.contrastive import ContrastiveDistillationStrategy, ContrastiveMode
+from kdnumba.strategies.feature import FeatureDistillationStrategy
+from kdnumba.strategies.hybrid import HybridDistillationStrategy
+from kdnumba.strategies.relational import RelationalDistillationStrategy
 from kdnumba.strategies.response import DistillationLoss
+from kdnumba.strategies.selectivity import NeuronSelectivityDistillationStrategy
 
 __all__ = [
+    "AttentionDistillationStrategy",
+    "AttentionMode",
+    "ContrastiveDistillationStrategy",
+    "ContrastiveMode",
     "DistillationLoss",
     "DistillationStrategy",
+    "FeatureDistillationStrategy",
+    "HybridDistillationStrategy",
     "IntermediateActivationStrategy",
     "IntermediateActivations",
     "IntermediateStrategyMixin",
+    "NeuronSelectivityDistillationStrategy",
+    "RelationalDistillationStrategy",
+    "SelectivityMetric",
 ]

@@ -1,0 +1,580 @@
+"""Contrastive losses (NT-Xent, InfoNCE, supervised, batch-hard triplet) without
+the ``B x B`` similarity matrix.
+
+Cosine similarity uses SPEC's clamped normalisation
+``x_hat = x / max(||x||, EPS)``. The softmax losses are all of one shape: an
+*anchor* matrix ``A`` (``B x D``, normalised rows scaled by ``1/tau``), a
+*candidate* matrix ``C`` (``N x D``, normalised rows; the batch plus any queued
+negatives) and per-anchor log-sum-exps of the logits ``Z = A C^T``. We stream
+over tiles of ``R`` anchor rows (memory ``O((B + N) D + R N)``)::
+
+    Z_tile = A_tile C^T                       BLAS GEMM, R x N
+    E_tile = exp(Z_tile - shift)              in place, per-row sums S (float64)
+    lse_i  = shift_i + log S_i
+    student-anchored: G_tile = E_tile C        BLAS GEMM, R x D, one owner per row
+    teacher-anchored: H += E_tile[:, :B]^T (A_tile / S)   (candidate side, fixed tile order)
+
+then one O(B D) pass turns ``G``/``H`` into the gradient with respect to the
+normalised rows and applies the chain rule through the clamped normalisation
+(float64, per row)::
+
+    d x_hat / d x = (I - x_hat x_hat^T) / ||x||     if ||x|| > EPS
+                  = I / EPS                           otherwise (clamped branch)
+
+Shift. All candidate rows have norm <= 1, so every logit of anchor ``i`` lies in
+``[-b_i, b_i]`` with ``b_i = ||a_i||`` (``<= 1/tau``). When ``2/tau`` is at most
+``EXP_RANGE`` (60 in float32, 600 in float64: ``tau >= 0.034`` / ``0.0034``)
+the shift is ``b_i``: every exponent lies in ``[-2/tau, 0]``, nothing
+underflows, and no row-maximum pass is needed. Otherwise the shift is the
+row maximum (one extra vectorised pass); exponents below ``-EXP_RANGE`` are
+flushed to 0 (their share of the row sum is below ``B e^-60``, far under
+float32 rounding), which also keeps denormals out of the second GEMM.
+
+Threads. The two GEMMs (~95 % of the flops) run in NumPy's BLAS with its
+threads; the exp pass and the O(B D) passes are serial Numba loops. Running
+them with ``prange`` instead was measured 3-5x *slower* in total on a
+2-core machine: the Numba (OpenMP) and OpenBLAS thread pools both spin-wait
+between calls and fight for the same cores. Every row is owned by one
+serial loop and the candidate-side accumulation runs in tile order, so the
+result is bit-identical for any Numba thread count.
+
+The drivers (``student_anchored``, ``teacher_anchored``, ``triplet``) are plain
+Python around the kernels: they only allocate buffers and call ``np.matmul``.
+Inputs are validated, C-contiguous arrays of one float dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from kdnumba._policy import jit
+from kdnumba.kernels.cpu.dtypes import cast_like
+from kdnumba.kernels.cpu.fastexp import exp_nonpos
+from kdnumba.kernels.cpu.reductions import lane_dot, ordered_sum
+
+#: SPEC's norm clamp: ``cos(a, b) = a.b / (max(||a||, EPS) max(||b||, EPS))``.
+EPS = 1e-12
+
+#: Fewest anchor rows per tile that :func:`default_tile_rows` picks (unless B is smaller).
+TILE_ROWS = 256
+
+#: Bytes of the ``R x N`` similarity tile that :func:`default_tile_rows` aims at.
+TILE_BYTES = 16 << 20
+
+#: Exponent range kept by the exp pass: ``exp(x)`` with ``x < -EXP_RANGE`` is 0.
+EXP_RANGE_F32 = 60.0
+EXP_RANGE_F64 = 600.0
+
+_F64_MAX = float(np.finfo(np.float64).max)
+
+
+def exp_range(dtype) -> float:
+    """``EXP_RANGE`` of a dtype (see the module docstring)."""
+    return EXP_RANGE_F32 if np.dtype(dtype) == np.float32 else EXP_RANGE_F64
+
+
+def default_tile_rows(n_anchors: int, n_candidates: int, itemsize: int) -> int:
+    """Anchor rows per tile: about ``TILE_BYTES`` of similarities, 256..1024 rows.
+
+    The second GEMM contracts over all ``N`` candidates; with fewer than ~256
+    rows OpenBLAS's threaded GEMM spends its time synchronising its threads
+    once per K-panel (measured: 0.5 vs 19 GFLOP/s for 128 vs 256 rows at
+    N = 32768 on a busy 2-core machine). The tile is ``R x N``: 16 MiB at
+    B = 4096 (1024 rows), 32 MiB at B = 32768 and 64 MiB at B = 65536 (256 rows).
+    """
+    rows = TILE_BYTES // max(1, n_candidates * itemsize)
+    return int(max(1, min(n_anchors, max(TILE_ROWS, min(1024, rows)))))
+
+
+# --- row norms and normalisation ------------------------------------------------
+
+@jit
+def row_norms(x, out):
+    """``out_i = ||x_i||`` in float64; overflow-safe (rescales a row whose
+    sum of squares overflows); NaN/inf rows give a non-finite norm."""
+    n, dim = x.shape
+    for i in range(n):
+        acc = lane_dot(x[i], x[i])
+        # ``not (acc <= max)`` rather than ``math.isfinite``: the latter was
+        # measured to be folded away under the policy's fast-math flags here.
+        if not (acc <= _F64_MAX):
+            # Either a NaN/inf entry (stays non-finite) or float64 overflow of
+            # huge finite entries: rescale by the largest magnitude.
+            big = 0.0
+            for k in range(dim):
+                big = max(big, abs(np.float64(x[i, k])))
+            if big <= _F64_MAX and big > 0.0:
+                acc = 0.0
+                for k in range(dim):
+                    v = np.float64(x[i, k]) / big
+                    acc += v * v
+                out[i] = big * math.sqrt(acc)
+                continue
+        out[i] = math.sqrt(acc)
+
+
+@jit
+def normalize_rows(x, norms, scale, out):
+    """``out_i = x_i * scale / max(norms_i, EPS)`` in ``out``'s dtype."""
+    n, dim = x.shape
+    for i in range(n):
+        f = cast_like(scale / max(norms[i], EPS), out)
+        for k in range(dim):
+            out[i, k] = x[i, k] * f
+
+
+@jit
+def _class_sums(t, t_norms, labels, sums, counts):
+    n, dim = t.shape
+    for i in range(n):
+        c = labels[i]
+        inv = 1.0 / max(t_norms[i], EPS)
+        counts[c] += 1
+        for k in range(dim):
+            sums[c, k] += np.float64(t[i, k]) * inv
+
+
+def class_means(t, t_norms, labels, n_classes):
+    """``mu_c = mean_{i: y_i = c} t_hat_i`` (summed in float64 in row order),
+    returned in ``t``'s dtype; ``labels`` are ``0 .. n_classes-1``."""
+    sums = np.zeros((n_classes, t.shape[1]), dtype=np.float64)
+    counts = np.zeros(n_classes, dtype=np.int64)
+    _class_sums(t, t_norms, labels, sums, counts)
+    return (sums / counts[:, None]).astype(t.dtype)
+
+
+# --- the exp pass over one tile ------------------------------------------------------
+
+@jit
+def _exp_in_place(row, shift, lo):
+    """``row_j <- exp(min(row_j - shift, 0))``, 0 below ``lo``: element-wise, no
+    reduction, so the loop vectorises fully."""
+    zero = shift - shift
+    for j in range(row.shape[0]):
+        x = min(row[j] - shift, zero)
+        e = exp_nonpos(x)
+        row[j] = e if x >= lo else zero
+
+
+@jit
+def exp_rows(block, shifts, neg_range):
+    """``block[r, j] <- exp(block[r, j] - shifts[r])`` in place (0 below ``neg_range``).
+
+    No sums here: the policy grants LLVM no ``reassoc``, so a sum in this loop
+    would keep it scalar (measured 10x slower). The row sums are a BLAS GEMV
+    against a ones vector instead (see :func:`_tile_softmax`).
+    """
+    lo = cast_like(neg_range, block)
+    for r in range(block.shape[0]):
+        _exp_in_place(block[r], shifts[r], lo)
+
+
+def _tile_softmax(block, bounds, use_bound, ones, sums, row0, lse, inv_sum):
+    """Exp pass over a tile of logits (in place) and its per-row statistics.
+
+    ``shift`` is the per-anchor bound (``use_bound``) or the row maximum;
+    ``S_r = sum_j exp(z_rj - shift_r)`` is ``block @ ones`` (BLAS GEMV: 0.05 ns
+    per element, vectorised; relative error <= 4e-7 against a float64 sum
+    measured at N = 4096..65536 in float32); writes
+    ``lse = shift + log S`` and ``inv_sum = 1/S`` (float64) for rows ``row0 ..``.
+    """
+    n_rows = block.shape[0]
+    # The shift in the block's dtype: exactly the value subtracted in the kernel.
+    shifts = (bounds[row0:row0 + n_rows] if use_bound else block.max(axis=1)).astype(block.dtype)
+    exp_rows(block, shifts, -exp_range(block.dtype))
+    s = sums[:n_rows]
+    np.matmul(block, ones, out=s)
+    total = s.astype(np.float64)
+    lse[row0:row0 + n_rows] = shifts.astype(np.float64) + np.log(total)
+    inv_sum[row0:row0 + n_rows] = 1.0 / total
+
+
+# --- gradient finishing passes ---------------------------------------------------------
+
+@jit
+def _chain_normalisation(x_row, norm, g, out_row, scale):
+    """``out_row = scale * d(loss)/d x`` from ``g = d(loss)/d x_hat`` (float64).
+
+    ``x_hat = x / max(||x||, EPS)``: Jacobian ``(I - x_hat x_hat^T)/||x||`` when
+    ``||x|| > EPS``, else the clamped branch ``I / EPS``.
+    """
+    dim = x_row.shape[0]
+    if norm > EPS:
+        inv = 1.0 / norm
+        proj = lane_dot(x_row, g) * inv
+        for k in range(dim):
+            out_row[k] = (g[k] - np.float64(x_row[k]) * inv * proj) * inv * scale
+    else:
+        for k in range(dim):
+            out_row[k] = g[k] * (scale / EPS)
+
+
+@jit
+def finish_student_anchored(s, s_norms, g_raw, inv_sum, lse, pos, pos_index, inv_tau,
+                            row_loss, grad):
+    """Student anchors: loss rows and the gradient, in place over ``g_raw``.
+
+    ``g_raw_i = sum_j exp(z_ij - shift_i) c_j`` (the second GEMM);
+    ``pos[pos_index[i]]`` is the positive target of anchor ``i`` (its teacher
+    row, or its class mean of teacher rows). With ``p_ij`` the softmax::
+
+        loss_i = lse_i - s_hat_i . pos_i / tau
+        d loss_i / d s_hat_i = (sum_j p_ij c_j - pos_i) / tau
+
+    and ``grad_i = chain(d/ds_hat) / B``. ``grad`` may alias ``g_raw``.
+    """
+    n, dim = s.shape
+    g = np.empty(dim, dtype=np.float64)
+    inv_b = 1.0 / n
+    for i in range(n):
+        norm = s_norms[i]
+        inv_n = 1.0 / max(norm, EPS)
+        p = pos[pos_index[i]]
+        dot = lane_dot(s[i], p) * inv_n
+        w = inv_sum[i]
+        for k in range(dim):
+            g[k] = (np.float64(g_raw[i, k]) * w - np.float64(p[k])) * inv_tau
+        row_loss[i] = lse[i] - dot * inv_tau
+        _chain_normalisation(s[i], norm, g, grad[i], inv_b)
+
+
+@jit
+def accumulate(acc, part):
+    """``acc += part`` (float64 accumulator, rows in order)."""
+    n, dim = acc.shape
+    for i in range(n):
+        for k in range(dim):
+            acc[i, k] += part[i, k]
+
+
+@jit
+def scale_rows(a, inv_sum, row0, out):
+    """``out_r = a_r * inv_sum[row0 + r]`` (the softmax-normalised anchors)."""
+    n, dim = out.shape
+    for r in range(n):
+        w = cast_like(inv_sum[row0 + r], out)
+        for k in range(dim):
+            out[r, k] = a[r, k] * w
+
+
+@jit
+def finish_teacher_anchored(s, s_norms, anchors, acc, lse, row_loss, grad):
+    """Teacher anchors ``a_i = t_hat_i / tau``, student candidates.
+
+    ``acc_j = sum_i p_ij a_i`` (accumulated over tiles)::
+
+        loss_i = lse_i - a_i . s_hat_i
+        d loss / d s_hat_j = (acc_j - a_j) / B
+
+    and the chain rule through ``s_j``'s normalisation.
+    """
+    n, dim = s.shape
+    g = np.empty(dim, dtype=np.float64)
+    inv_b = 1.0 / n
+    for i in range(n):
+        norm = s_norms[i]
+        inv_n = 1.0 / max(norm, EPS)
+        dot = lane_dot(anchors[i], s[i]) * inv_n
+        for k in range(dim):
+            g[k] = acc[i, k] - np.float64(anchors[i, k])
+        row_loss[i] = lse[i] - dot
+        _chain_normalisation(s[i], norm, g, grad[i], inv_b)
+
+
+# --- batch-hard triplet --------------------------------------------------------------
+
+@jit
+def _masked_extrema(keys, labels, yi):
+    """``(max of keys with labels == yi, min of keys with labels != yi)``.
+
+    Eight independent lanes each (a loop-carried ``max`` does not vectorise
+    without ``nnan``); masked entries become -inf / +inf by a select.
+    """
+    n = keys.shape[0]
+    lo = cast_like(-np.inf, keys)
+    hi = cast_like(np.inf, keys)
+    p0 = p1 = p2 = p3 = p4 = p5 = p6 = p7 = lo
+    q0 = q1 = q2 = q3 = q4 = q5 = q6 = q7 = hi
+    j = 0
+    while j + 8 <= n:
+        k0 = keys[j]
+        k1 = keys[j + 1]
+        k2 = keys[j + 2]
+        k3 = keys[j + 3]
+        k4 = keys[j + 4]
+        k5 = keys[j + 5]
+        k6 = keys[j + 6]
+        k7 = keys[j + 7]
+        s0 = labels[j] == yi
+        s1 = labels[j + 1] == yi
+        s2 = labels[j + 2] == yi
+        s3 = labels[j + 3] == yi
+        s4 = labels[j + 4] == yi
+        s5 = labels[j + 5] == yi
+        s6 = labels[j + 6] == yi
+        s7 = labels[j + 7] == yi
+        p0 = max(p0, k0 if s0 else lo)
+        p1 = max(p1, k1 if s1 else lo)
+        p2 = max(p2, k2 if s2 else lo)
+        p3 = max(p3, k3 if s3 else lo)
+        p4 = max(p4, k4 if s4 else lo)
+        p5 = max(p5, k5 if s5 else lo)
+        p6 = max(p6, k6 if s6 else lo)
+        p7 = max(p7, k7 if s7 else lo)
+        q0 = min(q0, hi if s0 else k0)
+        q1 = min(q1, hi if s1 else k1)
+        q2 = min(q2, hi if s2 else k2)
+        q3 = min(q3, hi if s3 else k3)
+        q4 = min(q4, hi if s4 else k4)
+        q5 = min(q5, hi if s5 else k5)
+        q6 = min(q6, hi if s6 else k6)
+        q7 = min(q7, hi if s7 else k7)
+        j += 8
+    while j < n:
+        if labels[j] == yi:
+            p0 = max(p0, keys[j])
+        else:
+            q0 = min(q0, keys[j])
+        j += 1
+    best_p = max(max(max(p0, p1), max(p2, p3)), max(max(p4, p5), max(p6, p7)))
+    best_n = min(min(min(q0, q1), min(q2, q3)), min(min(q4, q5), min(q6, q7)))
+    return best_p, best_n
+
+
+@jit
+def triplet_select(block, sq_norms, labels, qualifies, row0, pos_idx, neg_idx):
+    """Hardest positive / negative of anchors ``row0 ..`` from a Gram tile.
+
+    ``block[r, j] = x_i . x_j`` is overwritten with the ranking key
+    ``||x_j||^2 - 2 x_i . x_j`` (the squared distance minus a per-anchor
+    constant; the anchor's own entry is set to -inf so it is never its own
+    positive). Positive: the anchor's label, largest key; negative: another
+    label, smallest key; ties go to the smallest ``j``. Two passes per row:
+    vectorised masked extrema, then the first index that attains them.
+    """
+    n_rows, n_cols = block.shape
+    two = cast_like(2.0, block)
+    for r in range(n_rows):
+        i = row0 + r
+        pos_idx[i] = -1
+        neg_idx[i] = -1
+        if not qualifies[i]:
+            continue
+        yi = labels[i]
+        row = block[r]
+        for j in range(n_cols):
+            row[j] = sq_norms[j] - two * row[j]
+        row[i] = -np.inf
+        best_p, best_n = _masked_extrema(row, labels, yi)
+        for j in range(n_cols):
+            if labels[j] == yi and row[j] == best_p:
+                pos_idx[i] = j
+                break
+        for j in range(n_cols):
+            if labels[j] != yi and row[j] == best_n:
+                neg_idx[i] = j
+                break
+
+
+@jit
+def _distance_and_unit(x, i, j, unit):
+    """``||x_i - x_j||`` in float64 and ``unit = (x_i - x_j)/d`` (0 if d == 0)."""
+    dim = x.shape[1]
+    acc = 0.0
+    for k in range(dim):
+        diff = np.float64(x[i, k]) - np.float64(x[j, k])
+        unit[k] = diff
+        acc += diff * diff
+    d = math.sqrt(max(acc, 0.0))
+    inv = 1.0 / d if d > 0.0 else 0.0
+    for k in range(dim):
+        unit[k] *= inv
+    return d
+
+
+@jit
+def triplet_finish(x, scale, pos_idx, neg_idx, margin, n_qualifying, row_loss, grad64):
+    """Loss rows and the gradient of the batch-hard triplet loss.
+
+    ``x`` = embeddings / ``scale`` (a power of two); true distances are
+    ``scale * ||x_i - x_j||``. For anchor ``i`` with ``h_i = d_ip - d_in + margin > 0``::
+
+        d h_i / d s_i = u_ip - u_in,  d h_i / d s_p = -u_ip,  d h_i / d s_n = u_in
+
+    with ``u_ij = (s_i - s_j)/d_ij`` (0 when ``d_ij = 0``); everything divided
+    by the number of qualifying anchors. Scattered serially in anchor order.
+    """
+    n, dim = x.shape
+    u_p = np.empty(dim, dtype=np.float64)
+    u_n = np.empty(dim, dtype=np.float64)
+    w = 1.0 / n_qualifying
+    for i in range(n):
+        row_loss[i] = 0.0
+        jp = pos_idx[i]
+        jn = neg_idx[i]
+        if jp < 0:
+            continue
+        d_p = scale * _distance_and_unit(x, i, jp, u_p)
+        d_n = scale * _distance_and_unit(x, i, jn, u_n)
+        h = d_p - d_n + margin
+        if h > 0.0:
+            row_loss[i] = h * w
+            for k in range(dim):
+                grad64[i, k] += (u_p[k] - u_n[k]) * w
+                grad64[jp, k] -= u_p[k] * w
+                grad64[jn, k] += u_n[k] * w
+
+
+# --- drivers (plain Python: buffers + BLAS) ----------------------------------------
+
+def _norms(x: np.ndarray) -> np.ndarray:
+    out = np.empty(x.shape[0], dtype=np.float64)
+    row_norms(x, out)
+    return out
+
+
+def _normalized(x: np.ndarray, norms: np.ndarray, scale: float, out: np.ndarray) -> None:
+    normalize_rows(x, norms, float(scale), out)
+
+
+def _bounds_and_mode(anchor_norms, temperature, dtype):
+    """Per-anchor logit bounds ``||a_i||`` and whether to shift by them."""
+    unit = np.minimum(anchor_norms, EPS) / EPS  # ||x_hat||: 1, or < 1 when clamped
+    bounds = unit / temperature
+    use_bound = 2.0 / temperature <= exp_range(dtype)
+    return bounds, use_bound
+
+
+def norms(x: np.ndarray) -> np.ndarray:
+    """Row norms in float64 (non-finite for rows holding NaN/inf)."""
+    return _norms(x)
+
+
+def student_anchored(s, s_norms, candidates_raw, cand_norms, pos, pos_index, temperature,
+                     tile_rows=None):
+    """Student anchors against normalised candidate rows (NT-Xent, supervised).
+
+    Args:
+        s: ``(B, D)`` student embeddings (F = float32/float64).
+        s_norms: their float64 norms.
+        candidates_raw: ``(N, D)`` F teacher rows then queued negatives
+            (un-normalised); normalised here into a fresh buffer.
+        cand_norms: their float64 norms.
+        pos: ``None`` (the positive of anchor ``i`` is normalised candidate ``i``)
+            or ``(P, D)`` F positive targets, already normalised/averaged.
+        pos_index: ``(B,)`` int64 index into the positives.
+        temperature: ``tau > 0``.
+        tile_rows: anchor rows per tile (``None``: :func:`default_tile_rows`).
+
+    Returns ``(loss, grad)`` with ``loss`` a float64 mean over anchors.
+    """
+    n, dim = s.shape
+    n_cand = candidates_raw.shape[0]
+    dtype = s.dtype
+    inv_tau = 1.0 / temperature
+    anchors = np.empty_like(s)
+    _normalized(s, s_norms, inv_tau, anchors)
+    cand = np.empty_like(candidates_raw)
+    _normalized(candidates_raw, cand_norms, 1.0, cand)
+    if pos is None:
+        pos = cand
+    bounds, use_bound = _bounds_and_mode(s_norms, temperature, dtype)
+    rows = tile_rows or default_tile_rows(n, n_cand, dtype.itemsize)
+    block_buf = np.empty((min(rows, n), n_cand), dtype=dtype)
+    ones = np.ones(n_cand, dtype=dtype)
+    sums = np.empty(min(rows, n), dtype=dtype)
+    lse = np.empty(n, dtype=np.float64)
+    inv_sum = np.empty(n, dtype=np.float64)
+    grad = np.empty_like(s)
+    cand_t = cand.T
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        block = block_buf[: r1 - r0]
+        np.matmul(anchors[r0:r1], cand_t, out=block)
+        _tile_softmax(block, bounds, use_bound, ones, sums, r0, lse, inv_sum)
+        np.matmul(block, cand, out=grad[r0:r1])
+    del block_buf
+    row_loss = np.empty(n, dtype=np.float64)
+    finish_student_anchored(s, s_norms, grad, inv_sum, lse, pos, pos_index, inv_tau,
+                            row_loss, grad)
+    return ordered_sum(row_loss) / n, grad
+
+
+def teacher_anchored(s, s_norms, t, t_norms, negatives_raw, neg_norms, temperature,
+                     tile_rows=None):
+    """Teacher anchors, student (+ optional constant extra) candidates: InfoNCE.
+
+    ``negatives_raw``: ``(K, D)`` extra candidate rows (constants) or ``None``.
+    The candidate side of the gradient ``sum_i p_ij a_i`` is accumulated in
+    float64 tile by tile, in tile order.
+    """
+    n, dim = s.shape
+    dtype = s.dtype
+    inv_tau = 1.0 / temperature
+    n_neg = 0 if negatives_raw is None else negatives_raw.shape[0]
+    n_cand = n + n_neg
+    anchors = np.empty_like(t)
+    _normalized(t, t_norms, inv_tau, anchors)
+    cand = np.empty((n_cand, dim), dtype=dtype)
+    _normalized(s, s_norms, 1.0, cand[:n])
+    if n_neg:
+        _normalized(negatives_raw, neg_norms, 1.0, cand[n:])
+    bounds, use_bound = _bounds_and_mode(t_norms, temperature, dtype)
+    rows = tile_rows or default_tile_rows(n, n_cand, dtype.itemsize)
+    block_buf = np.empty((min(rows, n), n_cand), dtype=dtype)
+    weighted = np.empty((min(rows, n), dim), dtype=dtype)
+    part = np.empty((n, dim), dtype=dtype)
+    acc = np.zeros((n, dim), dtype=np.float64)
+    ones = np.ones(n_cand, dtype=dtype)
+    sums = np.empty(min(rows, n), dtype=dtype)
+    lse = np.empty(n, dtype=np.float64)
+    inv_sum = np.empty(n, dtype=np.float64)
+    cand_t = cand.T
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        block = block_buf[: r1 - r0]
+        np.matmul(anchors[r0:r1], cand_t, out=block)
+        _tile_softmax(block, bounds, use_bound, ones, sums, r0, lse, inv_sum)
+        w = weighted[: r1 - r0]
+        scale_rows(anchors[r0:r1], inv_sum, r0, w)
+        np.matmul(block[:, :n].T, w, out=part)
+        accumulate(acc, part)
+    del block_buf, part, cand
+    row_loss = np.empty(n, dtype=np.float64)
+    grad = np.empty_like(s)
+    finish_teacher_anchored(s, s_norms, anchors, acc, lse, row_loss, grad)
+    return ordered_sum(row_loss) / n, grad
+
+
+def triplet(s, labels, qualifies, n_qualifying, margin, tile_rows=None):
+    """Batch-hard triplet loss on ``s`` (Euclidean), tiled Gram for the selection.
+
+    ``labels``: int64 ``(B,)``; ``qualifies``: bool ``(B,)`` (anchor has a
+    positive ``j != i`` and a negative); ``n_qualifying >= 1``.
+    """
+    n, dim = s.shape
+    dtype = s.dtype
+    max_norm = float(np.max(_norms(s)))
+    # A power of two, so scaling is exact: selection and distances run on
+    # rows of norm <= 1 (no overflow of squared distances in the Gram form).
+    exponent = math.frexp(max_norm)[1] if max_norm > 0.0 else 0
+    scale = math.ldexp(1.0, exponent)
+    x = np.ldexp(s, -exponent).astype(dtype, copy=False)
+    sq = np.einsum("ij,ij->i", x, x).astype(dtype)
+    rows = tile_rows or default_tile_rows(n, n, dtype.itemsize)
+    block_buf = np.empty((min(rows, n), n), dtype=dtype)
+    pos_idx = np.empty(n, dtype=np.int64)
+    neg_idx = np.empty(n, dtype=np.int64)
+    x_t = x.T
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        block = block_buf[: r1 - r0]
+        np.matmul(x[r0:r1], x_t, out=block)
+        triplet_select(block, sq, labels, qualifies, r0, pos_idx, neg_idx)
+    del block_buf
+    row_loss = np.empty(n, dtype=np.float64)
+    grad64 = np.zeros((n, dim), dtype=np.float64)
+    triplet_finish(x, scale, pos_idx, neg_idx, float(margin), n_qualifying, row_loss, grad64)
+    return ordered_sum(row_loss), grad64.astype(dtype)
