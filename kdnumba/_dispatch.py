@@ -25,7 +25,8 @@ def check_device(device) -> str:
 
 def is_cuda_array(x) -> bool:
     """True for objects that live on a CUDA device."""
-    return hasattr(x, "__cuda_array_interface__")
+    return (hasattr(x, "__cuda_array_interface__")
+            or getattr(x, "__cuda_ndarray__", False) is True)  # Numba (incl. simulator) arrays
 
 
 def resolve_device(device: str, *arrays) -> str:

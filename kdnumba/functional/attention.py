@@ -79,6 +79,10 @@ def attention_transfer(student_feats, teacher_feats, *, p=2, variant="repdistill
     if not isinstance(pool, (bool, np.bool_)):
         raise TypeError(f"pool must be True or False, got {pool!r}")
     target = _dispatch.resolve_device(device, student_feats, teacher_feats)
+    if target == "cuda":
+        from kdnumba import _cuda_paths  # imports numba.cuda: CUDA path only
+        return _cuda_paths.attention_transfer(student_feats, teacher_feats, p=p,
+                                              variant=variant, pool=pool)
     s = v.as_float_array(student_feats, "student_feats", min_ndim=3)
     t = v.as_float_array(teacher_feats, "teacher_feats", min_ndim=3, dtype=s.dtype)
     if s.shape[0] != t.shape[0]:
@@ -217,6 +221,10 @@ def attention_map_loss(student_attn, teacher_attn, *, kind="mse", inputs="probs"
     if inputs not in MAP_INPUTS:
         raise ValueError(f"inputs must be one of {MAP_INPUTS}, got {inputs!r}")
     target = _dispatch.resolve_device(device, student_attn, teacher_attn)
+    if target == "cuda":
+        from kdnumba import _cuda_paths  # imports numba.cuda: CUDA path only
+        return _cuda_paths.attention_map_loss(student_attn, teacher_attn, kind=kind,
+                                              inputs=inputs)
     s = v.as_float_array(student_attn, "student_attn", min_ndim=2)
     t = v.as_float_array(teacher_attn, "teacher_attn", min_ndim=2, dtype=s.dtype)
     v.check_same_shape(s, t, "student_attn", "teacher_attn")

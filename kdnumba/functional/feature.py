@@ -34,6 +34,9 @@ def feature_loss(student_feats, teacher_feats, *, device="auto"):
         ValueError: shape/batch mismatch, empty batch, NaN/inf.
     """
     target = _dispatch.resolve_device(device, student_feats, teacher_feats)
+    if target == "cuda":
+        from kdnumba import _cuda_paths  # imports numba.cuda: CUDA path only
+        return _cuda_paths.feature_loss(student_feats, teacher_feats)
     s = v.as_float_array(student_feats, "student_feats")
     t = v.as_float_array(teacher_feats, "teacher_feats", dtype=s.dtype)
     v.check_same_shape(s, t, "student_feats", "teacher_feats")

@@ -1,0 +1,425 @@
+"""The CUDA branch of each functional wrapper: validate on the device, launch, finish.
+
+A functional wrapper (``kdnumba.functional.<family>``) resolves the device
+first and, for ``"cuda"``, hands its arguments to the function of the same
+name here; the CPU path never imports this module (nor ``numba.cuda``).
+
+Each function mirrors its CPU wrapper step for step:
+
+1. ``_dispatch.kernels(family, "cuda")``: a clear ``RuntimeError`` when
+   ``numba.cuda`` or a usable GPU is missing, before anything is copied;
+2. inputs become C-contiguous device arrays of the student's dtype
+   (:mod:`kdnumba._cuda_arrays`: GPU arrays adopted without a copy, host
+   arrays validated like on the CPU and copied in); hyperparameters are
+   validated by the wrapper before it branches;
+3. the kernel writes the gradient and one float64 partial per row (or
+   column); one block adds the partials in a fixed order on the device
+   (:mod:`kdnumba.kernels.cuda.reduce`) and only the total comes back;
+4. a non-finite total means bad input: the device inputs are copied back and
+   checked by the CPU validators, so the error names the culprit with the
+   CPU path's message;
+5. the gradient is returned on the device for a GPU student, copied back for
+   a host student (see :func:`kdnumba._cuda_arrays.deliver`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kdnumba import _cuda_arrays as ca
+from kdnumba import _dispatch
+from kdnumba import _validation as v
+
+_LABEL_KINDS = {"none": 0, "index": 1, "dense": 2}
+
+
+def _total(partials) -> float:
+    """Deterministic float64 sum of a device vector of partials (one 8-byte copy)."""
+    from kdnumba.kernels.cuda import reduce
+    return reduce.total(partials)
+
+
+def kd_loss(student_logits, teacher_logits, labels=None, *, temperature: float,
+            alpha: float, out=None):
+    """CUDA branch of :func:`kdnumba.functional.kd_loss` (same contract).
+
+    ``temperature`` and ``alpha`` are already validated by the wrapper.
+    """
+    kernels = _dispatch.kernels("softmax_kl", "cuda")
+    on_device = ca.is_device_array(student_logits)
+    s = ca.device_float_array(student_logits, "student_logits", ndim=2)
+    t = ca.device_float_array(teacher_logits, "teacher_logits", ndim=2, dtype=s.dtype)
+    ca.check_same_shape(s, t, "student_logits", "teacher_logits")
+    kind, y = ca.device_labels(labels, "labels", s.shape[0], s.shape[1], np.dtype(s.dtype))
+    grad = ca.gradient_buffer(out, s.shape, s.dtype, on_device=on_device, inputs=(s, t, y),
+                              host_inputs=(student_logits, teacher_logits))
+    loss = _kd_core(kernels, s, t, kind, y, temperature, alpha, grad)
+    return loss, ca.deliver(grad, out, on_device=on_device)
+
+
+def _kd_core(kernels, s, t, kind, y, temperature, alpha, grad) -> float:
+    """KD loss of kernel-ready device arrays; writes ``grad``; raises on bad input."""
+    cuda = ca._cuda()
+    n_rows, n_cols = s.shape
+    dtype = np.dtype(s.dtype)
+    if kind == "none":
+        alpha = 0.0
+    row_loss = cuda.device_array(n_rows, dtype=np.float64)
+    # Label arrays the kernel does not read still need the right type.
+    y_index = y if kind == "index" else cuda.device_array(1, dtype=np.int64)
+    y_dense = y if kind == "dense" else cuda.device_array((1, 1), dtype=dtype)
+    kernels.kd_rows(
+        s, t, y_index, y_dense, _LABEL_KINDS[kind],
+        1.0 / temperature,
+        (1.0 - alpha) * temperature * temperature / n_rows,
+        alpha / n_rows,
+        (1.0 - alpha) * temperature / n_rows,
+        alpha / n_rows,
+        grad, row_loss)
+    loss = _total(row_loss)
+    if not np.isfinite(loss):
+        _diagnose_kd(s, t, kind, y, n_rows, n_cols, dtype)
+    return loss
+
+
+def _diagnose_kd(s, t, kind, y, n_rows, n_cols, dtype):
+    """Error path: name the bad input with the CPU path's messages."""
+    y_host = ca.host_copy(y)
+    if kind != "none":
+        v.as_labels(y_host, "labels", n_rows, n_cols, dtype)  # raises for bad labels
+    v.raise_non_finite([("student_logits", ca.host_copy(s)),
+                        ("teacher_logits", ca.host_copy(t)),
+                        ("labels", y_host if kind == "dense" else None)])
+
+
+# --- selectivity ----------------------------------------------------------------------
+
+def _device_batch(x, name: str, dtype=None):
+    """``x`` as a C-contiguous device array of rank >= 2 (one row per sample);
+    the checks and messages of ``functional.selectivity._as_batch``."""
+    arr = ca.device_float_array(x, name, dtype=dtype)
+    if len(arr.shape) < 2:
+        raise ValueError(
+            f"{name} must have shape (B, N) or (B, ...) with one row per sample, got shape "
+            f"{tuple(arr.shape)}; reshape to (B, 1) for a single neuron or (1, N) for a "
+            "single sample")
+    return arr
+
+
+def _rows(x):
+    """A C-contiguous device array viewed as ``(B, N)``."""
+    return x.reshape(x.shape[0], int(np.prod(x.shape[1:])))
+
+
+def selectivity_statistics(acts, *, threshold: float, sharpness: float, eps: float):
+    """CUDA branch of :func:`kdnumba.functional.selectivity_statistics`.
+
+    Parameters are already validated by the wrapper. The statistics (small,
+    one value per neuron) are returned as NumPy arrays whatever the input.
+    """
+    from kdnumba.functional.selectivity import SelectivityStatistics
+    kernels = _dispatch.kernels("selectivity", "cuda")
+    x = _device_batch(acts, "acts")
+    flags = kernels.WANT_VARIANCE | kernels.WANT_SPARSITY | kernels.WANT_PEAK
+    st = kernels.column_stats(_rows(x), flags, threshold, sharpness, eps)
+    host = {name: getattr(st, name).copy_to_host().reshape(tuple(x.shape[1:]))
+            for name in ("mean", "var", "hard", "soft", "ratio", "peak", "argmax", "mean_abs")}
+    if not (np.isfinite(host["var"]).all() and np.isfinite(host["mean_abs"]).all()):
+        v.raise_non_finite([("acts", ca.host_copy(x))], what="the statistics")
+    return SelectivityStatistics(
+        mean=host["mean"], variance=host["var"], sparsity=host["hard"],
+        sparsity_relaxed=host["soft"], peak_to_average=host["ratio"], peak=host["peak"],
+        argmax=host["argmax"], mean_abs=host["mean_abs"])
+
+
+def selectivity_loss(student_acts, teacher_acts, *, metric, threshold: float,
+                     sharpness: float, eps: float, weight: float, out=None):
+    """CUDA branch of :func:`kdnumba.functional.selectivity_loss` (same contract).
+
+    ``metric`` is a parsed ``SelectivityMetric``; the other parameters are
+    already validated by the wrapper.
+    """
+    from kdnumba.functional.selectivity import SelectivityMetric, _check_pair
+    kernels = _dispatch.kernels("selectivity", "cuda")
+    on_device = ca.is_device_array(student_acts)
+    s = _device_batch(student_acts, "student_acts")
+    t = _device_batch(teacher_acts, "teacher_acts", dtype=s.dtype)
+    _check_pair(s, t)
+    dtype = np.dtype(s.dtype)
+    grad = ca.gradient_buffer(out, s.shape, dtype, on_device=on_device, inputs=(s, t),
+                              host_inputs=(student_acts, teacher_acts))
+    s2, t2, g2 = _rows(s), _rows(t), _rows(grad)
+    n_rows = s2.shape[0]
+    code, flags, sel = {
+        SelectivityMetric.VARIANCE: (kernels.VARIANCE, kernels.WANT_VARIANCE, "var"),
+        SelectivityMetric.SPARSITY: (kernels.SPARSITY, kernels.WANT_SPARSITY, "soft"),
+        SelectivityMetric.PEAK_TO_AVERAGE: (kernels.PEAK_TO_AVERAGE, kernels.WANT_PEAK,
+                                            "ratio"),
+    }[SelectivityMetric.parse(metric)]
+    st_t = kernels.column_stats(t2, flags, threshold, sharpness, eps)
+    st_s = kernels.column_stats(s2, flags, threshold, sharpness, eps)
+    k = sharpness / threshold
+    sq, coef_a, coef_b, coef_c = kernels.coefficients(
+        code, getattr(st_s, sel), getattr(st_t, sel), st_s, st_t, weight, eps, n_rows, k)
+    loss = _total(sq)
+    if not np.isfinite(loss):
+        v.raise_non_finite([("student_acts", ca.host_copy(s)),
+                            ("teacher_acts", ca.host_copy(t))])
+    flag = kernels.gradient_rows(s2, code, sharpness, k, coef_a, coef_b, coef_c,
+                                 st_s.argmax, g2)
+    if flag.copy_to_host()[0]:
+        v.raise_non_finite([("student_acts", ca.host_copy(s)),
+                            ("teacher_acts", ca.host_copy(t))], what="the gradient")
+    return loss, ca.deliver(grad, out, on_device=on_device)
+
+
+# --- contrastive -----------------------------------------------------------------------
+
+def _finite_norms(kernels, x, name: str):
+    """Row norms on the device; ``ValueError`` (as on the CPU) if any is not finite."""
+    norms = kernels.norms(x)
+    if not np.isfinite(_total(norms)):
+        if not np.isfinite(norms.copy_to_host()).all():
+            raise ValueError(f"{name} contains NaN or inf values")
+    return norms
+
+
+def _contrastive_inputs(kernels, student_emb, teacher_emb, negatives, temperature, tile_rows):
+    """The checks of ``functional.contrastive._prepare``, on device arrays."""
+    from kdnumba.functional import contrastive as fc
+    temperature = v.check_positive(temperature, "temperature")
+    fc._tile_rows(tile_rows)  # validated; the GPU kernels have their own tiling
+    s = ca.device_float_array(student_emb, "student_emb", ndim=2)
+    t = ca.device_float_array(teacher_emb, "teacher_emb", ndim=2, dtype=s.dtype)
+    fc._check_pair(s, t)
+    neg = None
+    if negatives is not None:
+        shape = getattr(negatives, "shape", None)
+        if ca.is_device_array(negatives) and not (shape is not None and len(shape) == 2
+                                                  and shape[0] == 0):
+            neg = ca.device_float_array(negatives, "negatives", ndim=2, dtype=s.dtype)
+            fc._check_width(s, neg, "student_emb", "negatives")
+        else:  # host negatives, or an empty queue (checked from its shape/dtype)
+            host = fc._as_negatives(negatives, np.empty((0, s.shape[1]), dtype=s.dtype))
+            neg = None if host is None else ca._cuda().to_device(host)
+    s_norms = _finite_norms(kernels, s, "student_emb")
+    t_norms = _finite_norms(kernels, t, "teacher_emb")
+    n_norms = None if neg is None else _finite_norms(kernels, neg, "negatives")
+    return s, t, neg, s_norms, t_norms, n_norms, temperature
+
+
+def _candidates(t, neg, t_norms, n_norms):
+    """Teacher rows then queued negatives, as one device matrix (and norms)."""
+    if neg is None:
+        return t, t_norms
+    cuda = ca._cuda()
+    n, k = t.shape[0], neg.shape[0]
+    cand = cuda.device_array((n + k, t.shape[1]), dtype=t.dtype)
+    cand[:n].copy_to_device(t)
+    cand[n:].copy_to_device(neg)
+    norms = cuda.device_array(n + k, dtype=np.float64)
+    norms[:n].copy_to_device(t_norms)
+    norms[n:].copy_to_device(n_norms)
+    return cand, norms
+
+
+def _finish(row_loss, grad, n_rows, student_emb):
+    loss = _total(row_loss) / n_rows
+    if not np.isfinite(loss):  # inputs are finite (norms checked): an overflow
+        v.raise_non_finite([], what="the loss")
+    return loss, ca.deliver(grad, None, on_device=ca.is_device_array(student_emb))
+
+
+def nt_xent(student_emb, teacher_emb, *, temperature=0.07, negatives=None, tile_rows=None):
+    """CUDA branch of :func:`kdnumba.functional.nt_xent` (same contract)."""
+    kernels = _dispatch.kernels("contrastive", "cuda")
+    s, t, neg, s_norms, t_norms, n_norms, tau = _contrastive_inputs(
+        kernels, student_emb, teacher_emb, negatives, temperature, tile_rows)
+    cand, cand_norms = _candidates(t, neg, t_norms, n_norms)
+    pos_index = ca._cuda().to_device(np.arange(s.shape[0], dtype=np.int64))
+    row_loss, grad = kernels.student_anchored(s, s_norms, cand, cand_norms, None, pos_index,
+                                              tau)
+    return _finish(row_loss, grad, s.shape[0], student_emb)
+
+
+def info_nce(student_emb, teacher_emb, *, temperature=0.07, negatives=None, tile_rows=None):
+    """CUDA branch of :func:`kdnumba.functional.info_nce` (same contract)."""
+    kernels = _dispatch.kernels("contrastive", "cuda")
+    s, t, neg, s_norms, t_norms, n_norms, tau = _contrastive_inputs(
+        kernels, student_emb, teacher_emb, negatives, temperature, tile_rows)
+    row_loss, grad = kernels.teacher_anchored(s, s_norms, t, t_norms, neg, n_norms, tau)
+    return _finish(row_loss, grad, s.shape[0], student_emb)
+
+
+def _host_labels(labels):
+    """Labels for the contrastive losses, on the host (``B`` small integers):
+    class bookkeeping (``np.unique``) is host work on any device."""
+    if ca.is_device_array(labels):
+        return ca.adopt(labels).copy_to_host()
+    return labels
+
+
+def supervised_contrastive(student_emb, teacher_emb, labels, *, temperature=0.07,
+                           negatives=None, tile_rows=None):
+    """CUDA branch of :func:`kdnumba.functional.supervised_contrastive` (same contract)."""
+    from kdnumba.functional.contrastive import as_class_labels
+    kernels = _dispatch.kernels("contrastive", "cuda")
+    s, t, neg, s_norms, t_norms, n_norms, tau = _contrastive_inputs(
+        kernels, student_emb, teacher_emb, negatives, temperature, tile_rows)
+    y = as_class_labels(_host_labels(labels), "labels", s.shape[0])
+    _, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
+    inverse = np.ascontiguousarray(inverse.reshape(-1), dtype=np.int64)
+    members = np.argsort(inverse, kind="stable").astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    cuda = ca._cuda()
+    means = kernels.class_means(t, t_norms, cuda.to_device(members), cuda.to_device(starts))
+    cand, cand_norms = _candidates(t, neg, t_norms, n_norms)
+    row_loss, grad = kernels.student_anchored(s, s_norms, cand, cand_norms, means,
+                                              cuda.to_device(inverse), tau)
+    return _finish(row_loss, grad, s.shape[0], student_emb)
+
+
+# --- feature ----------------------------------------------------------------------------
+
+def _mse_core(s, t, names):
+    """``(loss, grad)`` of the mean squared error of same-shape kernel-ready device
+    arrays (the GPU twin of ``functional.feature._mse``)."""
+    kernels = _dispatch.kernels("feature", "cuda")
+    cuda = ca._cuda()
+    n = int(np.prod(s.shape))
+    grad = cuda.device_array(tuple(s.shape), dtype=s.dtype)
+    partial = cuda.device_array(kernels.n_chunks(n), dtype=np.float64)
+    kernels.sq_diff_chunks(s.reshape(n), t.reshape(n), 2.0 / n, grad.reshape(n), partial)
+    loss = _total(partial) / n
+    if not np.isfinite(loss):
+        v.raise_non_finite([(names[0], ca.host_copy(s)), (names[1], ca.host_copy(t))])
+    return loss, grad
+
+
+def feature_loss(student_feats, teacher_feats):
+    """CUDA branch of :func:`kdnumba.functional.feature_loss` (same contract)."""
+    _dispatch.kernels("feature", "cuda")
+    s = ca.device_float_array(student_feats, "student_feats")
+    t = ca.device_float_array(teacher_feats, "teacher_feats", dtype=s.dtype)
+    ca.check_same_shape(s, t, "student_feats", "teacher_feats")
+    loss, grad = _mse_core(s, t, ("student_feats", "teacher_feats"))
+    return loss, ca.deliver(grad, None, on_device=ca.is_device_array(student_feats))
+
+
+# --- attention ----------------------------------------------------------------------------
+
+def attention_transfer(student_feats, teacher_feats, *, p: int, variant: str, pool: bool):
+    """CUDA branch of :func:`kdnumba.functional.attention_transfer` (same contract).
+
+    ``p``, ``variant`` and ``pool`` are already validated by the wrapper.
+    Average pooling of unequal spatial sizes (``pool=True``) is not available
+    on the GPU yet: it raises ``NotImplementedError``.
+    """
+    from kdnumba.functional import attention as fa
+    kernels = _dispatch.kernels("attention", "cuda")
+    s = ca.device_float_array(student_feats, "student_feats", min_ndim=3)
+    t = ca.device_float_array(teacher_feats, "teacher_feats", min_ndim=3, dtype=s.dtype)
+    if s.shape[0] != t.shape[0]:
+        raise ValueError(f"batch size mismatch: student_feats has {s.shape[0]} rows, "
+                         f"teacher_feats has {t.shape[0]}")
+    if len(s.shape) != len(t.shape):
+        raise ValueError(f"student_feats {tuple(s.shape)} and teacher_feats {tuple(t.shape)} "
+                         "must both be (B, C, *spatial) with the same number of spatial axes")
+    s_factors, t_factors = fa._pool_factors(tuple(s.shape[2:]), tuple(t.shape[2:]), pool)
+    if any(k != 1 for k in s_factors + t_factors):
+        raise NotImplementedError(
+            "attention_transfer(pool=True) with different spatial sizes is not implemented "
+            "on CUDA: pool the larger map on the device first (e.g. "
+            "torch.nn.functional.adaptive_avg_pool2d), or use device='cpu'")
+    n_rows, c_s = s.shape[0], s.shape[1]
+    c_t = t.shape[1]
+    n_sp = int(np.prod(s.shape[2:]))
+    s3 = s.reshape(n_rows, c_s, n_sp)
+    t3 = t.reshape(n_rows, c_t, n_sp)
+    paper = variant == "paper"
+    k_s = 1.0 if paper else 1.0 / c_s
+    k_t = 1.0 if paper else 1.0 / c_t
+    q_s = kernels.power_sums(s3, p, paper, k_s)
+    q_t = kernels.power_sums(t3, p, paper, k_t)
+    w = 1.0 / n_rows if paper else 1.0 / (n_rows * n_sp)
+    gq, row_loss = kernels.at_samples(q_s, q_t, fa.EPS, w, paper, k_s)
+    loss = _total(row_loss)
+    if not np.isfinite(loss):
+        v.raise_non_finite([("student_feats", ca.host_copy(s)),
+                            ("teacher_feats", ca.host_copy(t))],
+                           what="the attention maps (f^p)")
+    grad = ca._cuda().device_array(tuple(s.shape), dtype=s.dtype)
+    kernels.at_gradient(s3, p, paper, gq, grad.reshape(n_rows, c_s, n_sp))
+    return loss, ca.deliver(grad, None, on_device=ca.is_device_array(student_feats))
+
+
+def attention_map_loss(student_attn, teacher_attn, *, kind: str, inputs: str):
+    """CUDA branch of :func:`kdnumba.functional.attention_map_loss` (same contract).
+
+    ``kind`` and ``inputs`` are already validated by the wrapper.
+    """
+    from kdnumba.functional import attention as fa
+    kernels = _dispatch.kernels("attention", "cuda")
+    on_device = ca.is_device_array(student_attn)
+    s = ca.device_float_array(student_attn, "student_attn", min_ndim=2)
+    t = ca.device_float_array(teacher_attn, "teacher_attn", min_ndim=2, dtype=s.dtype)
+    ca.check_same_shape(s, t, "student_attn", "teacher_attn")
+    shape = tuple(s.shape)
+    if kind == "mse":
+        loss, grad = _mse_core(s, t, ("student_attn", "teacher_attn"))
+        return loss, ca.deliver(grad, None, on_device=on_device)
+    n_cols = shape[-1]
+    n_rows = int(np.prod(shape)) // n_cols
+    s2 = s.reshape(n_rows, n_cols)
+    t2 = t.reshape(n_rows, n_cols)
+    cuda = ca._cuda()
+    grad = cuda.device_array(shape, dtype=s.dtype)
+    if inputs == "logits":
+        try:
+            loss = _kd_core(_dispatch.kernels("softmax_kl", "cuda"), s2, t2, "none", None,
+                            1.0, 0.0, grad.reshape(n_rows, n_cols))
+        except ValueError:  # name our arguments, not kd_loss's
+            v.raise_non_finite([("student_attn", ca.host_copy(s)),
+                                ("teacher_attn", ca.host_copy(t))])
+        return loss, ca.deliver(grad, None, on_device=on_device)
+    row_loss = cuda.device_array(n_rows, dtype=np.float64)
+    stats = cuda.device_array((n_rows, 4), dtype=np.float64)
+    kernels.kl_prob_rows(s2, t2, fa.EPS, 1.0 / n_rows, grad.reshape(n_rows, n_cols),
+                         row_loss, stats)
+    loss = _total(row_loss) / n_rows
+    if not np.isfinite(loss):
+        _diagnose_kl_probs(s, t)
+    return loss, ca.deliver(grad, None, on_device=on_device)
+
+
+def _diagnose_kl_probs(s, t):
+    """Error path of ``attention_map_loss(kind="kl", inputs="probs")``: the CPU
+    implementation on host copies raises the CPU path's exact error."""
+    from kdnumba.functional.attention import attention_map_loss as cpu_attention_map_loss
+    cpu_attention_map_loss(ca.host_copy(s), ca.host_copy(t), kind="kl", inputs="probs",
+                           device="cpu")
+    v.raise_non_finite([], what="the loss")
+
+
+def triplet_loss(student_emb, labels, *, margin=0.1, tile_rows=None):
+    """CUDA branch of :func:`kdnumba.functional.triplet_loss` (same contract)."""
+    from kdnumba.functional import contrastive as fc
+    margin = v.check_non_negative(margin, "margin")
+    kernels = _dispatch.kernels("contrastive", "cuda")
+    s = ca.device_float_array(student_emb, "student_emb", ndim=2)
+    norms = kernels.norms(s).copy_to_host()  # B doubles: finiteness and the scale
+    if not np.isfinite(norms).all():
+        raise ValueError("student_emb contains NaN or inf values")
+    y = fc.as_class_labels(_host_labels(labels), "labels", s.shape[0])
+    fc._tile_rows(tile_rows)
+    _, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    per_row = counts[inverse]
+    qualifies = (per_row >= 2) & (per_row < s.shape[0])
+    n_qualifying = int(qualifies.sum())
+    on_device = ca.is_device_array(student_emb)
+    if n_qualifying == 0:
+        zeros = ca._cuda().to_device(np.zeros(tuple(s.shape), dtype=s.dtype))
+        return 0.0, ca.deliver(zeros, None, on_device=on_device)
+    row_loss, grad = kernels.triplet(s, norms, inverse, qualifies, n_qualifying, margin)
+    return _finish(row_loss, grad, 1, student_emb)

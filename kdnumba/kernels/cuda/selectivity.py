@@ -1,0 +1,381 @@
+"""Per-neuron selectivity statistics and their gradient on the GPU.
+
+The CUDA twin of ``kernels.cpu.selectivity`` (same statistics, same tie rule,
+same ``sign(0) = 0``), in four launches on ``(B, N)`` activations:
+
+1. :func:`column_partials` -- column-blocked partial statistics. A block is a
+   tile of ``TILE`` consecutive columns (``threadIdx.x``, coalesced loads) by
+   ``LANES`` row lanes (``threadIdx.y``) over one chunk of rows
+   (``blockIdx.y``); lane ``l`` takes rows ``r0 + l, r0 + l + LANES, ...``.
+   Per column and thread, in float64::
+
+       S1 = sum d, S2 = sum d**2 (d = x - x[0, j])        variance
+       H = #{|x| < threshold}, R = sum sigmoid(z)         sparsity
+       A = sum |x|                                         sparsity, peak
+       M = max x with its first row                        peak
+
+   The lanes are combined by a shared-memory tree (fixed order; the maximum
+   keeps the smaller row on ties, so the *first* maximal row wins, as on the
+   CPU), and one partial per (chunk, column) is written.
+2. :func:`combine` -- one thread per column adds the chunks in chunk order:
+   ``mean = x0 + S1/B``, ``var = max(S2/B - (S1/B)**2, 0)``, ``hard = H/B``,
+   ``soft = R/B``, ``mean_abs = A/B``, ``peak``, ``argmax``,
+   ``ratio = peak / (mean_abs + eps)``.
+3. :func:`coefficients` -- one thread per column: the loss term
+   ``weight (sel_s - sel_t)**2 / N`` (NaN when a mean magnitude is not
+   finite, which reveals inf/NaN input that ``sigmoid`` or ``max`` hide) and
+   the gradient coefficients of the metric.
+4. :func:`gradient_rows` -- elementwise gradient (``grad_ij`` depends on
+   ``x_ij`` and column ``j``'s coefficients only); any non-finite element
+   sets ``flag[0] = 1`` (a plain store: all writers store the same value).
+
+The chunk plan is a function of the shape only, so results are
+deterministic. ``z = sharpness - k |x|`` with ``k = sharpness / threshold``.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+from numba import cuda, types
+
+from kdnumba.kernels.cuda import compile_kernel, float_name, grid_size, is_simulator
+
+#: ``metric`` codes (same as the CPU kernel module).
+VARIANCE = 0
+SPARSITY = 1
+PEAK_TO_AVERAGE = 2
+
+#: ``flags`` bits (same as the CPU kernel module).
+WANT_VARIANCE = 1
+WANT_SPARSITY = 2
+WANT_PEAK = 4
+
+#: Columns per block (one warp: a row segment is one coalesced load; fewer
+#: under the simulator, where every thread is a Python thread).
+TILE = 8 if is_simulator() else 32
+#: Row lanes per block on a GPU (256-thread blocks) and under the simulator.
+LANES = 8
+SIMULATOR_LANES = 2
+#: Aim for this many blocks in the partials launch (a few per SM).
+TARGET_BLOCKS = 512
+#: Rows per chunk are at least this many (amortise a block's fixed costs).
+MIN_ROWS_PER_CHUNK = 64
+#: Largest grid height of the gradient launch (threads then loop over rows).
+MAX_GRID_ROWS = 1024
+
+_N_SLOTS = 7  # S1 S2 H R A M argmax, float64 in shared memory
+
+
+def _lanes() -> int:
+    return SIMULATOR_LANES if is_simulator() else LANES
+
+
+def plan(n_rows: int, n_cols: int) -> int:
+    """Rows per chunk of :func:`column_partials` (a function of the shape only)."""
+    tiles = -(-n_cols // TILE)
+    want_chunks = max(1, -(-TARGET_BLOCKS // tiles))
+    rows = max(MIN_ROWS_PER_CHUNK, -(-n_rows // want_chunks))
+    return min(rows, n_rows)
+
+
+def n_chunks(n_rows: int, rows_per_chunk: int) -> int:
+    """Number of row chunks."""
+    return -(-n_rows // rows_per_chunk)
+
+
+@cuda.jit(device=True)
+def _sigmoid(z):
+    """``1/(1+exp(-z))`` without overflow (``e = exp(-|z|) <= 1``)."""
+    e = math.exp(-abs(z))
+    r = 1.0 / (1.0 + e)
+    return r if z >= 0 else e * r
+
+
+_PARTIALS_SIG = ("void({F}[:, ::1], int64, {F}, {F}, {F}, int64, float64[:, ::1], "
+                 "float64[:, ::1], float64[:, ::1], float64[:, ::1], float64[:, ::1], "
+                 "float64[:, ::1], int64[:, ::1])")
+
+
+def _partials_kernel(x, flags, threshold, sharpness, k, rows_per_chunk,
+                     p_s1, p_s2, p_hard, p_soft, p_abs, p_max, p_arg):
+    sh = cuda.shared.array(0, dtype=types.float64)
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    width = cuda.blockDim.x
+    lanes = cuda.blockDim.y
+    n_rows, n_cols = x.shape
+    j = cuda.blockIdx.x * width + tx
+    ch = cuda.blockIdx.y
+    r0 = ch * rows_per_chunk
+    r1 = r0 + rows_per_chunk
+    if r1 > n_rows:  # (no ``min``: see kernels/cuda/contrastive.py)
+        r1 = n_rows
+    want_var = (flags & WANT_VARIANCE) != 0
+    want_sparsity = (flags & WANT_SPARSITY) != 0
+    want_peak = (flags & WANT_PEAK) != 0
+    want_abs = want_sparsity or want_peak
+
+    s1 = 0.0
+    s2 = 0.0
+    hard = 0.0
+    soft = 0.0
+    asum = 0.0
+    pmax = -math.inf
+    parg = -1.0  # no row seen (argmax travels as float64: exact below 2**53)
+    if j < n_cols:
+        shift = np.float64(x[0, j])
+        first = r0 + ty
+        if want_peak and first < r1:
+            pmax = np.float64(x[first, j])
+            parg = np.float64(first)
+        for i in range(first, r1, lanes):
+            v = x[i, j]
+            if want_var:
+                d = np.float64(v) - shift
+                s1 += d
+                s2 += d * d
+            if want_sparsity:
+                if abs(v) < threshold:
+                    hard += 1.0
+                soft += _sigmoid(sharpness - k * abs(v))
+            if want_abs:
+                asum += abs(np.float64(v))
+            if want_peak:
+                # Strict ``>`` in row order keeps this lane's first maximal row.
+                if v > pmax:
+                    pmax = np.float64(v)
+                    parg = np.float64(i)
+
+    per = width * lanes
+    me = ty * width + tx
+    sh[me] = s1
+    sh[per + me] = s2
+    sh[2 * per + me] = hard
+    sh[3 * per + me] = soft
+    sh[4 * per + me] = asum
+    sh[5 * per + me] = pmax
+    sh[6 * per + me] = parg
+    cuda.syncthreads()
+    stride = lanes // 2
+    while stride > 0:
+        if ty < stride:
+            other = me + stride * width
+            for q in range(5):
+                sh[q * per + me] += sh[q * per + other]
+            a_arg = sh[6 * per + me]
+            b_arg = sh[6 * per + other]
+            if b_arg >= 0.0:
+                a_max = sh[5 * per + me]
+                b_max = sh[5 * per + other]
+                if (a_arg < 0.0 or b_max > a_max
+                        or (b_max == a_max and b_arg < a_arg)):
+                    sh[5 * per + me] = b_max
+                    sh[6 * per + me] = b_arg
+        cuda.syncthreads()
+        stride //= 2
+
+    if ty == 0 and j < n_cols:
+        if want_var:
+            p_s1[ch, j] = sh[tx]
+            p_s2[ch, j] = sh[per + tx]
+        if want_sparsity:
+            p_hard[ch, j] = sh[2 * per + tx]
+            p_soft[ch, j] = sh[3 * per + tx]
+        if want_abs:
+            p_abs[ch, j] = sh[4 * per + tx]
+        if want_peak:
+            p_max[ch, j] = sh[5 * per + tx]
+            p_arg[ch, j] = np.int64(sh[6 * per + tx])
+
+
+_COMBINE_SIG = ("void({F}[:, ::1], int64, float64, int64, float64[:, ::1], float64[:, ::1], "
+                "float64[:, ::1], float64[:, ::1], float64[:, ::1], float64[:, ::1], "
+                "int64[:, ::1], float64[::1], float64[::1], float64[::1], float64[::1], "
+                "float64[::1], float64[::1], int64[::1], float64[::1])")
+
+
+def _combine_kernel(x, flags, eps, n_ch, p_s1, p_s2, p_hard, p_soft, p_abs, p_max, p_arg,
+                    mean, var, hard, soft, mean_abs, peak, argmax, ratio):
+    j = cuda.grid(1)
+    n_rows, n_cols = x.shape
+    if j >= n_cols:
+        return
+    inv_b = 1.0 / n_rows
+    if (flags & WANT_VARIANCE) != 0:
+        s1 = 0.0
+        s2 = 0.0
+        for ch in range(n_ch):
+            s1 += p_s1[ch, j]
+            s2 += p_s2[ch, j]
+        m = s1 * inv_b
+        v = s2 * inv_b - m * m
+        if v < 0.0:  # a rounding residue; NaN fails the test and is kept
+            v = 0.0
+        mean[j] = np.float64(x[0, j]) + m
+        var[j] = v
+    if (flags & WANT_SPARSITY) != 0:
+        h = 0.0
+        r = 0.0
+        for ch in range(n_ch):
+            h += p_hard[ch, j]
+            r += p_soft[ch, j]
+        hard[j] = h * inv_b
+        soft[j] = r * inv_b
+    if (flags & (WANT_SPARSITY | WANT_PEAK)) != 0:
+        a = 0.0
+        for ch in range(n_ch):
+            a += p_abs[ch, j]
+        mean_abs[j] = a * inv_b
+    if (flags & WANT_PEAK) != 0:
+        m = p_max[0, j]
+        arg = p_arg[0, j]
+        for ch in range(1, n_ch):
+            if p_max[ch, j] > m:
+                m = p_max[ch, j]
+                arg = p_arg[ch, j]
+        peak[j] = m
+        argmax[j] = arg
+        ratio[j] = m / (mean_abs[j] + eps)
+
+
+_COEF_SIG = ("void(int64, float64[::1], float64[::1], float64[::1], float64[::1], "
+             "float64[::1], float64[::1], float64, float64, int64, float64, "
+             "float64[::1], float64[::1], float64[::1], float64[::1])")
+
+
+def _coefficients_kernel(metric, sel_s, sel_t, mean_abs_s, mean_abs_t, peak_s, mean_s,
+                         weight, eps, n_rows, k, sq, coef_a, coef_b, coef_c):
+    j = cuda.grid(1)
+    n_cols = sel_s.shape[0]
+    if j >= n_cols:
+        return
+    diff = sel_s[j] - sel_t[j]
+    term = weight * diff * diff / n_cols
+    if metric != VARIANCE and not (math.isfinite(mean_abs_s[j])
+                                   and math.isfinite(mean_abs_t[j])):
+        term = math.nan
+    sq[j] = term
+    c = 2.0 * weight / n_cols * diff
+    if metric == VARIANCE:
+        coef_a[j] = mean_s[j]
+        coef_b[j] = c * (2.0 / n_rows)
+    elif metric == SPARSITY:
+        coef_b[j] = c * (-k / n_rows)
+    else:
+        d = mean_abs_s[j] + eps
+        coef_b[j] = -c * peak_s[j] / (n_rows * d * d)
+        coef_c[j] = c / d
+
+
+_GRAD_SIG = ("void({F}[:, ::1], int64, {F}, {F}, float64[::1], float64[::1], "
+             "float64[::1], int64[::1], {F}[:, ::1], int32[::1])")
+
+
+def _gradient_kernel(x, metric, sharpness, k, coef_a, coef_b, coef_c, argmax, grad, flag):
+    n_rows, n_cols = x.shape
+    j = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if j >= n_cols:
+        return
+    b = coef_b[j]
+    for i in range(cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y, n_rows,
+                   cuda.gridDim.y * cuda.blockDim.y):
+        v = x[i, j]
+        sgn = 1.0 if v > 0 else (-1.0 if v < 0 else 0.0)
+        if metric == VARIANCE:
+            g = (np.float64(v) - coef_a[j]) * b
+        elif metric == SPARSITY:
+            # sigmoid'(z) = e / (1 + e)**2 with e = exp(-|z|): no overflow.
+            e = math.exp(-abs(np.float64(sharpness - k * abs(v))))
+            r = 1.0 / (1.0 + e)
+            g = b * (e * r * r) * sgn
+        else:
+            g = b * sgn
+            if i == argmax[j]:
+                g += coef_c[j]
+        gf = grad.dtype.type(g)
+        grad[i, j] = gf
+        if not math.isfinite(gf):
+            flag[0] = 1
+
+
+KERNELS = [(_partials_kernel, _PARTIALS_SIG), (_combine_kernel, _COMBINE_SIG),
+           (_coefficients_kernel, _COEF_SIG), (_gradient_kernel, _GRAD_SIG)]
+
+
+def _empty2(shape, dtype, wanted):
+    return cuda.device_array(shape if wanted else (1, 1), dtype=dtype)
+
+
+def column_stats(x, flags, threshold, sharpness, eps):
+    """Per-column statistics of a ``(B, N)`` C-contiguous device array.
+
+    Returns a namespace of ``(N,)`` device arrays ``mean, var, hard, soft,
+    mean_abs, peak, argmax, ratio`` (float64; ``argmax`` int64), filled for
+    the metrics in ``flags`` (the others hold garbage).
+    """
+    n_rows, n_cols = x.shape
+    dtype = np.dtype(x.dtype)
+    F = float_name(dtype)
+    rows = plan(n_rows, n_cols)
+    n_ch = n_chunks(n_rows, rows)
+    want_var = bool(flags & WANT_VARIANCE)
+    want_sp = bool(flags & WANT_SPARSITY)
+    want_pk = bool(flags & WANT_PEAK)
+    shape = (n_ch, n_cols)
+    p_s1 = _empty2(shape, np.float64, want_var)
+    p_s2 = _empty2(shape, np.float64, want_var)
+    p_hard = _empty2(shape, np.float64, want_sp)
+    p_soft = _empty2(shape, np.float64, want_sp)
+    p_abs = _empty2(shape, np.float64, want_sp or want_pk)
+    p_max = _empty2(shape, np.float64, want_pk)
+    p_arg = _empty2(shape, np.int64, want_pk)
+    lanes = _lanes()
+    scalar = dtype.type
+    compile_kernel(_partials_kernel, _PARTIALS_SIG.format(F=F))[
+        (-(-n_cols // TILE), n_ch), (TILE, lanes), 0, _N_SLOTS * TILE * lanes * 8](
+        x, int(flags), scalar(threshold), scalar(sharpness), scalar(sharpness / threshold),
+        rows, p_s1, p_s2, p_hard, p_soft, p_abs, p_max, p_arg)
+    st = SimpleNamespace(**{name: cuda.device_array(n_cols, dtype=np.float64)
+                            for name in ("mean", "var", "hard", "soft", "mean_abs", "peak",
+                                         "ratio")})
+    st.argmax = cuda.device_array(n_cols, dtype=np.int64)
+    threads = TILE * lanes
+    compile_kernel(_combine_kernel, _COMBINE_SIG.format(F=F))[-(-n_cols // threads), threads](
+        x, int(flags), float(eps), n_ch, p_s1, p_s2, p_hard, p_soft, p_abs, p_max, p_arg,
+        st.mean, st.var, st.hard, st.soft, st.mean_abs, st.peak, st.argmax, st.ratio)
+    return st
+
+
+def coefficients(metric, sel_s, sel_t, st_s, st_t, weight, eps, n_rows, k):
+    """Per-column loss terms and gradient coefficients (device arrays).
+
+    Returns ``(sq, coef_a, coef_b, coef_c)``: ``sq_j = weight (sel_s - sel_t)_j**2 / N``
+    (NaN for a non-finite mean magnitude unless ``metric == VARIANCE``), and
+    with ``c = 2 weight / N (sel_s - sel_t)``:
+    variance ``a = mean_s, b = 2c/B``; sparsity ``b = -k c / B``;
+    peak ``b = -c M / (B D**2), c' = c / D`` (``D = mean_abs_s + eps``).
+    """
+    n_cols = sel_s.shape[0]
+    sq, a, b, c = (cuda.device_array(n_cols, dtype=np.float64) for _ in range(4))
+    threads = TILE * _lanes()
+    compile_kernel(_coefficients_kernel, _COEF_SIG)[-(-n_cols // threads), threads](
+        int(metric), sel_s, sel_t, st_s.mean_abs, st_t.mean_abs, st_s.peak, st_s.mean,
+        float(weight), float(eps), int(n_rows), float(k), sq, a, b, c)
+    return sq, a, b, c
+
+
+def gradient_rows(x, metric, sharpness, k, coef_a, coef_b, coef_c, argmax, grad):
+    """Write ``grad = d loss / d x``; returns a 1-element int32 device flag that
+    is nonzero when some gradient element is not finite."""
+    n_rows, n_cols = x.shape
+    dtype = np.dtype(x.dtype)
+    flag = cuda.to_device(np.zeros(1, dtype=np.int32))
+    lanes = _lanes()
+    grid = (-(-n_cols // TILE), grid_size(min(MAX_GRID_ROWS, -(-n_rows // lanes))))
+    compile_kernel(_gradient_kernel, _GRAD_SIG.format(F=float_name(dtype)))[grid, (TILE, lanes)](
+        x, int(metric), dtype.type(sharpness), dtype.type(k), coef_a, coef_b, coef_c, argmax,
+        grad, flag)
+    return flag

@@ -1,0 +1,56 @@
+"""Helpers for the CUDA tests (GPU arrays of several kinds, host copies)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class CudaArrayLike:
+    """A minimal third-party GPU array (think CuPy): it exposes only
+    ``__cuda_array_interface__`` (v3) and no ``__array__``.
+
+    Under the simulator its "device memory" is a NumPy buffer, so a test can
+    look behind the interface; on a real GPU it wraps a Numba device array.
+    """
+
+    def __init__(self, data, strides=None):
+        self._keep = data
+        if hasattr(data, "__cuda_array_interface__"):  # a real GPU array
+            cai = dict(data.__cuda_array_interface__)
+        else:
+            iface = data.__array_interface__
+            cai = {"shape": data.shape, "typestr": iface["typestr"],
+                   "data": iface["data"], "strides": iface["strides"], "version": 3}
+        if strides is not None:
+            cai["strides"] = strides
+        cai["version"] = 3
+        self.__cuda_array_interface__ = cai
+        self.shape = tuple(cai["shape"])
+
+
+def device(x, order="C"):
+    """``x`` on the device: a Numba device array (C- or Fortran-ordered)."""
+    from numba import cuda
+    return cuda.to_device(np.array(x, copy=True, order=order))
+
+
+def foreign(x, order="C"):
+    """``x`` on the device behind a bare ``__cuda_array_interface__``.
+
+    Under the simulator its memory is a private NumPy copy of ``x``; on a GPU
+    a Numba device array. :func:`to_host` reads it back either way.
+    ``order="F"`` gives a non-C-contiguous array (explicit strides).
+    """
+    from numba.core import config
+    if config.ENABLE_CUDASIM:
+        return CudaArrayLike(np.array(x, copy=True, order=order))
+    return CudaArrayLike(device(x, order))
+
+
+def to_host(x):
+    """Host copy of whatever a CUDA call returned (or of a fake)."""
+    if isinstance(x, np.ndarray):
+        return x
+    if isinstance(x, CudaArrayLike):
+        return to_host(x._keep)
+    return x.copy_to_host()
