@@ -179,7 +179,8 @@ CASES = [
 _SCALING_SCRIPT = r"""
 import json, sys, time
 import numpy as np
-impl, mode, n, dim, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+impl, mode = sys.argv[1], sys.argv[2]
+n, dim, repeats = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 
 def status(key):
     for line in open("/proc/self/status"):

@@ -9,7 +9,8 @@ negatives) and per-anchor log-sum-exps of the logits ``Z = A C^T``. We stream
 over tiles of ``R`` anchor rows (memory ``O((B + N) D + R N)``)::
 
     Z_tile = A_tile C^T                       BLAS GEMM, R x N
-    E_tile = exp(Z_tile - shift)              in place, per-row sums S (float64)
+    E_tile = exp(Z_tile - shift)              in place (Numba, vectorised, no reduction)
+    S      = E_tile 1                         BLAS GEMV: row sums
     lse_i  = shift_i + log S_i
     student-anchored: G_tile = E_tile C        BLAS GEMM, R x D, one owner per row
     teacher-anchored: H += E_tile[:, :B]^T (A_tile / S)   (candidate side, fixed tile order)
@@ -26,11 +27,11 @@ Shift. All candidate rows have norm <= 1, so every logit of anchor ``i`` lies in
 ``EXP_RANGE`` (60 in float32, 600 in float64: ``tau >= 0.034`` / ``0.0034``)
 the shift is ``b_i``: every exponent lies in ``[-2/tau, 0]``, nothing
 underflows, and no row-maximum pass is needed. Otherwise the shift is the
-row maximum (one extra vectorised pass); exponents below ``-EXP_RANGE`` are
+row maximum (NumPy's vectorised ``max``); exponents below ``-EXP_RANGE`` are
 flushed to 0 (their share of the row sum is below ``B e^-60``, far under
 float32 rounding), which also keeps denormals out of the second GEMM.
 
-Threads. The two GEMMs (~95 % of the flops) run in NumPy's BLAS with its
+Threads. The two GEMMs (~75 % of the time) run in NumPy's BLAS with its
 threads; the exp pass and the O(B D) passes are serial Numba loops. Running
 them with ``prange`` instead was measured 3-5x *slower* in total on a
 2-core machine: the Numba (OpenMP) and OpenBLAS thread pools both spin-wait
@@ -97,8 +98,8 @@ def row_norms(x, out):
     n, dim = x.shape
     for i in range(n):
         acc = lane_dot(x[i], x[i])
-        # ``not (acc <= max)`` rather than ``math.isfinite``: the latter was
-        # measured to be folded away under the policy's fast-math flags here.
+        # ``not (acc <= max)`` catches inf and NaN. (``math.isfinite`` here was
+        # measured to be folded away while the policy still granted ``reassoc``.)
         if not (acc <= _F64_MAX):
             # Either a NaN/inf entry (stays non-finite) or float64 overflow of
             # huge finite entries: rescale by the largest magnitude.
