@@ -179,3 +179,24 @@ def as_labels(labels, name: str, n_rows: int, n_classes: int, dtype) -> tuple[st
 def as_layer_array(acts, name: str, layer: str, dtype=None) -> np.ndarray:
     """One layer of an ``IntermediateActivations``, validated like any input."""
     return as_float_array(acts[layer], f"{name}[{layer!r}]", dtype=dtype)
+
+
+def gradient_buffer(out, like: np.ndarray, inputs=()) -> np.ndarray:
+    """The array a kernel writes the gradient into: ``out``, checked, or a new one.
+
+    ``out`` must be a C-contiguous array of ``like``'s shape and dtype that
+    shares no memory with ``like`` or any of the caller's ``inputs`` (``like``
+    may be a converted copy, so the originals are checked too).
+    """
+    if out is None:
+        return np.empty_like(like)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
+    if out.shape != like.shape or out.dtype != like.dtype or not out.flags.c_contiguous:
+        raise ValueError(
+            f"out must be a C-contiguous {like.dtype.name} array of shape {like.shape}, "
+            f"got {out.dtype.name} {out.shape}")
+    for array in (like, *inputs):
+        if isinstance(array, np.ndarray) and np.shares_memory(out, array):
+            raise ValueError("out must not share memory with the inputs")
+    return out

@@ -66,7 +66,7 @@ def kd_loss(student_logits, teacher_logits, labels=None, *, temperature=3.0, alp
     kind, y = v.as_labels(labels, "labels", n_rows, n_cols, s.dtype)
     if kind == "none":
         alpha = 0.0
-    grad = _gradient_buffer(out, s, (student_logits, teacher_logits, labels))
+    grad = v.gradient_buffer(out, s, (student_logits, teacher_logits, labels))
 
     kernels = _dispatch.kernels("softmax_kl", target)
     row_loss = np.empty(n_rows, dtype=np.float64)
@@ -89,18 +89,3 @@ def kd_loss(student_logits, teacher_logits, labels=None, *, temperature=3.0, alp
                             ("labels", y if kind == "dense" else None)])
     return float(loss), grad
 
-
-def _gradient_buffer(out, like: np.ndarray, inputs) -> np.ndarray:
-    if out is None:
-        return np.empty_like(like)
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
-    if out.shape != like.shape or out.dtype != like.dtype or not out.flags.c_contiguous:
-        raise ValueError(
-            f"out must be a C-contiguous {like.dtype.name} array of shape {like.shape}, "
-            f"got {out.dtype.name} {out.shape}")
-    # Check the caller's own arrays too: ``like`` may be a converted copy.
-    for array in (like, *inputs):
-        if isinstance(array, np.ndarray) and np.shares_memory(out, array):
-            raise ValueError("out must not share memory with the inputs")
-    return out

@@ -300,7 +300,7 @@ def selectivity_loss(student_acts, teacher_acts, *, metric="variance",
     s = _as_batch(student_acts, "student_acts")
     t = _as_batch(teacher_acts, "teacher_acts", dtype=s.dtype)
     _check_pair(s, t)
-    grad = _gradient_buffer(out, s, (t, student_acts, teacher_acts))
+    grad = v.gradient_buffer(out, s, (t, student_acts, teacher_acts))
     s2 = s.reshape(s.shape[0], -1)
     t2 = t.reshape(t.shape[0], -1)
     n_rows, n_cols = s2.shape
@@ -375,18 +375,3 @@ def _gradient_fits(metric, kernels, g2, st_s, coef64, coef, arg) -> bool:
         return True
     return bool(np.isfinite(g2).all())
 
-
-def _gradient_buffer(out, like: np.ndarray, inputs) -> np.ndarray:
-    if out is None:
-        return np.empty_like(like)
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
-    if out.shape != like.shape or out.dtype != like.dtype or not out.flags.c_contiguous:
-        raise ValueError(
-            f"out must be a C-contiguous {like.dtype.name} array of shape {like.shape}, "
-            f"got {out.dtype.name} {out.shape}")
-    # Check the caller's own arrays too: ``like`` may be a converted copy.
-    for array in (like, *inputs):
-        if isinstance(array, np.ndarray) and np.shares_memory(out, array):
-            raise ValueError("out must not share memory with the inputs")
-    return out
