@@ -423,3 +423,62 @@ def triplet_loss(student_emb, labels, *, margin=0.1, tile_rows=None):
         return 0.0, ca.deliver(zeros, None, on_device=on_device)
     row_loss, grad = kernels.triplet(s, norms, inverse, qualifies, n_qualifying, margin)
     return _finish(row_loss, grad, 1, student_emb)
+
+
+# --- relational ---------------------------------------------------------------------------
+
+def rkd_loss(student_emb, teacher_emb, *, distance_weight=25.0, angle_weight=50.0):
+    """CUDA branch of :func:`kdnumba.functional.rkd_loss` (same contract).
+
+    The CPU algorithm on the device (``kernels.cuda.relational``), float64
+    inside; the weights are validated here exactly like on the CPU.
+    """
+    from kdnumba.functional.relational import EPS
+    w_d = v.check_non_negative(distance_weight, "distance_weight")
+    w_a = v.check_non_negative(angle_weight, "angle_weight")
+    kernels = _dispatch.kernels("relational", "cuda")
+    s_in = ca.device_float_array(student_emb, "student_emb")
+    t_in = ca.device_float_array(teacher_emb, "teacher_emb", dtype=s_in.dtype)
+    if s_in.shape[0] != t_in.shape[0]:
+        raise ValueError(f"batch size mismatch: student_emb has {s_in.shape[0]} rows, "
+                         f"teacher_emb has {t_in.shape[0]}")
+    s, t = _rows(s_in), _rows(t_in)
+    n = s.shape[0]
+    q_s, ins = kernels.pairs(s, EPS)
+    q_t, int_ = kernels.pairs(t, EPS)
+    sum_s, sum_t = kernels.row_sums(q_s, q_t, EPS)
+    # NaN/inf inputs make their row sums NaN (checked before the clamps use them).
+    total_s, total_t = _total(sum_s), _total(sum_t)
+    if not (np.isfinite(total_s) and np.isfinite(total_t)):
+        _diagnose_rkd(s, t)
+    mu_s = total_s / (n * (n - 1)) if n > 1 else 1.0
+    mu_t = total_t / (n * (n - 1)) if n > 1 else 1.0
+
+    loss_d = 0.0
+    k_mean = 0.0
+    if n > 1 and w_d != 0.0:
+        row_loss, row_hd = kernels.distance_rows(q_s, q_t, EPS, 1.0 / mu_s, 1.0 / mu_t)
+        loss_d = _total(row_loss) / (n * n)
+        k_mean = _total(row_hd) / (mu_s * mu_s * n * (n - 1))
+    loss_a = 0.0
+    r = q_s  # not read by assemble when the angle weight is 0
+    w_a_eff = 0.0
+    if n > 1 and w_a != 0.0:
+        row_loss, r = kernels.angle_rows(q_s, ins, q_t, int_)
+        loss_a = _total(row_loss) / float(n) ** 3
+        w_a_eff = w_a / float(n) ** 3
+    del ins, int_
+    m = kernels.assemble(r, w_a_eff, q_s, q_t, EPS, 1.0 / mu_s, 1.0 / mu_t, k_mean,
+                         w_d / (n * n))
+    del r, q_s, q_t
+    grad = kernels.matmul_rows(m, kernels.center(s), np.dtype(s.dtype))
+    loss = w_d * loss_d + w_a * loss_a
+    if not np.isfinite(loss):  # finite inputs, but squared distances beyond 1e308
+        _diagnose_rkd(s, t)
+    return float(loss), ca.deliver(grad.reshape(*s_in.shape), None,
+                                   on_device=ca.is_device_array(student_emb))
+
+
+def _diagnose_rkd(s, t):
+    """Error path of :func:`rkd_loss`: the CPU path's message, from host copies."""
+    v.raise_non_finite([("student_emb", ca.host_copy(s)), ("teacher_emb", ca.host_copy(t))])

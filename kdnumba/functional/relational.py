@@ -66,6 +66,10 @@ def rkd_loss(student_emb, teacher_emb, *, distance_weight=25.0, angle_weight=50.
     w_d = v.check_non_negative(distance_weight, "distance_weight")
     w_a = v.check_non_negative(angle_weight, "angle_weight")
     target = _dispatch.resolve_device(device, student_emb, teacher_emb)
+    if target == "cuda":
+        from kdnumba import _cuda_paths  # imports numba.cuda: CUDA path only
+        return _cuda_paths.rkd_loss(student_emb, teacher_emb, distance_weight=w_d,
+                                    angle_weight=w_a)
     s_in = v.as_float_array(student_emb, "student_emb")
     t_in = v.as_float_array(teacher_emb, "teacher_emb", dtype=s_in.dtype)
     if s_in.shape[0] != t_in.shape[0]:

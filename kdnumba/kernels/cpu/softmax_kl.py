@@ -9,7 +9,7 @@ hot in cache:
    and, when a hard term is present, ``e_s = exp(s - m_s)``, element-wise
    into the gradient row and per-chunk scratch rows (so pass 3 needs no
    second ``exp``); then their sums ``Z`` and ``W = sum_j e^T_t (u_t - u_s)``
-   with ``u = (z - m)/T`` by ``reductions.lane_sum`` (float64, fixed order);
+   with ``u = (z - m)/T`` by ``reductions.lane_sum`` (fixed order, block totals in float64);
 3. the gradient row
    ``g = c_soft (e^T_s/Z^T_s - e^T_t/Z^T_t) + c_hard (sum(y) e_s/Z_s - y)``.
 
