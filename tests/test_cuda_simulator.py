@@ -98,6 +98,7 @@ def test_cpu_path_never_imports_numba_cuda():
         fn.nt_xent(s, s[::-1])
         fn.feature_loss(s, s[::-1])
         fn.attention_transfer(s.reshape(4, 1, 5), s.reshape(4, 1, 5)[::-1])
+        fn.rkd_loss(s, s[::-1])
         print("CUDA-MODULES:", sorted(m for m in sys.modules
                                       if m.startswith(("numba.cuda", "kdnumba._cuda",
                                                        "kdnumba.kernels.cuda"))))
@@ -124,6 +125,7 @@ _PTX_CHECK = """
             for F in ("float32", "float64"):
                 cuda.compile_ptx(pyfunc, signature.format(F=F), cc=(9, 0))
                 n += 1
+                print("MODULE", info.name)
     print("COMPILED", n)
 """
 
@@ -135,3 +137,6 @@ def test_cuda_kernels_compile_to_ptx():
         pytest.skip("NVVM (CUDA toolkit) not installed: cannot compile CUDA kernels here")
     compiled = re.search(r"COMPILED (\d+)", proc.stdout)
     assert compiled and int(compiled.group(1)) >= 2, proc.stdout
+    for family in ("softmax_kl", "selectivity", "contrastive", "feature", "attention",
+                   "relational"):
+        assert f"MODULE {family}" in proc.stdout, proc.stdout

@@ -1,0 +1,291 @@
+"""Relational KD (``rkd_loss``) on the GPU: the CPU algorithm, one thread per item.
+
+The CUDA twin of ``kernels.cpu.relational`` (see its docstring for the
+math): everything is built from the float64 matrix of squared pairwise
+distances ``Q`` and ``iota`` (inverse distances, 0 on the diagonal and for
+coincident rows), in float64 whatever the input dtype; only the gradient is
+written in the input's dtype. Memory is O(B^2) like the CPU path.
+
+Deterministic by construction: every kernel gives each output element (a
+pair, a row, a column) to one thread, which sums in the CPU kernels' index
+order; there is no atomic and no cross-thread reduction. Per-row float64
+partials are added by :mod:`kdnumba.kernels.cuda.reduce` (fixed order).
+Kernels grid-stride over their items, so any grid covers the problem.
+
+Thread mapping (B rows of D features):
+
+* :func:`pairs`: one thread per ``(i, j)`` -- ``Q_ij`` from differences, ``iota_ij``;
+* :func:`row_sums`: one thread per row -- ``sum_j d_ij`` of both embeddings,
+  NaN when the row's ``Q`` is not finite (the ``max(Q, eps)`` clamp would
+  otherwise hide a NaN input);
+* :func:`distance_rows`, :func:`angle_rows`, :func:`assemble`: one thread per row;
+  the angle term's O(B^3) work is B threads of O(B^2) each (fine for B up
+  to a few thousand);
+* :func:`center`: one thread per column; :func:`matmul_rows`: one thread per
+  gradient element.
+
+No ``min``/``max`` builtins (numba 0.68's CUDA target fails to compile them).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import cuda
+
+from kdnumba.kernels.cuda import block_size, compile_kernel, float_name, grid_size
+
+_PAIRS_SIG = "void({F}[:, ::1], float64, float64[:, ::1], float64[:, ::1])"
+_ROW_SUMS_SIG = "void(float64[:, ::1], float64[:, ::1], float64, float64[::1], float64[::1])"
+_DISTANCE_SIG = ("void(float64[:, ::1], float64[:, ::1], float64, float64, float64, "
+                 "float64[::1], float64[::1])")
+_ANGLE_SIG = ("void(float64[:, ::1], float64[:, ::1], float64[:, ::1], float64[:, ::1], "
+              "float64[:, ::1], float64[:, ::1], float64[:, ::1], float64[::1])")
+_ASSEMBLE_SIG = ("void(float64[:, ::1], float64, float64[:, ::1], float64[:, ::1], float64, "
+                 "float64, float64, float64, float64, float64[:, ::1])")
+_CENTER_SIG = "void({F}[:, ::1], float64[:, ::1])"
+_MATMUL_SIG = "void(float64[:, ::1], float64[:, ::1], {F}[:, ::1])"
+
+
+def _pairs_kernel(e, eps, q, inv):
+    n, dim = e.shape
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    for p in range(start, n * n, stride):
+        i = p // n
+        j = p - i * n
+        acc = 0.0
+        for k in range(dim):
+            # (x - y)^2 == (y - x)^2 exactly: Q is symmetric with a zero diagonal.
+            diff = np.float64(e[i, k]) - np.float64(e[j, k])
+            acc += diff * diff
+        q[i, j] = acc
+        norm = math.sqrt(acc)
+        if i != j and norm > eps:
+            inv[i, j] = 1.0 / norm
+        else:
+            inv[i, j] = 0.0
+
+
+def _row_sums_kernel(qs, qt, eps, sum_s, sum_t):
+    n = qs.shape[0]
+    for i in range(cuda.grid(1), n, cuda.gridsize(1)):
+        for side in range(2):
+            q = qs if side == 0 else qt
+            total = 0.0
+            finite = True
+            for j in range(n):
+                x = q[i, j]
+                if not (x <= 1.7976931348623157e308):  # NaN or inf
+                    finite = False
+                if j != i:
+                    total += math.sqrt(x if x > eps else eps)
+            if not finite:
+                total = math.nan
+            if side == 0:
+                sum_s[i] = total
+            else:
+                sum_t[i] = total
+
+
+def _distance_kernel(qs, qt, eps, inv_mu_s, inv_mu_t, row_loss, row_hd):
+    n = qs.shape[0]
+    for i in range(cuda.grid(1), n, cuda.gridsize(1)):
+        loss = 0.0
+        hd = 0.0
+        for j in range(n):
+            if j == i:
+                continue
+            a = qs[i, j]
+            b = qt[i, j]
+            d_s = math.sqrt(a if a > eps else eps)
+            d_t = math.sqrt(b if b > eps else eps)
+            x = d_s * inv_mu_s - d_t * inv_mu_t
+            ax = abs(x)
+            loss += 0.5 * x * x if ax < 1.0 else ax - 0.5
+            h = x
+            if h > 1.0:
+                h = 1.0
+            elif h < -1.0:
+                h = -1.0
+            hd += h * d_s
+        row_loss[i] = loss
+        row_hd[i] = hd
+
+
+def _angle_kernel(qs, ins, qt, int_, r, alpha, hk, row_loss):
+    # Thread b owns row b of r, alpha and hk; the sums run in the CPU's order
+    # (a ascending, then c ascending), the (b, a) terms added after the sweep.
+    n = qs.shape[0]
+    for b in range(cuda.grid(1), n, cuda.gridsize(1)):
+        for c in range(n):
+            r[b, c] = 0.0
+        loss = 0.0
+        for a in range(n):
+            ins_ab = ins[a, b]
+            int_ab = int_[a, b]
+            al = 0.0
+            hsum = 0.0
+            if not (ins_ab == 0.0 and int_ab == 0.0):
+                qs_ab = qs[a, b]
+                qt_ab = qt[a, b]
+                pair_loss = 0.0
+                for c in range(n):
+                    w_s = ins_ab * ins[a, c]
+                    k = 0.5 * (qs_ab + qs[a, c] - qs[b, c]) * w_s
+                    t = 0.5 * (qt_ab + qt[a, c] - qt[b, c]) * (int_ab * int_[a, c])
+                    x = k - t
+                    ax = abs(x)
+                    pair_loss += 0.5 * x * x if ax < 1.0 else ax - 0.5
+                    h = x
+                    if h > 1.0:
+                        h = 1.0
+                    elif h < -1.0:
+                        h = -1.0
+                    w = h * w_s
+                    r[b, c] += w
+                    al += w
+                    hsum += h * k
+                loss += pair_loss
+            alpha[b, a] = al
+            hk[b, a] = hsum
+        for a in range(n):
+            beta = hk[b, a] * ins[a, b] * ins[a, b]
+            r[b, a] += 2.0 * (beta - alpha[b, a])
+        row_loss[b] = loss
+
+
+def _assemble_kernel(r, w_a, qs, qt, eps, inv_mu_s, inv_mu_t, k_mean, w_d, out):
+    n = r.shape[0]
+    for i in range(cuda.grid(1), n, cuda.gridsize(1)):
+        c_sum = 0.0
+        r_sum = 0.0
+        for j in range(n):
+            if j == i:
+                continue
+            c = 0.0
+            a = qs[i, j]
+            if w_d != 0.0 and a >= eps:
+                d_s = math.sqrt(a)
+                b = qt[i, j]
+                d_t = math.sqrt(b if b > eps else eps)
+                h = d_s * inv_mu_s - d_t * inv_mu_t
+                if h > 1.0:
+                    h = 1.0
+                elif h < -1.0:
+                    h = -1.0
+                c = (h * inv_mu_s - k_mean) / (2.0 * d_s)
+            rr = 0.0
+            if w_a != 0.0:  # r is not written when the angle term is skipped
+                rr = r[i, j] + r[j, i]
+            out[i, j] = w_a * rr - 4.0 * w_d * c
+            c_sum += c
+            r_sum += rr
+        out[i, i] = -w_a * r_sum + 4.0 * w_d * c_sum
+
+
+def _center_kernel(e, ec):
+    n, dim = e.shape
+    for k in range(cuda.grid(1), dim, cuda.gridsize(1)):
+        mean = 0.0
+        for i in range(n):
+            mean += np.float64(e[i, k])
+        mean /= n
+        for i in range(n):
+            ec[i, k] = np.float64(e[i, k]) - mean
+
+
+def _matmul_kernel(m, ec, grad):
+    n, dim = ec.shape
+    for p in range(cuda.grid(1), n * dim, cuda.gridsize(1)):
+        i = p // dim
+        d = p - i * dim
+        acc = 0.0
+        for k in range(n):
+            acc += m[i, k] * ec[k, d]
+        grad[i, d] = acc
+
+
+KERNELS = [
+    (_pairs_kernel, _PAIRS_SIG),
+    (_row_sums_kernel, _ROW_SUMS_SIG),
+    (_distance_kernel, _DISTANCE_SIG),
+    (_angle_kernel, _ANGLE_SIG),
+    (_assemble_kernel, _ASSEMBLE_SIG),
+    (_center_kernel, _CENTER_SIG),
+    (_matmul_kernel, _MATMUL_SIG),
+]
+
+
+def _launch(pyfunc, signature, n_items, dtype=None):
+    """The kernel configured for ``n_items`` independent items (grid-strided)."""
+    sig = signature if dtype is None else signature.format(F=float_name(dtype))
+    threads = block_size(n_items, items_per_thread=1)
+    return compile_kernel(pyfunc, sig)[grid_size(-(-n_items // threads)), threads]
+
+
+def pairs(e, eps):
+    """``(Q, iota)`` float64 ``(B, B)`` device arrays of the rows of ``e`` (B, D)."""
+    n = e.shape[0]
+    q = cuda.device_array((n, n), dtype=np.float64)
+    inv = cuda.device_array((n, n), dtype=np.float64)
+    _launch(_pairs_kernel, _PAIRS_SIG, n * n, e.dtype)(e, eps, q, inv)
+    return q, inv
+
+
+def row_sums(qs, qt, eps):
+    """Per row ``sum_{j != i} sqrt(max(Q_ij, eps))`` of both matrices (NaN for a
+    row whose ``Q`` holds NaN or inf)."""
+    n = qs.shape[0]
+    sum_s = cuda.device_array(n, dtype=np.float64)
+    sum_t = cuda.device_array(n, dtype=np.float64)
+    _launch(_row_sums_kernel, _ROW_SUMS_SIG, n)(qs, qt, eps, sum_s, sum_t)
+    return sum_s, sum_t
+
+
+def distance_rows(qs, qt, eps, inv_mu_s, inv_mu_t):
+    """Per row ``sum_j smooth_l1(x_ij)`` and ``sum_j clip(x_ij) d^s_ij`` (CPU twin)."""
+    n = qs.shape[0]
+    row_loss = cuda.device_array(n, dtype=np.float64)
+    row_hd = cuda.device_array(n, dtype=np.float64)
+    _launch(_distance_kernel, _DISTANCE_SIG, n)(qs, qt, eps, inv_mu_s, inv_mu_t,
+                                                row_loss, row_hd)
+    return row_loss, row_hd
+
+
+def angle_rows(qs, ins, qt, int_):
+    """``(row_loss, r)``: the angle term's per-row loss and ``r = -2 dL/dQ``
+    (unscaled). See ``kernels.cpu.relational.angle_rows``."""
+    n = qs.shape[0]
+    r = cuda.device_array((n, n), dtype=np.float64)
+    alpha = cuda.device_array((n, n), dtype=np.float64)
+    hk = cuda.device_array((n, n), dtype=np.float64)
+    row_loss = cuda.device_array(n, dtype=np.float64)
+    _launch(_angle_kernel, _ANGLE_SIG, n)(qs, ins, qt, int_, r, alpha, hk, row_loss)
+    return row_loss, r
+
+
+def assemble(r, w_a, qs, qt, eps, inv_mu_s, inv_mu_t, k_mean, w_d):
+    """The symmetric ``(B, B)`` factor ``M`` of ``dL/dE = M E`` (CPU twin);
+    ``r`` is not read when ``w_a == 0``."""
+    n = r.shape[0]
+    out = cuda.device_array((n, n), dtype=np.float64)
+    _launch(_assemble_kernel, _ASSEMBLE_SIG, n)(r, w_a, qs, qt, eps, inv_mu_s, inv_mu_t,
+                                                k_mean, w_d, out)
+    return out
+
+
+def center(e):
+    """``e - mean_rows(e)`` as a float64 device array (mean summed in row order)."""
+    ec = cuda.device_array(tuple(e.shape), dtype=np.float64)
+    _launch(_center_kernel, _CENTER_SIG, e.shape[1], e.dtype)(e, ec)
+    return ec
+
+
+def matmul_rows(m, ec, dtype):
+    """``m @ ec`` (float64 accumulation in ``k`` order) as a device array of ``dtype``."""
+    n, dim = ec.shape
+    grad = cuda.device_array((n, dim), dtype=dtype)
+    _launch(_matmul_kernel, _MATMUL_SIG, n * dim, dtype)(m, ec, grad)
+    return grad
