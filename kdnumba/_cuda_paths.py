@@ -262,11 +262,10 @@ def _host_labels(labels):
 def supervised_contrastive(student_emb, teacher_emb, labels, *, temperature=0.07,
                            negatives=None, tile_rows=None):
     """CUDA branch of :func:`kdnumba.functional.supervised_contrastive` (same contract)."""
-    from kdnumba.functional.contrastive import as_class_labels
     kernels = _dispatch.kernels("contrastive", "cuda")
     s, t, neg, s_norms, t_norms, n_norms, tau = _contrastive_inputs(
         kernels, student_emb, teacher_emb, negatives, temperature, tile_rows)
-    y = as_class_labels(_host_labels(labels), "labels", s.shape[0])
+    y = v.as_class_labels(_host_labels(labels), "labels", s.shape[0])
     _, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
     inverse = np.ascontiguousarray(inverse.reshape(-1), dtype=np.int64)
     members = np.argsort(inverse, kind="stable").astype(np.int64)
@@ -410,7 +409,7 @@ def triplet_loss(student_emb, labels, *, margin=0.1, tile_rows=None):
     norms = kernels.norms(s).copy_to_host()  # B doubles: finiteness and the scale
     if not np.isfinite(norms).all():
         raise ValueError("student_emb contains NaN or inf values")
-    y = fc.as_class_labels(_host_labels(labels), "labels", s.shape[0])
+    y = v.as_class_labels(_host_labels(labels), "labels", s.shape[0])
     fc._tile_rows(tile_rows)
     _, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
     inverse = inverse.reshape(-1)

@@ -131,6 +131,23 @@ def check_name(value, name: str) -> str:
     return value
 
 
+def _labels_array(labels, name: str) -> np.ndarray:
+    try:
+        return np.asarray(labels)
+    except Exception as exc:
+        raise TypeError(f"{name} could not be converted to a NumPy array: {exc}") from exc
+
+
+def _check_index_labels(arr: np.ndarray, name: str, n_rows: int, rows_of: str) -> None:
+    """Shape checks shared by every kind of integer class-index labels."""
+    if arr.ndim != 1:
+        raise ValueError(
+            f"integer {name} must be 1-D class indices of shape ({n_rows},), got shape {arr.shape}")
+    if arr.shape[0] != n_rows:
+        raise ValueError(
+            f"batch size mismatch: {name} has {arr.shape[0]} entries, {rows_of} have {n_rows} rows")
+
+
 def as_labels(labels, name: str, n_rows: int, n_classes: int, dtype) -> tuple[str, np.ndarray | None]:
     """Classify and validate labels for ``n_rows`` rows over ``n_classes`` classes.
 
@@ -140,17 +157,9 @@ def as_labels(labels, name: str, n_rows: int, n_classes: int, dtype) -> tuple[st
     """
     if labels is None:
         return "none", None
-    try:
-        arr = np.asarray(labels)
-    except Exception as exc:
-        raise TypeError(f"{name} could not be converted to a NumPy array: {exc}") from exc
+    arr = _labels_array(labels, name)
     if arr.dtype.kind in "iu":
-        if arr.ndim != 1:
-            raise ValueError(
-                f"integer {name} must be 1-D class indices of shape ({n_rows},), got shape {arr.shape}")
-        if arr.shape[0] != n_rows:
-            raise ValueError(
-                f"batch size mismatch: {name} has {arr.shape[0]} entries, the logits have {n_rows} rows")
+        _check_index_labels(arr, name, n_rows, "the logits")
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi >= n_classes:
             bad = lo if lo < 0 else hi
@@ -200,3 +209,36 @@ def gradient_buffer(out, like: np.ndarray, inputs=()) -> np.ndarray:
         if isinstance(array, np.ndarray) and np.shares_memory(out, array):
             raise ValueError("out must not share memory with the inputs")
     return out
+
+
+def as_class_labels(labels, name: str, n_rows: int) -> np.ndarray:
+    """Hard class labels as int64 ``(B,)``.
+
+    Accepts non-negative integer indices ``(B,)`` (any values; only equality
+    matters) or one-hot float rows ``(B, C)``. Soft targets have no classes
+    and raise ``ValueError``.
+    """
+    if labels is None:
+        raise ValueError(f"{name} are required (integer class indices of shape ({n_rows},))")
+    arr = _labels_array(labels, name)
+    if arr.dtype.kind in "iu":
+        _check_index_labels(arr, name, n_rows, "the embeddings")
+        if arr.size and int(arr.min()) < 0:
+            raise ValueError(f"{name} must be non-negative class indices, found {int(arr.min())}")
+        return np.ascontiguousarray(arr, dtype=np.int64)
+    if arr.dtype in FLOAT_DTYPES:
+        if arr.ndim != 2 or arr.shape[0] != n_rows:
+            raise ValueError(
+                f"float {name} must be one-hot rows of shape ({n_rows}, C), got shape "
+                f"{arr.shape}")
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{name} contains NaN or inf values")
+        one_hot = ((arr == 0) | (arr == 1)).all() and (arr.sum(axis=1) == 1).all()
+        if not one_hot:
+            raise ValueError(
+                f"{name}: contrastive losses need hard classes; float labels must be one-hot "
+                "rows (soft targets define no positives)")
+        return np.ascontiguousarray(arr.argmax(axis=1), dtype=np.int64)
+    raise TypeError(
+        f"{name} must be integer class indices ({n_rows},) or one-hot float rows "
+        f"({n_rows}, C); got dtype {arr.dtype.name}")

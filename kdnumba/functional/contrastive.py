@@ -97,49 +97,6 @@ def _as_negatives(negatives, s: np.ndarray) -> np.ndarray | None:
     return neg
 
 
-def as_class_labels(labels, name: str, n_rows: int) -> np.ndarray:
-    """Hard class labels as int64 ``(B,)``.
-
-    Accepts non-negative integer indices ``(B,)`` (any values; only equality
-    matters) or one-hot float rows ``(B, C)``. Soft targets have no classes
-    and raise ``ValueError``.
-    """
-    if labels is None:
-        raise ValueError(f"{name} are required (integer class indices of shape ({n_rows},))")
-    try:
-        arr = np.asarray(labels)
-    except Exception as exc:
-        raise TypeError(f"{name} could not be converted to a NumPy array: {exc}") from exc
-    if arr.dtype.kind in "iu":
-        if arr.ndim != 1:
-            raise ValueError(
-                f"integer {name} must be 1-D class indices of shape ({n_rows},), got shape "
-                f"{arr.shape}")
-        if arr.shape[0] != n_rows:
-            raise ValueError(
-                f"batch size mismatch: {name} has {arr.shape[0]} entries, the embeddings have "
-                f"{n_rows} rows")
-        if arr.size and int(arr.min()) < 0:
-            raise ValueError(f"{name} must be non-negative class indices, found {int(arr.min())}")
-        return np.ascontiguousarray(arr, dtype=np.int64)
-    if arr.dtype in v.FLOAT_DTYPES:
-        if arr.ndim != 2 or arr.shape[0] != n_rows:
-            raise ValueError(
-                f"float {name} must be one-hot rows of shape ({n_rows}, C), got shape "
-                f"{arr.shape}")
-        if not np.isfinite(arr).all():
-            raise ValueError(f"{name} contains NaN or inf values")
-        one_hot = ((arr == 0) | (arr == 1)).all() and (arr.sum(axis=1) == 1).all()
-        if not one_hot:
-            raise ValueError(
-                f"{name}: contrastive losses need hard classes; float labels must be one-hot "
-                "rows (soft targets define no positives)")
-        return np.ascontiguousarray(arr.argmax(axis=1), dtype=np.int64)
-    raise TypeError(
-        f"{name} must be integer class indices ({n_rows},) or one-hot float rows "
-        f"({n_rows}, C); got dtype {arr.dtype.name}")
-
-
 def _tile_rows(tile_rows) -> int | None:
     if tile_rows is None:
         return None
@@ -274,7 +231,7 @@ def supervised_contrastive(student_emb, teacher_emb, labels, negatives=None, *,
                                                   negatives=negatives, tile_rows=tile_rows)
     kernels, s, t, neg, s_norms, t_norms, n_norms, tau, rows = _prepare(
         student_emb, teacher_emb, negatives, temperature, device, tile_rows)
-    y = as_class_labels(labels, "labels", s.shape[0])
+    y = v.as_class_labels(labels, "labels", s.shape[0])
     classes, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
     inverse = np.ascontiguousarray(inverse, dtype=np.int64)
     means = kernels.class_means(t, t_norms, inverse, classes.shape[0])
@@ -324,7 +281,7 @@ def triplet_loss(student_emb, labels, *, margin=0.1, device="auto", tile_rows=No
     kernels = _dispatch.kernels(_FAMILY, target)
     s = _as_embeddings(student_emb, "student_emb")
     _finite_norms(kernels, s, "student_emb")
-    y = as_class_labels(labels, "labels", s.shape[0])
+    y = v.as_class_labels(labels, "labels", s.shape[0])
     rows = _tile_rows(tile_rows)
     _, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
     per_row = counts[inverse]

@@ -26,12 +26,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import prange, types
-from numba.extending import intrinsic
+from numba import prange
 
 from kdnumba._policy import jit, parallel_jit
 from kdnumba.kernels.cpu.dtypes import cast_like
-from kdnumba.kernels.cpu.fastexp import _LN2_HI, _LN2_LO, _bits_to_f64
+from kdnumba.kernels.cpu.fastexp import _LN2_HI, _LN2_LO, _bits_to_f64, _f64_to_bits
 
 _CBLOCK = 64
 
@@ -175,17 +174,6 @@ def at_rows(s, t, p, use_abs, mean_channels, paper_loss, eps, w, grad, row_loss)
                 g_row = g[c]
                 for j in range(n_sp):
                     g_row[j] = acc[j] * _power_derivative(f_row[j], p, use_abs)
-
-
-@intrinsic
-def _f64_to_bits(typingctx, x):
-    """Reinterpret a float64 as an int64 (LLVM ``bitcast``; vectorises)."""
-    sig = types.int64(types.float64)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.int64))
-
-    return sig, codegen
 
 
 _SQRT2 = 1.4142135623730951

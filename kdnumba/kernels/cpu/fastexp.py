@@ -36,6 +36,17 @@ def _bits_to_f64(typingctx, bits):
 
 
 @intrinsic
+def _f64_to_bits(typingctx, x):
+    """Reinterpret a float64 as an int64 (LLVM ``bitcast``; vectorises)."""
+    sig = types.int64(types.float64)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.int64))
+
+    return sig, codegen
+
+
+@intrinsic
 def _bits_to_f32(typingctx, bits):
     """Reinterpret an int32 as a float32 (LLVM ``bitcast``; vectorises)."""
     sig = types.float32(types.int32)
