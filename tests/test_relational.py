@@ -53,35 +53,14 @@ def assert_matches(loss, grad, ref_loss, ref_grad, dtype):
 
 
 def torch_rkd(s, t, w_d=25.0, w_a=50.0):
-    """RepDistiller ``RKDLoss.forward`` verbatim in formula, autograd on the student."""
+    """RepDistiller ``RKDLoss.forward`` (the benchmark's PyTorch port), autograd on the student."""
     torch = pytest.importorskip("torch")
-    F = torch.nn.functional
-
-    def pdist(e, eps=1e-12):
-        e_square = e.pow(2).sum(dim=1)
-        prod = e @ e.t()
-        res = (e_square.unsqueeze(1) + e_square.unsqueeze(0) - 2 * prod).clamp(min=eps).sqrt()
-        res = res.clone()
-        res[range(len(e)), range(len(e))] = 0
-        return res
+    from kdnumba.benchmarking.cases_relational import repdistiller_rkd
 
     f_s = torch.tensor(s, requires_grad=True)
     student = f_s.view(f_s.shape[0], -1)
     teacher = torch.tensor(t).view(len(t), -1)
-    with torch.no_grad():
-        t_d = pdist(teacher)
-        t_d = t_d / t_d[t_d > 0].mean()
-    d = pdist(student)
-    d = d / d[d > 0].mean()
-    loss_d = F.smooth_l1_loss(d, t_d)
-    with torch.no_grad():
-        td = teacher.unsqueeze(0) - teacher.unsqueeze(1)
-        norm_td = F.normalize(td, p=2, dim=2)
-        t_angle = torch.bmm(norm_td, norm_td.transpose(1, 2)).view(-1)
-    sd = student.unsqueeze(0) - student.unsqueeze(1)
-    norm_sd = F.normalize(sd, p=2, dim=2)
-    s_angle = torch.bmm(norm_sd, norm_sd.transpose(1, 2)).view(-1)
-    loss = w_d * loss_d + w_a * F.smooth_l1_loss(s_angle, t_angle)
+    loss = repdistiller_rkd(student, teacher, w_d, w_a)
     loss.backward()
     return loss.item(), f_s.grad.numpy()
 

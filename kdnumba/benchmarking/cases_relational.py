@@ -43,12 +43,16 @@ def _numpy(d):
                               angle_weight=ANGLE_WEIGHT)
 
 
-def _torch(d):
+def repdistiller_rkd(student, teacher, distance_weight=DISTANCE_WEIGHT,
+                     angle_weight=ANGLE_WEIGHT):
+    """RepDistiller's ``RKDLoss.forward``, verbatim in formula (PyTorch tensors).
+
+    ``student`` is a tensor with ``requires_grad``; the teacher terms are
+    computed without gradient, as in RepDistiller. Returns the loss tensor.
+    Shared by the benchmark's PyTorch column and the tests' autograd check.
+    """
     import torch
     import torch.nn.functional as F
-
-    s = torch.from_numpy(d["student"].copy()).requires_grad_(True)
-    teacher = torch.from_numpy(d["teacher"])
 
     def pdist(e, eps=1e-12):
         e_square = e.pow(2).sum(dim=1)
@@ -58,22 +62,31 @@ def _torch(d):
         res[range(len(e)), range(len(e))] = 0
         return res
 
+    with torch.no_grad():
+        t_d = pdist(teacher)
+        t_d = t_d / t_d[t_d > 0].mean()
+    dist = pdist(student)
+    dist = dist / dist[dist > 0].mean()
+    loss_d = F.smooth_l1_loss(dist, t_d)
+    with torch.no_grad():
+        td = teacher.unsqueeze(0) - teacher.unsqueeze(1)
+        norm_td = F.normalize(td, p=2, dim=2)
+        t_angle = torch.bmm(norm_td, norm_td.transpose(1, 2)).view(-1)
+    sd = student.unsqueeze(0) - student.unsqueeze(1)
+    norm_sd = F.normalize(sd, p=2, dim=2)
+    s_angle = torch.bmm(norm_sd, norm_sd.transpose(1, 2)).view(-1)
+    return distance_weight * loss_d + angle_weight * F.smooth_l1_loss(s_angle, t_angle)
+
+
+def _torch(d):
+    import torch
+
+    s = torch.from_numpy(d["student"].copy()).requires_grad_(True)
+    teacher = torch.from_numpy(d["teacher"])
+
     def run():
         s.grad = None
-        with torch.no_grad():
-            t_d = pdist(teacher)
-            t_d = t_d / t_d[t_d > 0].mean()
-        dist = pdist(s)
-        dist = dist / dist[dist > 0].mean()
-        loss_d = F.smooth_l1_loss(dist, t_d)
-        with torch.no_grad():
-            td = teacher.unsqueeze(0) - teacher.unsqueeze(1)
-            norm_td = F.normalize(td, p=2, dim=2)
-            t_angle = torch.bmm(norm_td, norm_td.transpose(1, 2)).view(-1)
-        sd = s.unsqueeze(0) - s.unsqueeze(1)
-        norm_sd = F.normalize(sd, p=2, dim=2)
-        s_angle = torch.bmm(norm_sd, norm_sd.transpose(1, 2)).view(-1)
-        loss = DISTANCE_WEIGHT * loss_d + ANGLE_WEIGHT * F.smooth_l1_loss(s_angle, t_angle)
+        loss = repdistiller_rkd(s, teacher)
         loss.backward()
         return loss.detach(), s.grad
 
