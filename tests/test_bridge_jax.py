@@ -165,23 +165,6 @@ def test_signature_hides_device_and_out():
 
 # --- every registered loss ------------------------------------------------------
 
-def _cases(rng):
-    """Small float64 inputs per SPEC loss: ``(args, kwargs)``."""
-    b, d = 6, 4
-    e = lambda *shape: rng.standard_normal(shape)  # noqa: E731
-    y = np.array([0, 1, 0, 1, 2, 2])
-    return {
-        "kd_loss": ((e(b, 5), e(b, 5), y), {"temperature": 2.0}),
-        "selectivity_loss": ((e(b, d), e(b, d)), {}),
-        "nt_xent": ((e(b, d), e(b, d)), {"temperature": 0.5}),
-        "info_nce": ((e(b, d), e(b, d)), {"temperature": 0.5}),
-        "supervised_contrastive": ((e(b, d), e(b, d), y), {"temperature": 0.5}),
-        "triplet_loss": ((e(b, d), y), {"margin": 0.5}),
-        "feature_loss": ((e(b, d), e(b, d)), {}),
-        "attention_transfer": ((e(b, 3, 2, 2), e(b, 3, 2, 2)), {}),
-        "rkd_loss": ((e(b, d), e(b, d)), {}),
-        "attention_map_loss": ((e(b, 2, 3, 3), e(b, 2, 3, 3)), {"inputs": "logits"}),
-    }
 
 
 def test_registered_losses_are_exported():
@@ -191,8 +174,8 @@ def test_registered_losses_are_exported():
 
 
 @pytest.mark.parametrize("name", sorted(registered_losses()))
-def test_every_registered_loss_matches_and_passes_check_grads(rng, x64, name):
-    args, kwargs = _cases(rng)[name]   # a KeyError here: add the new loss to _cases
+def test_every_registered_loss_matches_and_passes_check_grads(loss_cases, x64, name):
+    args, kwargs = loss_cases[name]   # a KeyError: add the new loss to loss_cases (conftest)
     want_loss, want_grad = getattr(functional, name)(*args, **kwargs)
     f = lambda v: getattr(kdj, name)(v, *args[1:], **kwargs)  # noqa: E731
     loss, grad = jax.jit(jax.value_and_grad(f))(jnp.asarray(args[0]))

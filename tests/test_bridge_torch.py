@@ -207,23 +207,6 @@ def test_grad_fn_and_signature_are_the_functionals():
 
 # --- every registered loss ------------------------------------------------------
 
-def _cases(rng):
-    """Small float64 inputs per SPEC loss: ``(args, kwargs)``."""
-    b, d = 6, 4
-    e = lambda *shape: rng.standard_normal(shape)  # noqa: E731
-    y = np.array([0, 1, 0, 1, 2, 2])
-    return {
-        "kd_loss": ((e(b, 5), e(b, 5), y), {"temperature": 2.0}),
-        "selectivity_loss": ((e(b, d), e(b, d)), {}),
-        "nt_xent": ((e(b, d), e(b, d)), {"temperature": 0.5}),
-        "info_nce": ((e(b, d), e(b, d)), {"temperature": 0.5}),
-        "supervised_contrastive": ((e(b, d), e(b, d), y), {"temperature": 0.5}),
-        "triplet_loss": ((e(b, d), y), {"margin": 0.5}),
-        "feature_loss": ((e(b, d), e(b, d)), {}),
-        "attention_transfer": ((e(b, 3, 2, 2), e(b, 3, 2, 2)), {}),
-        "rkd_loss": ((e(b, d), e(b, d)), {}),
-        "attention_map_loss": ((e(b, 2, 3, 3), e(b, 2, 3, 3)), {"inputs": "logits"}),
-    }
 
 
 def test_registered_losses_are_exported():
@@ -235,8 +218,8 @@ def test_registered_losses_are_exported():
 
 
 @pytest.mark.parametrize("name", sorted(registered_losses()))
-def test_every_registered_loss_matches_and_passes_gradcheck(rng, name):
-    args, kwargs = _cases(rng)[name]   # a KeyError here: add the new loss to _cases
+def test_every_registered_loss_matches_and_passes_gradcheck(loss_cases, name):
+    args, kwargs = loss_cases[name]   # a KeyError: add the new loss to loss_cases (conftest)
     want_loss, want_grad = getattr(functional, name)(*args, **kwargs)
     tensors = [_t(a) for a in args]
     tensors[0].requires_grad_()
