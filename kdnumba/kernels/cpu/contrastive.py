@@ -9,8 +9,8 @@ negatives) and per-anchor log-sum-exps of the logits ``Z = A C^T``. We stream
 over tiles of ``R`` anchor rows (memory ``O((B + N) D + R N)``)::
 
     Z_tile = A_tile C^T                       BLAS GEMM, R x N
-    E_tile = exp(Z_tile - shift)              in place (Numba, vectorised, no reduction)
-    S      = E_tile 1                         BLAS GEMV: row sums
+    E_tile = exp(Z_tile - shift)              in place (Numba, vectorised exp)
+    S      = E_tile 1                         row sums in the same pass (SIMD lanes)
     lse_i  = shift_i + log S_i
     student-anchored: G_tile = E_tile C        BLAS GEMM, R x D, one owner per row
     teacher-anchored: H += E_tile[:, :B]^T (A_tile / S)   (candidate side, fixed tile order)
@@ -27,7 +27,7 @@ Shift. All candidate rows have norm <= 1, so every logit of anchor ``i`` lies in
 ``EXP_RANGE`` (60 in float32, 600 in float64: ``tau >= 0.034`` / ``0.0034``)
 the shift is ``b_i``: every exponent lies in ``[-2/tau, 0]``, nothing
 underflows, and no row-maximum pass is needed. Otherwise the shift is the
-row maximum (NumPy's vectorised ``max``); exponents below ``-EXP_RANGE`` are
+row maximum (``reductions.lane_max``); exponents below ``-EXP_RANGE`` are
 flushed to 0 (their share of the row sum is below ``B e^-60``, far under
 float32 rounding), which also keeps denormals out of the second GEMM.
 
@@ -53,7 +53,7 @@ import numpy as np
 from kdnumba._policy import jit
 from kdnumba.kernels.cpu.dtypes import cast_like
 from kdnumba.kernels.cpu.fastexp import exp_nonpos
-from kdnumba.kernels.cpu.reductions import lane_dot, ordered_sum
+from kdnumba.kernels.cpu.reductions import lane_dot, lane_max, lane_sum, ordered_sum
 
 #: SPEC's norm clamp: ``cos(a, b) = a.b / (max(||a||, EPS) max(||b||, EPS))``.
 EPS = 1e-12
@@ -160,36 +160,27 @@ def _exp_in_place(row, shift, lo):
 
 
 @jit
-def exp_rows(block, shifts, neg_range):
-    """``block[r, j] <- exp(block[r, j] - shifts[r])`` in place (0 below ``neg_range``).
+def softmax_rows(block, bounds, use_bound, neg_range, row0, lse, inv_sum):
+    """Exp pass over a tile of logits, in place, and its per-row statistics.
 
-    No sums here: the policy grants LLVM no ``reassoc``, so a sum in this loop
-    would keep it scalar (measured 10x slower). The row sums are a BLAS GEMV
-    against a ones vector instead (see :func:`_tile_softmax`).
+    For every row ``r`` of ``block`` (anchor ``row0 + r``): the shift is the
+    anchor's bound ``bounds[row0 + r]`` (``use_bound``) or the row maximum;
+    ``block[r, j] <- exp(block[r, j] - shift)`` (0 below ``neg_range``); then
+    ``S_r = sum_j block[r, j]`` by ``reductions.lane_sum`` (explicit SIMD
+    lanes in a fixed order, float64 block totals) while the row is still in
+    cache, ``lse[row0 + r] = shift + log S_r`` and ``inv_sum[row0 + r] = 1/S_r``.
+    Rows are independent and each sum's order is fixed, so the result does
+    not depend on any thread count (neither Numba's nor BLAS's).
     """
     lo = cast_like(neg_range, block)
     for r in range(block.shape[0]):
-        _exp_in_place(block[r], shifts[r], lo)
-
-
-def _tile_softmax(block, bounds, use_bound, ones, sums, row0, lse, inv_sum):
-    """Exp pass over a tile of logits (in place) and its per-row statistics.
-
-    ``shift`` is the per-anchor bound (``use_bound``) or the row maximum;
-    ``S_r = sum_j exp(z_rj - shift_r)`` is ``block @ ones`` (BLAS GEMV: 0.05 ns
-    per element, vectorised; relative error <= 4e-7 against a float64 sum
-    measured at N = 4096..65536 in float32); writes
-    ``lse = shift + log S`` and ``inv_sum = 1/S`` (float64) for rows ``row0 ..``.
-    """
-    n_rows = block.shape[0]
-    # The shift in the block's dtype: exactly the value subtracted in the kernel.
-    shifts = (bounds[row0:row0 + n_rows] if use_bound else block.max(axis=1)).astype(block.dtype)
-    exp_rows(block, shifts, -exp_range(block.dtype))
-    s = sums[:n_rows]
-    np.matmul(block, ones, out=s)
-    total = s.astype(np.float64)
-    lse[row0:row0 + n_rows] = shifts.astype(np.float64) + np.log(total)
-    inv_sum[row0:row0 + n_rows] = 1.0 / total
+        row = block[r]
+        # The shift in the block's dtype: exactly the value subtracted below.
+        shift = cast_like(bounds[row0 + r], block) if use_bound else lane_max(row)
+        _exp_in_place(row, shift, lo)
+        total = lane_sum(row)
+        lse[row0 + r] = np.float64(shift) + math.log(total)
+        inv_sum[row0 + r] = 1.0 / total
 
 
 # --- gradient finishing passes ---------------------------------------------------------
@@ -484,8 +475,6 @@ def student_anchored(s, s_norms, candidates_raw, cand_norms, pos, pos_index, tem
     bounds, use_bound = _bounds_and_mode(s_norms, temperature, dtype)
     rows = tile_rows or default_tile_rows(n, n_cand, dtype.itemsize)
     block_buf = np.empty((min(rows, n), n_cand), dtype=dtype)
-    ones = np.ones(n_cand, dtype=dtype)
-    sums = np.empty(min(rows, n), dtype=dtype)
     lse = np.empty(n, dtype=np.float64)
     inv_sum = np.empty(n, dtype=np.float64)
     grad = np.empty_like(s)
@@ -494,7 +483,7 @@ def student_anchored(s, s_norms, candidates_raw, cand_norms, pos, pos_index, tem
         r1 = min(n, r0 + rows)
         block = block_buf[: r1 - r0]
         np.matmul(anchors[r0:r1], cand_t, out=block)
-        _tile_softmax(block, bounds, use_bound, ones, sums, r0, lse, inv_sum)
+        softmax_rows(block, bounds, use_bound, -exp_range(dtype), r0, lse, inv_sum)
         np.matmul(block, cand, out=grad[r0:r1])
     del block_buf
     row_loss = np.empty(n, dtype=np.float64)
@@ -528,8 +517,6 @@ def teacher_anchored(s, s_norms, t, t_norms, negatives_raw, neg_norms, temperatu
     weighted = np.empty((min(rows, n), dim), dtype=dtype)
     part = np.empty((n, dim), dtype=dtype)
     acc = np.zeros((n, dim), dtype=np.float64)
-    ones = np.ones(n_cand, dtype=dtype)
-    sums = np.empty(min(rows, n), dtype=dtype)
     lse = np.empty(n, dtype=np.float64)
     inv_sum = np.empty(n, dtype=np.float64)
     cand_t = cand.T
@@ -537,7 +524,7 @@ def teacher_anchored(s, s_norms, t, t_norms, negatives_raw, neg_norms, temperatu
         r1 = min(n, r0 + rows)
         block = block_buf[: r1 - r0]
         np.matmul(anchors[r0:r1], cand_t, out=block)
-        _tile_softmax(block, bounds, use_bound, ones, sums, r0, lse, inv_sum)
+        softmax_rows(block, bounds, use_bound, -exp_range(dtype), r0, lse, inv_sum)
         w = weighted[: r1 - r0]
         scale_rows(anchors[r0:r1], inv_sum, r0, w)
         np.matmul(block[:, :n].T, w, out=part)
