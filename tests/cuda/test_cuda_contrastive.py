@@ -134,3 +134,13 @@ def test_public_api_routes_to_cuda(rng):
     _check(supervised_contrastive(foreign(s), foreign(t), y),
            supervised_contrastive(s, t, y, device="cpu"), np.float64)
     _check(info_nce(foreign(s), foreign(t)), info_nce(s, t, device="cpu"), np.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ragged_tiles_and_split_accumulator(rng, dtype):
+    # Under the simulator: 6 anchors = 2 row tiles, 6 + 5 candidates = 3 column
+    # tiles, D = 9 > ACC_DIM = 8 (a second launch for one accumulator column).
+    s, t, neg = _emb(rng, dtype, n=6, dim=9, n_neg=5)
+    for name, public in (("nt_xent", nt_xent), ("info_nce", info_nce)):
+        got = getattr(_cuda_paths, name)(s, t, temperature=0.3, negatives=neg)
+        _check(got, public(s, t, temperature=0.3, negatives=neg, device="cpu"), dtype)

@@ -6,23 +6,93 @@ supervised contrastive, InfoNCE) and the batch-hard triplet loss
 rows scaled by ``1/tau``), *candidates* ``c_j`` (normalised rows), logits
 ``z_ij = a_i . c_j``.
 
-:func:`softmax_tiles` is a flash-attention-style kernel. A block owns
-``TILE`` rows and streams over the columns in tiles of ``TILE``: the
-``TILE x TILE`` logits come from ``TILE``-wide chunks of the embedding
-staged in shared memory (thread ``(r, c)`` computes ``z_rc``); then either
+:func:`softmax_tiles` is a register-tiled, flash-attention-2-style kernel
+that never forms the ``R x C`` logits. A block owns ``BM`` rows and streams
+over the columns in tiles of ``BN``; for each column tile it computes the
+``BM x BN`` logits, turns them into probabilities ``p``, and multiplies ``P``
+by the column tile's rows. Two modes:
 
-* ``ONLINE`` (rows = anchors): each row keeps a running maximum ``m`` and
-  sum ``S`` of ``exp(z - m)`` (rescaled when ``m`` grows, added in column
-  order by one thread per row), and optionally the float64 accumulator
-  ``acc_i = sum_j exp(z_ij - m_i) c_j`` (rescaled alike) -- so that
+* ``ONLINE`` (rows = anchors): per row a running maximum ``m`` and sum ``S``
+  of ``exp(z - m)`` (float64; when ``m`` grows both ``S`` and ``acc`` are
+  rescaled by ``f = exp(m_old - m_new)``), and optionally the float64
+  accumulator ``acc_i = sum_j exp(z_ij - m_i) c_j`` -- so that
   ``lse_i = m_i + log S_i`` and ``sum_j p_ij c_j = acc_i / S_i``; or
 * ``FIXED`` (rows = candidates, columns = anchors, ``lse`` known from an
   ``ONLINE`` pass): ``acc_j = sum_i exp(z_ij - lse_i) a_i`` -- the
-  candidate side of InfoNCE's gradient.
+  candidate side of InfoNCE's gradient (no maximum needed).
 
-Every row is owned by one block and every accumulator element by one
-thread, columns are visited in order: deterministic, no atomics, memory
-``O((B + K) D)``. The finishing kernels (:func:`finish_student_anchored`,
+**Geometry** (GPU; the simulator uses 2 x 2 threads with 2 x 2 micro tiles,
+``BM = BN = 4``, ``ACC_DIM = 8``). A block is 16 x 16 = 256 threads, ``BM =
+BN = 64``. Thread ``(ty, tx)`` holds in registers a 4 x 4 micro tile of
+logits (rows ``4 ty + r``, columns ``4 tx + c``) and the accumulator of its 4
+rows at ``8`` of the ``ACC_DIM = 128`` embedding columns (two groups of 4
+consecutive columns, ``64 g + 4 tx + w``): ``64 x 128`` float64 per block.
+
+1. *Logits*: K chunks of the rows and columns (``BK`` = 16 float32 / 8
+   float64 embedding columns; ``D`` arbitrary, zero-padded) are staged
+   transposed in shared memory (strides ``BM + 4`` and ``BN + 4``); each
+   k-step a thread reads its 4 row values and 4 column values with one
+   128-bit load each (two for float64) and does 16 FMAs in the rows' dtype. The next chunk's
+   global loads are issued into registers before the current chunk's FMAs
+   (one shared buffer, two barriers per chunk).
+2. *Row statistics* (``ONLINE``): each thread's maximum over its 4 columns
+   goes to shared memory; every thread then folds the 16 partials of its rows
+   into ``m`` in the same fixed order, so the 16 threads sharing a row hold
+   identical bits (a NaN wins the maximum, as it did before: the callers
+   detect bad input from a non-finite loss). ``p = exp(z - m)`` in float64;
+   each thread keeps its own float64 partial of ``S`` per row over its own
+   columns (same ``m``, same rescaling), combined over the 16 threads in
+   ``tx`` order at the end of the row tile. ``FIXED``: ``p = exp(z - lse_j)``.
+3. *Accumulator*: ``P`` (rows' dtype, ``[j][row]``) goes through shared
+   memory; the column tile's rows are re-staged in J chunks (``BJ`` = 16 / 8
+   columns x ``ACC_DIM``) and each j-step a thread reads its 4 ``p`` and 8
+   column values (three 128-bit loads) for 32 FMAs. float32: the tile's
+   ``<= 64`` products are summed in float32 registers (full FP32 rate; a
+   relative error of at most ~``64 * 2**-24`` of the tile's ``sum |p c|``,
+   below the float32 result's own rounding) and then added into the float64
+   accumulator, ``acc = acc * f + partial`` -- the long sum over the ``C``
+   columns stays in float64, as the house rule asks. float64: into ``acc``
+   directly (rescaled first).
+
+``D > ACC_DIM`` with the accumulator runs ``ceil(D / ACC_DIM)`` launches, each
+recomputing the logits and writing 128 accumulator columns (D = 256 costs 1.5x
+the minimal flops); without the accumulator ``D`` is unbounded. Shared
+memory: 8.5 KiB staging (K chunks, J chunks, partials) + 34 KiB ``P`` tile =
+42.5 KiB static per block (the ``P`` buffer is sized for float64 in both
+builds). Every sum runs in an order fixed by the tile constants only (not by
+the grid: a block grid-strides over whole row tiles), no atomics: the same
+inputs give the same bits every run; memory ``O((R + C) D)``.
+
+**Resources** (``ptxas -arch=sm_90 -v`` of NVVM's PTX, numba 0.68, CUDA 13.0):
+float32 250 registers, float64 242; 0 bytes spilled or stack; 43520 bytes
+shared -- so one 256-thread block (8 warps) per SM. The kernel this replaced
+(16 x 16 threads, one logit per thread, the softmax update by one thread per
+row, ``acc`` read-modify-written in global memory every 16 columns): 94 / 91
+registers, 4480 / 6528 bytes shared, 0 spills.
+
+**Expected speed -- estimated on paper, never run on a GPU.** NT-Xent, ``D =
+128``, float32: ``4 R C D`` flops (both products). Counting a shared-memory
+wavefront per distinct word per bank (broadcasts free), a warp needs 3
+wavefronts per 16 FFMA for the logits and 5 per 32 FFMA for ``P . C``; an SM
+issues 4 warp-FFMA per wavefront, so the shared pipe is ~65-75 % busy when the
+FMA pipes are saturated: FMA-bound. Global/L2 traffic per column tile is at most
+``(BM + 2 BN) D 4`` bytes for ``4 BM BN D`` flops: 21 flop/byte, 32-64 when L1
+catches the column tile's second read and the block's unchanging row tile --
+above an H100's L2 balance (~12). The PTX issues per thread and column tile
+~3500 instructions for the logits (2048 FFMA), ~3000 for ``P . C`` (2048 FFMA)
+and ~1100-1500 for the softmax (20 float64 ``exp`` of ~40 instructions each,
+maxima, ``P`` stores, the float64 fold): FFMA are ~50-54 % of the issue slots,
+the ceiling. With 8 warps per SM, ~26 barriers per column tile and the first
+chunk of each phase not prefetched, expect ~35-50 % of FP32 peak on an H100/H200
+(67 TFLOP/s: ~23-33 TFLOP/s, B = 65536 NT-Xent in ~65-95 ms). The old kernel was
+shared-memory bound at about 1 FFMA per 9 wavefronts (2 scalar loads per FMA,
+8-way bank conflicts on its column reads), with a float64 ``acc`` update reading
+global memory per FMA and a serial per-row softmax: ~2-3 % of FP32 peak. Next
+levers, not taken: float32 ``exp`` for float32 inputs (~8 % of the issue slots;
+changes the bits of ``S``), double-buffered stages (fewer barriers), 2 blocks
+per SM (needs <= 128 registers: a smaller accumulator share per thread).
+
+The finishing kernels (:func:`finish_student_anchored`,
 :func:`finish_teacher_anchored`) apply the positive term and the chain rule
 through the clamped normalisation ``x_hat = x / max(||x||, EPS)``, one thread
 per row (``O(B D)`` work, negligible next to the ``O(B^2 D)`` tiles).
@@ -118,22 +188,310 @@ def _class_means_kernel(t, t_norms, members, starts, out):
 
 
 # --- the tiled softmax -----------------------------------------------------------------
+#
+# Geometry (see the module docstring). Shared memory is two raw buffers of
+# complex128 (so that the base is 16-byte aligned: with unsigned indices the
+# CUDA compiler then merges the fragment reads into 128-bit ``ld.shared.v4.f32``
+# / ``v2.f64`` loads), viewed as the rows' dtype. Their byte sizes are fixed;
+# the depth of a K chunk (``BK``) and of a J chunk (``BJ``) follow from the
+# itemsize, so float32 stages twice as deep as float64. Indices into shared
+# and local memory are ``np.uint64`` (``_U``): a signed index costs a
+# negative-index fix-up per access that also hides the adjacency of the loads.
 
-_TILES_SIG = ("void({F}[:, ::1], {F}[:, ::1], int64, int64, float64[::1], float64[::1], "
-              "float64[::1], float64[:, ::1])")
+if is_simulator():
+    # The simulator runs every thread as a Python thread: 2 x 2 threads with
+    # 2 x 2 micro tiles, the same code paths (several chunks, groups, passes).
+    _NTY, _NTX, _TM, _TN, _VW, _NG, _PAD, _BK_F32, _KU, _JU = 2, 2, 2, 2, 2, 2, 2, 4, 2, 2
+else:
+    _NTY, _NTX, _TM, _TN, _VW, _NG, _PAD, _BK_F32, _KU, _JU = 16, 16, 4, 4, 4, 2, 4, 16, 4, 2
+
+_NT = _NTY * _NTX           # threads per block
+BM = _NTY * _TM             # rows per block tile
+BN = _NTX * _TN             # columns per column tile
+_DV = _VW * _NG             # accumulator columns per thread (groups of _VW)
+#: Accumulator columns per launch: ``softmax_tiles`` covers ``D > ACC_DIM``
+#: with ``ceil(D / ACC_DIM)`` launches (each recomputes the logits).
+ACC_DIM = _NTX * _DV
+_LDA = BM + _PAD            # stride of a transposed row chunk and of the P tile
+_LDC = BN + _PAD            # stride of a transposed column chunk
+_X_BYTES = 4 * _BK_F32 * (_LDA + _LDC)   # staging buffer (K chunks / J chunks / partials)
+_P_BYTES = 8 * BN * _LDA              # the P tile, sized for float64
 
 
-def _tiles_kernel(rows, cols, mode, want_acc, lse_cols, m_out, s_out, acc):
-    a_s = cuda.shared.array((TILE, TILE), dtype=rows.dtype)
-    c_s = cuda.shared.array((TILE, TILE), dtype=rows.dtype)
-    e_s = cuda.shared.array((TILE, TILE), dtype=types.float64)
-    f_s = cuda.shared.array(TILE, dtype=types.float64)
-    m_s = cuda.shared.array(TILE, dtype=types.float64)
-    z_s = cuda.shared.array(TILE, dtype=types.float64)
-    n_tiles = (rows.shape[0] + TILE - 1) // TILE
-    for tile in range(cuda.blockIdx.x, n_tiles, cuda.gridDim.x):
-        _row_tile(tile, a_s, c_s, e_s, f_s, m_s, z_s, rows, cols, mode, want_acc, lse_cols,
-                  m_out, s_out, acc)
+def _pow2_floor(n):
+    p = 1
+    while 2 * p <= n:
+        p *= 2
+    return p
+
+
+def _geometry(itemsize):
+    bk = _X_BYTES // (itemsize * (_LDA + _LDC))
+    bj = _pow2_floor(min(BN, _X_BYTES // (itemsize * ACC_DIM)))
+    ea, ec, ej = BM * bk // _NT, BN * bk // _NT, bj * ACC_DIM // _NT
+    assert bk >= 1 and BM * bk % _NT == 0 and BN * bk % _NT == 0, "K chunk vs block"
+    assert BN % bj == 0 and bj * ACC_DIM % _NT == 0, "J chunk vs block"
+    assert bk % _KU == 0 and bj % _JU == 0, "chunks are unrolled by _KU / _JU"
+    assert _X_BYTES >= 8 * BM * _NTX, "row partials must fit the staging buffer"
+    return bk, bj, ea, ec, ej
+
+
+_BK4, _BJ4, _EA4, _EC4, _EJ4 = _geometry(4)
+_BK8, _BJ8, _EA8, _EC8, _EJ8 = _geometry(8)
+_PF = max(_EA4 + _EC4, _EJ4)          # prefetch registers per thread
+assert _DV >= _TN and _X_BYTES % 16 == 0 and _P_BYTES % 16 == 0
+assert _X_BYTES + _P_BYTES <= 48 * 1024, "static shared memory is capped at 48 KiB"
+_X_RAW = _X_BYTES // 16
+_P_RAW = _P_BYTES // 16
+_X8 = _X_BYTES // 8                   # elements of the staging view when float64
+_U = np.uint64
+
+_TILES_SIG = ("void({F}[:, ::1], {F}[:, ::1], int64, int64, int64, float64[::1], "
+              "float64[::1], float64[::1], float64[:, ::1])")
+
+
+@cuda.jit(device=True)
+def _ld(x, i, k, n, dim, zero):
+    """``x[i, k]``, or ``zero`` outside ``n x dim`` (padding of ragged tiles)."""
+    if i < n and k < dim:
+        return x[_U(i), _U(k)]
+    return zero
+
+
+@cuda.jit(device=True)
+def _pc_chunk(ps, xs, hi, lo, fa, fc, bp, bx, bj, n_groups, wide):
+    """``acc[r, v] += sum_jj p[jj, row r] * cj[jj, k_v]`` over one staged J chunk
+    (``bj`` columns), into ``hi`` (float64 rows) or ``lo`` (the tile's float32
+    partial); groups ``>= n_groups`` lie beyond ``D`` and are skipped."""
+    jj = 0
+    while jj < bj:
+        for u in range(_JU):
+            for r in range(_TM):
+                fa[r] = ps[bp + _U(u * _LDA + r)]
+            for g in range(_NG):
+                if g < n_groups:
+                    bc = bx + _U(u * ACC_DIM + g * (_NTX * _VW))
+                    for w in range(_VW):
+                        fc[g * _VW + w] = xs[bc + _U(w)]
+                    for r in range(_TM):
+                        for w in range(_VW):
+                            v = g * _VW + w
+                            if wide:
+                                hi[r, v] += fa[r] * fc[v]
+                            else:
+                                lo[r, v] += fa[r] * fc[v]
+        bp += _U(_JU * _LDA)
+        bx += _U(_JU * ACC_DIM)
+        jj += _JU
+
+
+def _tiles_kernel(rows, cols, mode, want_acc, k_lo, lse_cols, m_out, s_out, acc):
+    """Register-tiled flash-attention-style pass (see the module docstring).
+
+    Thread ``(ty, tx)`` owns rows ``row0 + ty*TM + r`` (``r < TM``) of the
+    block's tile, columns ``j0 + tx*TN + c`` of each column tile, and the
+    accumulator columns ``k_lo + g*NTX*VW + tx*VW + e`` of its rows.
+    """
+    raw_x = cuda.shared.array(_X_RAW, dtype=types.complex128)
+    raw_p = cuda.shared.array(_P_RAW, dtype=types.complex128)
+    xs = raw_x.view(rows.dtype)        # K chunks, J chunks, row maxima
+    xd = raw_x.view(np.float64)        # row-sum partials at the end
+    ps = raw_p.view(rows.dtype)        # P tile, ps[j * LDA + row]
+    z = cuda.local.array((_TM, _TN), dtype=rows.dtype)
+    fa = cuda.local.array(_TM, dtype=rows.dtype)
+    fc = cuda.local.array(_DV, dtype=rows.dtype)
+    pf = cuda.local.array(_PF, dtype=rows.dtype)
+    m = cuda.local.array(_TM, dtype=types.float64)
+    s = cuda.local.array(_TM, dtype=types.float64)
+    f = cuda.local.array(_TM, dtype=types.float64)
+    hi = cuda.local.array((_TM, _DV), dtype=types.float64)
+    lo = cuda.local.array((_TM, _DV), dtype=rows.dtype)
+
+    # Constant after compilation (the view's length is a constant).
+    wide = xs.shape[0] == _X8
+    bk = _BK8 if wide else _BK4
+    bj = _BJ8 if wide else _BJ4
+    ea = _EA8 if wide else _EA4
+    ec = _EC8 if wide else _EC4
+    ej = _EJ8 if wide else _EJ4
+
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    tid = ty * _NTX + tx
+    n_rows, dim = rows.shape
+    n_cols = cols.shape[0]
+    online = mode == ONLINE
+    with_acc = want_acc != 0
+    zero = rows.dtype.type(0.0)
+    neg_inf = rows.dtype.type(-math.inf)
+    n_chunks = (dim + bk - 1) // bk
+    ng = (dim - k_lo + _NTX * _VW - 1) // (_NTX * _VW)  # accumulator groups in use
+    if ng > _NG:
+        ng = _NG
+
+    for tile in range(cuda.blockIdx.x, (n_rows + BM - 1) // BM, cuda.gridDim.x):
+        row0 = tile * BM
+        for r in range(_TM):
+            m[r] = -math.inf
+            s[r] = 0.0
+            f[r] = 1.0
+            for v in range(_DV):
+                hi[r, v] = 0.0
+        for j0 in range(0, n_cols, BN):
+            n_here = n_cols - j0
+            # --- logits z[r, c] = rows[i] . cols[j], K chunks through shared,
+            # the next chunk's loads in flight during the current chunk's FMAs.
+            for r in range(_TM):
+                for c in range(_TN):
+                    z[r, c] = zero
+            for q in range(ea):
+                e = q * _NT + tid
+                pf[q] = _ld(rows, row0 + e // bk, e % bk, n_rows, dim, zero)
+            for q in range(ec):
+                e = q * _NT + tid
+                pf[ea + q] = _ld(cols, j0 + e // bk, e % bk, n_cols, dim, zero)
+            for ch in range(n_chunks):
+                for q in range(ea):
+                    e = q * _NT + tid
+                    xs[_U((e % bk) * _LDA + e // bk)] = pf[q]
+                for q in range(ec):
+                    e = q * _NT + tid
+                    xs[_U(bk * _LDA + (e % bk) * _LDC + e // bk)] = pf[ea + q]
+                cuda.syncthreads()
+                if ch + 1 < n_chunks:
+                    k0 = (ch + 1) * bk
+                    for q in range(ea):
+                        e = q * _NT + tid
+                        pf[q] = _ld(rows, row0 + e // bk, k0 + e % bk, n_rows, dim, zero)
+                    for q in range(ec):
+                        e = q * _NT + tid
+                        pf[ea + q] = _ld(cols, j0 + e // bk, k0 + e % bk, n_cols, dim, zero)
+                ba = _U(ty * _TM)
+                bc = _U(bk * _LDA + tx * _TN)
+                kk = 0
+                while kk < bk:  # steps of _KU: immediate offsets, little loop control
+                    for u in range(_KU):
+                        for r in range(_TM):
+                            fa[r] = xs[ba + _U(u * _LDA + r)]
+                        for c in range(_TN):
+                            fc[c] = xs[bc + _U(u * _LDC + c)]
+                        for r in range(_TM):
+                            for c in range(_TN):
+                                z[r, c] += fa[r] * fc[c]
+                    ba += _U(_KU * _LDA)
+                    bc += _U(_KU * _LDC)
+                    kk += _KU
+                cuda.syncthreads()
+            # --- probabilities (overwrite z), row statistics
+            if online:
+                # Row maximum: each thread's partial over its columns, then
+                # every thread combines the NTX partials of its rows in the
+                # same order (identical bits in all of them). A NaN wins.
+                for r in range(_TM):
+                    pm = neg_inf
+                    for c in range(_TN):
+                        if tx * _TN + c < n_here:
+                            v = z[r, c]
+                            if v > pm or v != v:
+                                pm = v
+                    xs[_U((ty * _TM + r) * _NTX + tx)] = pm
+                cuda.syncthreads()
+                for r in range(_TM):
+                    m_old = m[r]
+                    m_new = m_old
+                    base = (ty * _TM + r) * _NTX
+                    for q in range(_NTX):
+                        v = np.float64(xs[_U(base + q)])
+                        if v > m_new or v != v:
+                            m_new = v
+                    f[r] = math.exp(m_old - m_new) if m_old > -math.inf else 0.0
+                    m[r] = m_new
+                    total = s[r] * f[r]
+                    for c in range(_TN):
+                        p = 0.0
+                        if tx * _TN + c < n_here:
+                            p = math.exp(np.float64(z[r, c]) - m_new)
+                        total += p
+                        z[r, c] = rows.dtype.type(p)
+                    s[r] = total
+            else:
+                for c in range(_TN):
+                    j = tx * _TN + c
+                    lse_j = lse_cols[j0 + j] if j < n_here else 0.0
+                    for r in range(_TM):
+                        p = 0.0
+                        if j < n_here:
+                            p = math.exp(np.float64(z[r, c]) - lse_j)
+                        z[r, c] = rows.dtype.type(p)
+            if not with_acc:
+                cuda.syncthreads()  # the maxima are read before xs is restaged
+                continue
+            # --- acc_i = acc_i * f_i + sum_j p_ij cols[j, k]: P through shared
+            # (transposed: a thread's TM rows are contiguous), cols in J chunks.
+            for c in range(_TN):
+                bp = _U((tx * _TN + c) * _LDA + ty * _TM)
+                for r in range(_TM):
+                    ps[bp + _U(r)] = z[r, c]
+            for r in range(_TM):
+                for v in range(_DV):
+                    if wide:
+                        hi[r, v] *= f[r]
+                    else:
+                        lo[r, v] = zero
+            n_jc = (n_here + bj - 1) // bj
+            if n_jc > BN // bj:
+                n_jc = BN // bj
+            cuda.syncthreads()  # P written; the maxima read
+            for q in range(ej):
+                e = q * _NT + tid
+                pf[q] = _ld(cols, j0 + e // ACC_DIM, k_lo + e % ACC_DIM, n_cols, dim, zero)
+            for jc in range(n_jc):
+                for q in range(ej):
+                    xs[_U(q * _NT + tid)] = pf[q]
+                cuda.syncthreads()
+                if jc + 1 < n_jc:
+                    jn = j0 + (jc + 1) * bj
+                    for q in range(ej):
+                        e = q * _NT + tid
+                        pf[q] = _ld(cols, jn + e // ACC_DIM, k_lo + e % ACC_DIM, n_cols,
+                                    dim, zero)
+                bp = _U(jc * bj * _LDA + ty * _TM)
+                bx = _U(tx * _VW)
+                if ng == _NG:  # the usual case: no per-group test in the inner loop
+                    _pc_chunk(ps, xs, hi, lo, fa, fc, bp, bx, bj, _NG, wide)
+                else:
+                    _pc_chunk(ps, xs, hi, lo, fa, fc, bp, bx, bj, ng, wide)
+                cuda.syncthreads()
+            if not wide:
+                # float32: the tile's <= BN products summed in float32 (full
+                # FP32 rate), then added into the float64 accumulator.
+                for r in range(_TM):
+                    for v in range(_DV):
+                        hi[r, v] = hi[r, v] * f[r] + np.float64(lo[r, v])
+        # --- results of the row tile
+        if online and k_lo == 0:
+            for r in range(_TM):
+                xd[_U((ty * _TM + r) * _NTX + tx)] = s[r]
+            cuda.syncthreads()
+            if tx == 0:
+                for r in range(_TM):
+                    i = row0 + ty * _TM + r
+                    if i < n_rows:
+                        total = 0.0
+                        base = (ty * _TM + r) * _NTX
+                        for q in range(_NTX):
+                            total += xd[_U(base + q)]
+                        s_out[i] = total
+                        m_out[i] = m[r]
+        if with_acc:
+            for r in range(_TM):
+                i = row0 + ty * _TM + r
+                if i < n_rows:
+                    for g in range(_NG):
+                        for w in range(_VW):
+                            k = k_lo + g * (_NTX * _VW) + tx * _VW + w
+                            if g < ng and k < dim:
+                                acc[_U(i), _U(k)] = hi[r, g * _VW + w]
         cuda.syncthreads()
 
 
@@ -141,7 +499,8 @@ def _tiles_kernel(rows, cols, mode, want_acc, lse_cols, m_out, s_out, acc):
 def _tile_dot(a_s, c_s, rows, cols, i, j0, r, c, zero):
     """``rows[i] . cols[j0 + c]`` for thread ``(r, c)`` of a TILE x TILE block,
     through TILE-wide chunks of the embeddings staged in shared memory (every
-    thread of the block must call it). Summed in the rows' dtype, in order."""
+    thread of the block must call it). Summed in the rows' dtype, in order.
+    (The batch-hard triplet selection's Gram tiles.)"""
     n_rows, dim = rows.shape
     n_cols = cols.shape[0]
     dot = zero
@@ -154,64 +513,6 @@ def _tile_dot(a_s, c_s, rows, cols, i, j0, r, c, zero):
             dot += a_s[r, q] * c_s[c, q]
         cuda.syncthreads()
     return dot
-
-
-@cuda.jit(device=True)
-def _row_tile(tile, a_s, c_s, e_s, f_s, m_s, z_s, rows, cols, mode, want_acc, lse_cols,
-              m_out, s_out, acc):
-    """Rows ``tile * TILE ...`` against every column (see the module docstring)."""
-    c = cuda.threadIdx.x
-    r = cuda.threadIdx.y
-    n_rows, dim = rows.shape
-    n_cols = cols.shape[0]
-    i = tile * TILE + r
-    online = mode == ONLINE
-    zero = rows.dtype.type(0.0)
-    if c == 0:
-        m_s[r] = -math.inf
-        z_s[r] = 0.0
-        f_s[r] = 1.0
-    if want_acc != 0 and i < n_rows:
-        for k in range(c, dim, TILE):
-            acc[i, k] = 0.0
-    for j0 in range(0, n_cols, TILE):
-        j = j0 + c
-        dot = _tile_dot(a_s, c_s, rows, cols, i, j0, r, c, zero)
-        if online:
-            e_s[r, c] = np.float64(dot) if j < n_cols else -math.inf
-        else:
-            e_s[r, c] = math.exp(np.float64(dot) - lse_cols[j]) if j < n_cols else 0.0
-        cuda.syncthreads()
-        if online and c == 0:
-            # One thread per row: maximum, rescale, sum -- in column order.
-            m_old = m_s[r]
-            m_new = m_old
-            for q in range(TILE):
-                z = e_s[r, q]
-                if z > m_new or z != z:
-                    m_new = z
-            f = math.exp(m_old - m_new) if m_old > -math.inf else 0.0
-            total = z_s[r] * f
-            for q in range(TILE):
-                e = math.exp(e_s[r, q] - m_new)
-                e_s[r, q] = e
-                total += e
-            z_s[r] = total
-            m_s[r] = m_new
-            f_s[r] = f
-        cuda.syncthreads()
-        if want_acc != 0 and i < n_rows:
-            f = f_s[r]
-            n_here = n_cols - j0 if n_cols - j0 < TILE else TILE
-            for k in range(c, dim, TILE):
-                v = acc[i, k] * f
-                for q in range(n_here):
-                    v += e_s[r, q] * cols[j0 + q, k]
-                acc[i, k] = v
-        cuda.syncthreads()
-    if online and c == 0 and i < n_rows:
-        m_out[i] = m_s[r]
-        s_out[i] = z_s[r]
 
 
 # --- finishing passes --------------------------------------------------------------------
@@ -468,15 +769,20 @@ def softmax_tiles(rows, cols, mode, *, lse_cols=None, want_acc=True):
 
     Returns ``(m, s, acc)``: for ``ONLINE`` the per-row maximum and rescaled
     sum (``lse = m + log s``), and ``acc`` (``(R, D)`` float64, or ``None``
-    when not wanted); for ``FIXED`` ``(None, None, acc)``.
+    when not wanted); for ``FIXED`` ``(None, None, acc)``. An accumulator wider
+    than :data:`ACC_DIM` takes ``ceil(D / ACC_DIM)`` launches, each producing
+    ``ACC_DIM`` columns of ``acc`` (and recomputing the logits).
     """
     n_rows, dim = rows.shape
     m = cuda.device_array(n_rows, dtype=np.float64)
     s = cuda.device_array(n_rows, dtype=np.float64)
     acc = cuda.device_array((n_rows, dim) if want_acc else (1, 1), dtype=np.float64)
     lse = lse_cols if lse_cols is not None else m
-    _kernel(_tiles_kernel, _TILES_SIG, rows.dtype)[grid_size(-(-n_rows // TILE)), (TILE, TILE)](
-        rows, cols, int(mode), int(want_acc), lse, m, s, acc)
+    kernel = _kernel(_tiles_kernel, _TILES_SIG, rows.dtype)
+    blocks = grid_size(-(-n_rows // BM))
+    for k_lo in (range(0, dim, ACC_DIM) if want_acc and dim > 0 else (0,)):
+        kernel[blocks, (_NTX, _NTY)](rows, cols, int(mode), int(want_acc), k_lo, lse, m, s,
+                                     acc)
     if mode == ONLINE:
         return m, s, (acc if want_acc else None)
     return None, None, acc
