@@ -665,3 +665,22 @@ def test_distillation_loss_validates_its_inputs(rng):
         strategy.compute_gradient(s, t, np.array([0, 1, 4]))
     with pytest.raises(TypeError, match="student_logits must be a float32 or float64"):
         strategy.loss_and_gradient(s.astype(np.int64), t)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind", ["index", "dense"])
+def test_unit_temperature_reuses_the_soft_exponentials_bit_for_bit(rng, dtype, kind):
+    # At T = 1 the kernel takes exp(s - m_s) from the soft pass instead of a
+    # third exp pass. With alpha = 1 only the hard term is left, and it must
+    # be the very same bits as at T = 3, where it is computed separately.
+    s = (3.0 * rng.standard_normal((40, 1000))).astype(dtype)
+    t = (s + rng.standard_normal(s.shape)).astype(dtype)
+    if kind == "index":
+        y = rng.integers(0, 1000, 40)
+    else:
+        y = rng.random(s.shape).astype(dtype)
+        y /= y.sum(axis=1, keepdims=True)
+    loss_1, grad_1 = kd_loss(s, t, y, temperature=1.0, alpha=1.0)
+    loss_3, grad_3 = kd_loss(s, t, y, temperature=3.0, alpha=1.0)
+    assert loss_1 == loss_3
+    np.testing.assert_array_equal(grad_1, grad_3)

@@ -7,7 +7,8 @@ hot in cache:
 1. row maxima ``m_s = max_j s_ij`` and ``m_t = max_j t_ij`` (stability),
    by ``reductions.lane_max`` (explicit SIMD lanes);
 2. the exponentials ``e^T_s = exp((s - m_s)/T)``, ``e^T_t = exp((t - m_t)/T)``
-   and, when a hard term is present, ``e_s = exp(s - m_s)``, element-wise
+   and, when a hard term is present, ``e_s = exp(s - m_s)`` (at ``T = 1``
+   that is ``e^T_s`` itself, bit for bit, and is not recomputed), element-wise
    into the gradient row and per-chunk scratch rows (so pass 3 needs no
    second ``exp``); then their sums ``Z`` and ``W = sum_j e^T_t (u_t - u_s)``
    with ``u = (z - m)/T`` by ``reductions.lane_sum`` (explicit SIMD lanes in a
@@ -102,11 +103,15 @@ def kd_rows(s, t, labels_index, labels_dense, labels_kind, inv_t,
     per_chunk = max(1, min(_ROWS_PER_CHUNK, n_rows // 32))
     n_chunks = (n_rows + per_chunk - 1) // per_chunk
     has_hard = labels_kind != LABELS_NONE
+    # T = 1: exp((s - m_s)/T) is exp(s - m_s) bit for bit (the scaling by
+    # 1/T = 1 is exact), so the hard term reuses the soft exponentials instead
+    # of a third exp pass and sum: same results, a quarter less work.
+    unit_t = inv_t == 1
     for chunk in prange(n_chunks):
         # Per-chunk scratch: the teacher's (and hard) exponentials of one row.
         e_t_t = np.empty(n_cols, dtype=s.dtype)
         w_terms = np.empty(n_cols, dtype=s.dtype)
-        e_s = np.empty(n_cols if has_hard else 0, dtype=s.dtype)
+        e_s = np.empty(n_cols if has_hard and not unit_t else 0, dtype=s.dtype)
         stop = min(n_rows, (chunk + 1) * per_chunk)
         for i in range(chunk * per_chunk, stop):
             s_row = s[i]
@@ -128,14 +133,22 @@ def kd_rows(s, t, labels_index, labels_dense, labels_kind, inv_t,
                 for j in range(n_cols):
                     g_row[j] = a_s * g_row[j] - a_t * e_t_t[j]
             else:
-                _hard_exponentials(s_row, m_s, e_s)
-                z_h = lane_sum(e_s)
+                if unit_t:
+                    z_h = z_s
+                else:
+                    _hard_exponentials(s_row, m_s, e_s)
+                    z_h = lane_sum(e_s)
                 lse = m_s + math.log(z_h)
                 if labels_kind == LABELS_INDEX:
                     y = labels_index[i]
                     a_h = cast_like(c_hard / z_h, s)
-                    for j in range(n_cols):
-                        g_row[j] = a_s * g_row[j] - a_t * e_t_t[j] + a_h * e_s[j]
+                    if unit_t:  # g_row still holds exp(s - m_s): one array fewer
+                        for j in range(n_cols):
+                            e = g_row[j]
+                            g_row[j] = a_s * e - a_t * e_t_t[j] + a_h * e
+                    else:
+                        for j in range(n_cols):
+                            g_row[j] = a_s * g_row[j] - a_t * e_t_t[j] + a_h * e_s[j]
                     g_row[y] -= cast_like(c_hard, s)
                     loss += w_hard * (lse - s_row[y])
                 else:
@@ -144,8 +157,13 @@ def kd_rows(s, t, labels_index, labels_dense, labels_kind, inv_t,
                     y_sum = lane_sum(y_row)
                     ys_sum = lane_dot(y_row, s_row)
                     a_h = cast_like(c_hard * y_sum / z_h, s)
-                    for j in range(n_cols):
-                        g_row[j] = (a_s * g_row[j] - a_t * e_t_t[j]
-                                    + a_h * e_s[j] - c_h * y_row[j])
+                    if unit_t:
+                        for j in range(n_cols):
+                            e = g_row[j]
+                            g_row[j] = a_s * e - a_t * e_t_t[j] + a_h * e - c_h * y_row[j]
+                    else:
+                        for j in range(n_cols):
+                            g_row[j] = (a_s * g_row[j] - a_t * e_t_t[j]
+                                        + a_h * e_s[j] - c_h * y_row[j])
                     loss += w_hard * (lse * y_sum - ys_sum)
             row_loss[i] = loss
