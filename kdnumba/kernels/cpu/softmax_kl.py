@@ -71,6 +71,22 @@ def _exponentials(s_row, t_row, m_s, m_t, inv_t, e_s_t, e_t_t, w_terms, e_s, wit
             e_s[j] = exp_nonpos(d_s)
 
 
+@jit
+def _gradient_row(g_row, e_t_t, e_s, a_s, a_t, a_h, reuse_soft):
+    """Pass 3, in place: ``g = a_s e^T_s - a_t e^T_t + a_h e_s``.
+
+    ``g_row`` holds ``e^T_s`` on entry. ``reuse_soft`` (``T = 1``, or no hard
+    term with ``a_h = 0``) takes ``e_s`` from ``g_row`` itself, bit for bit the
+    same numbers; the loop-invariant test is hoisted out by LLVM (reading
+    ``g_row`` through a second name instead would make LLVM's alias check
+    send the loop down its scalar path).
+    """
+    for j in range(g_row.shape[0]):
+        e = g_row[j]
+        h = e if reuse_soft else e_s[j]
+        g_row[j] = a_s * e - a_t * e_t_t[j] + a_h * h
+
+
 @parallel_jit
 def kd_rows(s, t, labels_index, labels_dense, labels_kind, inv_t,
             w_soft, w_hard, c_soft, c_hard, grad, row_loss):
@@ -106,6 +122,7 @@ def kd_rows(s, t, labels_index, labels_dense, labels_kind, inv_t,
     # 1/T = 1 is exact), so the hard term reuses the soft exponentials instead
     # of a third exp pass and sum: same results, a quarter less work.
     unit_t = inv_t == 1
+    zero = cast_like(0.0, s)
     for chunk in prange(n_chunks):
         # Per-chunk scratch: the teacher's (and hard) exponentials of one row.
         e_t_t = np.empty(n_cols, dtype=s.dtype)
@@ -130,39 +147,23 @@ def kd_rows(s, t, labels_index, labels_dense, labels_kind, inv_t,
             a_t = cast_like(c_soft / z_t, s)
             loss = w_soft * kl
             if not has_hard:
-                for j in range(n_cols):
-                    g_row[j] = a_s * g_row[j] - a_t * e_t_t[j]
+                _gradient_row(g_row, e_t_t, e_s, a_s, a_t, zero, True)
             else:
-                if unit_t:
-                    z_h = z_s
-                else:  # e_s was filled by _exponentials
-                    z_h = lane_sum(e_s)
+                z_h = z_s if unit_t else lane_sum(e_s)
                 lse = m_s + math.log(z_h)
                 if labels_kind == LABELS_INDEX:
                     y = labels_index[i]
-                    a_h = cast_like(c_hard / z_h, s)
-                    if unit_t:  # g_row still holds exp(s - m_s): one array fewer
-                        for j in range(n_cols):
-                            e = g_row[j]
-                            g_row[j] = a_s * e - a_t * e_t_t[j] + a_h * e
-                    else:
-                        for j in range(n_cols):
-                            g_row[j] = a_s * g_row[j] - a_t * e_t_t[j] + a_h * e_s[j]
+                    _gradient_row(g_row, e_t_t, e_s, a_s, a_t, cast_like(c_hard / z_h, s),
+                                  unit_t)
                     g_row[y] -= cast_like(c_hard, s)
                     loss += w_hard * (lse - s_row[y])
                 else:
                     y_row = labels_dense[i]
-                    c_h = cast_like(c_hard, s)
                     y_sum = lane_sum(y_row)
-                    ys_sum = lane_dot(y_row, s_row)
-                    a_h = cast_like(c_hard * y_sum / z_h, s)
-                    if unit_t:
-                        for j in range(n_cols):
-                            e = g_row[j]
-                            g_row[j] = a_s * e - a_t * e_t_t[j] + a_h * e - c_h * y_row[j]
-                    else:
-                        for j in range(n_cols):
-                            g_row[j] = (a_s * g_row[j] - a_t * e_t_t[j]
-                                        + a_h * e_s[j] - c_h * y_row[j])
-                    loss += w_hard * (lse * y_sum - ys_sum)
+                    _gradient_row(g_row, e_t_t, e_s, a_s, a_t,
+                                  cast_like(c_hard * y_sum / z_h, s), unit_t)
+                    c_h = cast_like(c_hard, s)
+                    for j in range(n_cols):
+                        g_row[j] -= c_h * y_row[j]
+                    loss += w_hard * (lse * y_sum - lane_dot(y_row, s_row))
             row_loss[i] = loss
