@@ -24,37 +24,23 @@ from numba.extending import intrinsic, overload
 from kdnumba._policy import jit
 
 
-@intrinsic
-def _bits_to_f64(typingctx, bits):
-    """Reinterpret an int64 as a float64 (LLVM ``bitcast``; vectorises)."""
-    sig = types.float64(types.int64)
+def _bitcast(name: str, source, target):
+    """An intrinsic reinterpreting a ``source`` scalar's bits as ``target``
+    (LLVM ``bitcast``: free, and it vectorises)."""
 
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.float64))
+    def typer(typingctx, value):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(target))
 
-    return sig, codegen
+        return target(source), codegen
 
-
-@intrinsic
-def _f64_to_bits(typingctx, x):
-    """Reinterpret a float64 as an int64 (LLVM ``bitcast``; vectorises)."""
-    sig = types.int64(types.float64)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.int64))
-
-    return sig, codegen
+    typer.__name__ = name
+    return intrinsic(typer)
 
 
-@intrinsic
-def _bits_to_f32(typingctx, bits):
-    """Reinterpret an int32 as a float32 (LLVM ``bitcast``; vectorises)."""
-    sig = types.float32(types.int32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.float32))
-
-    return sig, codegen
+_bits_to_f64 = _bitcast("_bits_to_f64", types.int64, types.float64)
+_f64_to_bits = _bitcast("_f64_to_bits", types.float64, types.int64)
+_bits_to_f32 = _bitcast("_bits_to_f32", types.int32, types.float32)
 
 
 _LOG2E = 1.4426950408889634
