@@ -24,7 +24,6 @@ Every CPU kernel is built with :func:`jit` (serial) or :func:`parallel_jit`
 
 from __future__ import annotations
 
-import os
 import threading
 from contextlib import contextmanager
 
@@ -99,12 +98,3 @@ def kernel_launch(work: int | None = None):
         if serial and previous != 1:
             numba.set_num_threads(previous)
 
-
-def num_threads() -> int:
-    """Number of threads Numba's parallel kernels use now."""
-    return numba.get_num_threads()
-
-
-def cache_dir() -> str | None:
-    """Where compiled kernels are cached (``None``: next to the sources)."""
-    return os.environ.get("NUMBA_CACHE_DIR") or None
