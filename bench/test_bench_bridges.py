@@ -18,22 +18,14 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed: pip install 'kdnumba[torch]'")
-F = torch.nn.functional
 
 import kdnumba.torch as kdt  # noqa: E402
+from kdnumba.benchmarking.cases_response import pytorch_kd  # noqa: E402
 
 BATCH, FEATURES, HIDDEN, CLASSES = 1024, 256, 512, 1000
 TEMPERATURE, ALPHA = 4.0, 0.3
 
-
-def pytorch_kd(student_logits, teacher_logits, labels):
-    soft = F.kl_div(F.log_softmax(student_logits / TEMPERATURE, 1),
-                    F.log_softmax(teacher_logits / TEMPERATURE, 1),
-                    log_target=True, reduction="batchmean") * TEMPERATURE ** 2
-    return ALPHA * F.cross_entropy(student_logits, labels) + (1 - ALPHA) * soft
-
-
-LOSSES = {"kdnumba": kdt.KDLoss(TEMPERATURE, ALPHA), "pytorch": pytorch_kd}
+LOSSES = {"kdnumba": kdt.KDLoss(TEMPERATURE, ALPHA), "pytorch": pytorch_kd(TEMPERATURE, ALPHA)}
 
 
 @pytest.fixture(scope="module")

@@ -29,8 +29,9 @@ class BenchCase:
         kdnumba: ``inputs -> result``: loss and gradient with kdnumba.
         numpy: ``inputs -> result`` with the NumPy reference, or ``None``.
         torch: ``inputs -> (zero-arg callable)``: builds tensors once and
-            returns a closure running forward + ``backward()``; ``None`` if
-            there is no PyTorch equivalent. Imported lazily.
+            returns a closure running forward + ``backward()`` (made by
+            :func:`torch_backward`); ``None`` if there is no PyTorch
+            equivalent. Imported lazily.
         bytes_moved: bytes that must cross memory (inputs read + gradient
             written), for the memory-copy bound; ``None`` if compute-bound.
         flops: floating-point operations of the matrix products, for the
@@ -60,6 +61,18 @@ class BenchCase:
     tags: tuple = field(default_factory=tuple)
     variants: tuple = ()
     compile_group: str | None = None
+
+
+def torch_backward(student, loss_fn: Callable[[], Any]) -> Callable[[], tuple]:
+    """The zero-argument closure a ``BenchCase.torch`` returns: reset
+    ``student.grad`` (a leaf tensor), evaluate ``loss_fn()``, run
+    ``backward()``; returns ``(loss, student.grad)``."""
+    def run():
+        student.grad = None
+        loss = loss_fn()
+        loss.backward()
+        return loss.detach(), student.grad
+    return run
 
 
 def all_cases(families=FAMILIES) -> list[BenchCase]:

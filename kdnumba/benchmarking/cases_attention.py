@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from kdnumba.benchmarking import BenchCase
+from kdnumba.benchmarking import BenchCase, torch_backward
 from kdnumba.functional import attention_map_loss, attention_transfer
 from kdnumba.reference import attention_map_loss as attention_map_loss_reference
 from kdnumba.reference import attention_transfer as attention_transfer_reference
@@ -68,13 +68,7 @@ def _at_torch(d):
     def at(f):
         return F.normalize(f.pow(2).mean(1).view(f.size(0), -1))
 
-    def run():
-        s.grad = None
-        loss = (at(s) - at(t)).pow(2).mean()
-        loss.backward()
-        return loss.detach(), s.grad
-
-    return run
+    return torch_backward(s, lambda: (at(s) - at(t)).pow(2).mean())
 
 
 def _kl_kdnumba(d):
@@ -92,14 +86,8 @@ def _kl_torch(d):
     s = torch.from_numpy(d["student"].copy()).requires_grad_(True)
     t = torch.from_numpy(d["teacher"])
     n_rows = math.prod(s.shape[:-1])
-
-    def run():
-        s.grad = None
-        loss = F.kl_div(s.clamp_min(EPS).log(), t, reduction="sum") / n_rows
-        loss.backward()
-        return loss.detach(), s.grad
-
-    return run
+    return torch_backward(
+        s, lambda: F.kl_div(s.clamp_min(EPS).log(), t, reduction="sum") / n_rows)
 
 
 def _at_case(s_shape, t_shape, dtype, *, numpy: bool, quick: bool, notes: str) -> BenchCase:

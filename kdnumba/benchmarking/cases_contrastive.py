@@ -26,13 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from kdnumba.benchmarking import BenchCase
-from kdnumba.functional.contrastive import (
-    info_nce,
-    nt_xent,
-    supervised_contrastive,
-    triplet_loss,
-)
+from kdnumba.benchmarking import BenchCase, torch_backward
+from kdnumba.functional import contrastive as functional_contrastive
 from kdnumba.reference import contrastive as reference
 
 TEMPERATURE = 0.07
@@ -50,33 +45,29 @@ def _make_inputs(n_rows: int, dim: int, dtype, n_queue: int):
     return make
 
 
-def _kdnumba(mode):
+def _runner(impl, mode):
+    """``inputs -> result`` of ``mode`` with ``impl``: kdnumba's
+    :mod:`kdnumba.functional.contrastive` or the NumPy reference module (same
+    function names and keywords)."""
     def run(d):
         if mode == "nt_xent":
-            return nt_xent(d["student"], d["teacher"], temperature=TEMPERATURE,
-                           negatives=d["queue"])
+            return impl.nt_xent(d["student"], d["teacher"], temperature=TEMPERATURE,
+                                negatives=d["queue"])
         if mode == "info_nce":
-            return info_nce(d["student"], d["teacher"], temperature=TEMPERATURE)
+            return impl.info_nce(d["student"], d["teacher"], temperature=TEMPERATURE)
         if mode == "supervised":
-            return supervised_contrastive(d["student"], d["teacher"], d["labels"],
-                                          temperature=TEMPERATURE, negatives=d["queue"])
-        return triplet_loss(d["student"], d["labels"], margin=MARGIN)
+            return impl.supervised_contrastive(d["student"], d["teacher"], d["labels"],
+                                               temperature=TEMPERATURE, negatives=d["queue"])
+        return impl.triplet_loss(d["student"], d["labels"], margin=MARGIN)
     return run
+
+
+def _kdnumba(mode):
+    return _runner(functional_contrastive, mode)
 
 
 def _numpy(mode):
-    def run(d):
-        if mode == "nt_xent":
-            return reference.nt_xent(d["student"], d["teacher"], temperature=TEMPERATURE,
-                                     negatives=d["queue"])
-        if mode == "info_nce":
-            return reference.info_nce(d["student"], d["teacher"], temperature=TEMPERATURE)
-        if mode == "supervised":
-            return reference.supervised_contrastive(d["student"], d["teacher"], d["labels"],
-                                                    temperature=TEMPERATURE,
-                                                    negatives=d["queue"])
-        return reference.triplet_loss(d["student"], d["labels"], margin=MARGIN)
-    return run
+    return _runner(reference, mode)
 
 
 def _torch(mode):
@@ -126,13 +117,7 @@ def _torch(mode):
                 d_n = dist.masked_fill(~neg, float("inf")).min(1).values
                 return F.relu(d_p - d_n + MARGIN)[keep].mean()
 
-        def run():
-            s.grad = None
-            loss = loss_fn()
-            loss.backward()
-            return loss.detach(), s.grad
-
-        return run
+        return torch_backward(s, loss_fn)
     return build
 
 

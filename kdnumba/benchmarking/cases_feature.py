@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from kdnumba.benchmarking import BenchCase
+from kdnumba.benchmarking import BenchCase, torch_backward
 from kdnumba.functional import feature_loss
 from kdnumba.reference import feature_loss as feature_loss_reference
 
@@ -43,14 +43,7 @@ def _torch(d):
 
     s = torch.from_numpy(d["student"].copy()).requires_grad_(True)
     t = torch.from_numpy(d["teacher"])
-
-    def run():
-        s.grad = None
-        loss = F.mse_loss(s, t)
-        loss.backward()
-        return loss.detach(), s.grad
-
-    return run
+    return torch_backward(s, lambda: F.mse_loss(s, t))
 
 
 def _case(shape, dtype, *, quick: bool, notes: str) -> BenchCase:

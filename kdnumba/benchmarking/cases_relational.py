@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kdnumba.benchmarking import BenchCase
+from kdnumba.benchmarking import BenchCase, torch_backward
 from kdnumba.functional import rkd_loss
 from kdnumba.reference import rkd_loss as rkd_loss_reference
 
@@ -83,14 +83,7 @@ def _torch(d):
 
     s = torch.from_numpy(d["student"].copy()).requires_grad_(True)
     teacher = torch.from_numpy(d["teacher"])
-
-    def run():
-        s.grad = None
-        loss = repdistiller_rkd(s, teacher)
-        loss.backward()
-        return loss.detach(), s.grad
-
-    return run
+    return torch_backward(s, lambda: repdistiller_rkd(s, teacher))
 
 
 def _case(n_rows, d_s, d_t, dtype, *, numpy: bool, torch: bool, quick: bool,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kdnumba.benchmarking import BenchCase
+from kdnumba.benchmarking import BenchCase, torch_backward
 from kdnumba.functional import kd_loss
 from kdnumba.reference import kd_loss as kd_loss_reference
 
@@ -42,40 +42,44 @@ def _make_inputs(n_rows: int, n_classes: int, dtype):
     return make
 
 
-def _kdnumba(d):
-    return kd_loss(d["student"], d["teacher"], d["labels"],
-                   temperature=TEMPERATURE, alpha=ALPHA)
-
-
-def _kdnumba_out(d):
-    return kd_loss(d["student"], d["teacher"], d["labels"],
-                   temperature=TEMPERATURE, alpha=ALPHA, out=d["out"])
-
-
-def _numpy(d):
-    return kd_loss_reference(d["student"], d["teacher"], d["labels"],
+def _runner(loss_fn, *, out: bool = False):
+    """``inputs -> loss_fn(student, teacher, labels, temperature=T, alpha=alpha)``,
+    with ``out=`` the preallocated gradient buffer if ``out``."""
+    if out:
+        return lambda d: loss_fn(d["student"], d["teacher"], d["labels"],
+                                 temperature=TEMPERATURE, alpha=ALPHA, out=d["out"])
+    return lambda d: loss_fn(d["student"], d["teacher"], d["labels"],
                              temperature=TEMPERATURE, alpha=ALPHA)
+
+
+def pytorch_kd(temperature: float = TEMPERATURE, alpha: float = ALPHA):
+    """``(s, t, y) -> 0-d tensor``: the loss ``kd_loss`` computes, in PyTorch::
+
+        T^2 (1 - alpha) KL(softmax(t/T) || softmax(s/T)) (batch mean) + alpha CE(s, y)
+
+    Shared by the benchmark's PyTorch column and ``bench/test_bench_bridges.py``.
+    """
+    import torch.nn.functional as F
+
+    soft_weight = temperature * temperature * (1.0 - alpha)
+
+    def loss(s, t, y):
+        return (F.kl_div(F.log_softmax(s / temperature, dim=1),
+                         F.log_softmax(t / temperature, dim=1),
+                         log_target=True, reduction="batchmean") * soft_weight
+                + alpha * F.cross_entropy(s, y))
+
+    return loss
 
 
 def _torch(d):
     import torch
-    import torch.nn.functional as F
 
     s = torch.from_numpy(d["student"].copy()).requires_grad_(True)
     t = torch.from_numpy(d["teacher"])
     y = torch.from_numpy(d["labels"])
-    soft_weight = TEMPERATURE * TEMPERATURE * (1.0 - ALPHA)
-
-    def run():
-        s.grad = None
-        loss = (F.kl_div(F.log_softmax(s / TEMPERATURE, dim=1),
-                         F.log_softmax(t / TEMPERATURE, dim=1),
-                         log_target=True, reduction="batchmean") * soft_weight
-                + ALPHA * F.cross_entropy(s, y))
-        loss.backward()
-        return loss.detach(), s.grad
-
-    return run
+    kd = pytorch_kd()
+    return torch_backward(s, lambda: kd(s, t, y))
 
 
 def _case(n_rows: int, n_classes: int, dtype, *, quick: bool, notes: str) -> BenchCase:
@@ -84,13 +88,13 @@ def _case(n_rows: int, n_classes: int, dtype, *, quick: bool, notes: str) -> Ben
         name=f"kd_loss/B{n_rows}_C{n_classes}/{dt.name}",
         family="response",
         make_inputs=_make_inputs(n_rows, n_classes, dt),
-        kdnumba=_kdnumba,
-        numpy=_numpy,
+        kdnumba=_runner(kd_loss),
+        numpy=_runner(kd_loss_reference),
         torch=_torch,
         bytes_moved=3 * n_rows * n_classes * dt.itemsize + 8 * n_rows,
         quick=quick,
         notes=notes,
-        variants=(("out=", _kdnumba_out),),
+        variants=(("out=", _runner(kd_loss, out=True)),),
         compile_group=f"kd_loss/{dt.name}/index-labels",
     )
 

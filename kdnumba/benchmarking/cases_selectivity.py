@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kdnumba.benchmarking import BenchCase
+from kdnumba.benchmarking import BenchCase, torch_backward
 from kdnumba.functional.selectivity import (
     DEFAULT_EPS,
     DEFAULT_SHARPNESS,
@@ -44,22 +44,12 @@ def _make_inputs(n_rows: int, n_cols: int, dtype):
     return make
 
 
-def _kdnumba(metric):
-    def run(d):
-        return selectivity_loss(d["student"], d["teacher"], metric=metric)
-    return run
-
-
-def _kdnumba_out(metric):
-    def run(d):
-        return selectivity_loss(d["student"], d["teacher"], metric=metric, out=d["out"])
-    return run
-
-
-def _numpy(metric):
-    def run(d):
-        return selectivity_loss_reference(d["student"], d["teacher"], metric=metric)
-    return run
+def _runner(loss_fn, metric, *, out: bool = False):
+    """``inputs -> loss_fn(student, teacher, metric=metric)``, with ``out=`` the
+    preallocated gradient buffer if ``out``."""
+    if out:
+        return lambda d: loss_fn(d["student"], d["teacher"], metric=metric, out=d["out"])
+    return lambda d: loss_fn(d["student"], d["teacher"], metric=metric)
 
 
 def _torch(metric):
@@ -79,13 +69,7 @@ def _torch(metric):
             def sel(a):
                 return a.max(0).values / (a.abs().mean(0) + DEFAULT_EPS)
 
-        def run():
-            s.grad = None
-            loss = ((sel(s) - sel(t)) ** 2).mean()
-            loss.backward()
-            return loss.detach(), s.grad
-
-        return run
+        return torch_backward(s, lambda: ((sel(s) - sel(t)) ** 2).mean())
     return build
 
 
@@ -96,13 +80,13 @@ def _case(metric: str, n_rows: int, n_cols: int, dtype, *, quick: bool,
         name=f"selectivity_loss/{metric}/B{n_rows}_N{n_cols}/{dt.name}",
         family="selectivity",
         make_inputs=_make_inputs(n_rows, n_cols, dt),
-        kdnumba=_kdnumba(metric),
-        numpy=_numpy(metric),
+        kdnumba=_runner(selectivity_loss, metric),
+        numpy=_runner(selectivity_loss_reference, metric),
         torch=_torch(metric),
         bytes_moved=3 * n_rows * n_cols * dt.itemsize,
         quick=quick,
         notes=notes,
-        variants=(("out=", _kdnumba_out(metric)),),
+        variants=(("out=", _runner(selectivity_loss, metric, out=True)),),
         compile_group=f"selectivity_loss/{metric}/{dt.name}",
     )
 

@@ -34,6 +34,7 @@ def _min(timing) -> float | None:
 
 
 def _ratio(num, den):
+    """``num / den``; ``None`` when either is missing or ``den <= 0``."""
     if num is None or den is None or den <= 0:
         return None
     return num / den

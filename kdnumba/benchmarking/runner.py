@@ -39,6 +39,7 @@ from kdnumba.benchmarking import FAMILIES, BenchCase, all_cases
 from kdnumba.benchmarking import bounds as _bounds
 from kdnumba.benchmarking.compile_probe import measure_compile
 from kdnumba.benchmarking.machine import machine_info
+from kdnumba.benchmarking.report import _ratio, format_markdown, format_text
 from kdnumba.benchmarking.timing import FULL, QUICK, TimingPolicy, time_interleaved
 
 SCHEMA = "kdnumba.bench/1"
@@ -60,12 +61,11 @@ def select_cases(families=None, patterns=None, quick=False, *, errors=None
     """
     cases: list[BenchCase] = []
     for family in (tuple(families) if families else FAMILIES):
-        if errors is None:
-            cases.extend(all_cases((family,)))
-            continue
         try:
             cases.extend(all_cases((family,)))
         except Exception as exc:
+            if errors is None:
+                raise
             errors[family] = f"{type(exc).__name__}: {exc}"
     if patterns:
         cases = [c for c in cases if any(p in c.name for p in patterns)]
@@ -128,12 +128,6 @@ def kernel_cache_stats() -> tuple[int, int]:
                 hits += sum(stats.cache_hits.values())
                 misses += sum(stats.cache_misses.values())
     return hits, misses
-
-
-def _ratio(num, den):
-    if num is None or den is None or den <= 0:
-        return None
-    return num / den
 
 
 def _dtype_of(inputs: dict):
@@ -475,11 +469,9 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def _emit(doc: dict, args: argparse.Namespace) -> None:
-    from kdnumba.benchmarking import report
-
     if args.json:
         print(json.dumps(doc, indent=2, allow_nan=False))
     elif args.markdown:
-        print(report.format_markdown(doc))
+        print(format_markdown(doc))
     else:
-        print(report.format_text(doc))
+        print(format_text(doc))
