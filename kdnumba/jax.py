@@ -51,8 +51,8 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess
 
 from kdnumba.bridges._adapter import (
     LossAdapter,
+    export_losses,
     intermediate_loss_and_gradient,
-    registered_losses,
 )
 
 _KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -210,12 +210,4 @@ def intermediate_loss(strategy) -> Callable:
     return loss
 
 
-def _export_losses() -> list[str]:
-    names = []
-    for name, fn in registered_losses().items():
-        globals()[name] = wrap(fn, name)
-        names.append(name)
-    return names
-
-
-__all__ = ["intermediate_loss", "wrap", *_export_losses()]
+__all__ = ["intermediate_loss", "wrap", *export_losses(globals(), wrap)]

@@ -45,8 +45,8 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess
 from kdnumba import _dispatch
 from kdnumba.bridges._adapter import (
     LossAdapter,
+    export_losses,
     intermediate_loss_and_gradient,
-    registered_losses,
 )
 from kdnumba.strategies.response import DistillationLoss
 
@@ -317,12 +317,5 @@ class IntermediateModule(torch.nn.Module):
 
 # --- the registered functional losses ----------------------------------------
 
-def _export_losses() -> list[str]:
-    names = []
-    for name, fn in registered_losses().items():
-        globals()[name] = wrap(fn, name)
-        names.append(name)
-    return names
-
-
-__all__ = ["IntermediateModule", "KDLoss", "StrategyModule", "wrap", *_export_losses()]
+__all__ = ["IntermediateModule", "KDLoss", "StrategyModule", "wrap",
+           *export_losses(globals(), wrap)]

@@ -13,8 +13,10 @@ distillation.
 from kdnumba.bridges._adapter import (
     REGISTERED,
     LossAdapter,
+    export_losses,
     intermediate_loss_and_gradient,
     registered_losses,
 )
 
-__all__ = ["REGISTERED", "LossAdapter", "intermediate_loss_and_gradient", "registered_losses"]
+__all__ = ["REGISTERED", "LossAdapter", "export_losses", "intermediate_loss_and_gradient",
+           "registered_losses"]

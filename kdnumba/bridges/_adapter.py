@@ -45,6 +45,15 @@ def registered_losses() -> dict[str, Callable]:
     return {name: getattr(functional, name) for name in REGISTERED if hasattr(functional, name)}
 
 
+def export_losses(namespace: dict, wrap: Callable) -> list[str]:
+    """Define ``namespace[name] = wrap(fn, name)`` for every registered loss (a
+    bridge passes its ``globals()`` and its own ``wrap``); the names, for ``__all__``."""
+    losses = registered_losses()
+    for name, fn in losses.items():
+        namespace[name] = wrap(fn, name)
+    return list(losses)
+
+
 @dataclass(frozen=True)
 class LossAdapter:
     """How to call one functional loss from a framework.
