@@ -292,7 +292,7 @@ def _summary(values) -> tuple[float, float]:
 def run_demo(cfg: DemoConfig, strategies, *, data: str | None = None, out: str | None = None,
              plot: bool = True, use_cache: bool = True, log=print) -> dict:
     """Run the comparison and return the results (also written to ``out``)."""
-    from kdnumba.training import Distiller, TeacherCache
+    from kdnumba.training import TeacherCache, run_teacher
 
     wall_start = time.perf_counter()
     x, y, description = load_dataset(data)
@@ -310,19 +310,16 @@ def run_demo(cfg: DemoConfig, strategies, *, data: str | None = None, out: str |
         teacher_acc = float(np.mean(np.argmax(teacher.predict(split.x_test), 1) == split.y_test))
         log(f"teacher: {teacher}  test accuracy {teacher_acc:.4f} "
             + ("(loaded from cache)" if loaded else f"(trained in {teacher_s:.1f} s)"))
-        tcache = TeacherCache(cache_dir) if cache_dir is not None else None
-        if tcache is not None:
-            pool_outputs = tcache.get(teacher, split.x_pool, (EMBEDDING_LAYER,))
+        if cache_dir is not None:
+            pool_outputs = TeacherCache(cache_dir).get(teacher, split.x_pool, (EMBEDDING_LAYER,))
         else:
-            from kdnumba.training import run_teacher
             pool_outputs = run_teacher(teacher, split.x_pool, (EMBEDDING_LAYER,))
         seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.seeds))
         subsets = {s: np.sort(np.random.default_rng(s).choice(n_pool, train_size, replace=False))
                    for s in seeds}
         results = {}
         for name in strategies:
-            results[name] = _run_strategy(name, cfg, split, pool_outputs, seeds, subsets, log,
-                                          Distiller)
+            results[name] = _run_strategy(name, cfg, split, pool_outputs, seeds, subsets, log)
 
     base = results.get("student", {})
     for name, r in results.items():
@@ -355,8 +352,8 @@ def run_demo(cfg: DemoConfig, strategies, *, data: str | None = None, out: str |
     return report
 
 
-def _run_strategy(name, cfg, split, pool_outputs, seeds, subsets, log, Distiller) -> dict:
-    from kdnumba.training import TeacherOutputs
+def _run_strategy(name, cfg, split, pool_outputs, seeds, subsets, log) -> dict:
+    from kdnumba.training import Distiller, TeacherOutputs
     record = {"label": LABELS[name], "status": "ok"}
     try:
         probe = build_strategy(name, cfg)

@@ -51,10 +51,34 @@ def strategy_members(strategy) -> list:
     members = getter() if callable(getter) else getattr(strategy, "strategies", None)
     if not members or isinstance(members, (str, bytes)):
         return []
-    out = []
-    for m in members:
-        out.append(m[0] if isinstance(m, tuple) else m)
+    return [m[0] if isinstance(m, tuple) else m for m in members]
+
+
+def _strategy_tree(strategy) -> list:
+    """``strategy`` and, recursively, its members: each object once, in pre-order,
+    at most 16 levels deep."""
+    out, seen = [], set()
+
+    def visit(s, depth):
+        if s is None or depth > 16 or id(s) in seen:
+            return
+        seen.add(id(s))
+        out.append(s)
+        for m in strategy_members(s):
+            visit(m, depth + 1)
+
+    visit(strategy, 0)
     return out
+
+
+def _own_fused_intermediate(strategy):
+    """``strategy.intermediate_loss_and_gradient`` if its class implements it (not
+    just the stub of :class:`~kdnumba.strategies.base.IntermediateStrategyMixin`),
+    else ``None``."""
+    fused = getattr(type(strategy), "intermediate_loss_and_gradient", None)
+    if fused is None or fused is IntermediateStrategyMixin.intermediate_loss_and_gradient:
+        return None
+    return strategy.intermediate_loss_and_gradient
 
 
 def is_intermediate(strategy) -> bool:
@@ -64,15 +88,13 @@ def is_intermediate(strategy) -> bool:
     own ``compute_intermediate_loss``/``compute_intermediate_gradient``."""
     if strategy is None:
         return False
-    mixin = IntermediateStrategyMixin
-    cls = type(strategy)
-    fused = getattr(cls, "intermediate_loss_and_gradient", None)
-    if fused is not None and fused is not mixin.intermediate_loss_and_gradient:
+    if _own_fused_intermediate(strategy) is not None:
         return True
     loss = getattr(strategy, "compute_intermediate_loss", None)
     grad = getattr(strategy, "compute_intermediate_gradient", None)
     if not (callable(loss) and callable(grad)):
         return False
+    mixin, cls = IntermediateStrategyMixin, type(strategy)
     return not (getattr(cls, "compute_intermediate_loss", None) is mixin.compute_intermediate_loss
                 and getattr(cls, "compute_intermediate_gradient", None)
                 is mixin.compute_intermediate_gradient)
@@ -81,24 +103,18 @@ def is_intermediate(strategy) -> bool:
 def _layer_pairs(strategy) -> set[tuple[str, str]]:
     """``(student layer, teacher layer)`` pairs read by ``strategy`` (recursively)."""
     found: set[tuple[str, str]] = set()
-
-    def visit(s, depth=0):
-        if s is None or depth > 16:
-            return
-        if is_intermediate(s):
-            for attr in _LAYER_ATTRIBUTES:
-                value = getattr(s, attr, None)
-                if isinstance(value, str):
-                    found.add((value, value))
-                elif isinstance(value, Mapping):
-                    found.update((k, t) for k, t in value.items()
-                                 if isinstance(k, str) and isinstance(t, str))
-                elif isinstance(value, Collection):
-                    found.update((x, x) for x in value if isinstance(x, str))
-        for m in strategy_members(s):
-            visit(m, depth + 1)
-
-    visit(strategy)
+    for s in _strategy_tree(strategy):
+        if not is_intermediate(s):
+            continue
+        for attr in _LAYER_ATTRIBUTES:
+            value = getattr(s, attr, None)
+            if isinstance(value, str):
+                found.add((value, value))
+            elif isinstance(value, Mapping):
+                found.update((k, t) for k, t in value.items()
+                             if isinstance(k, str) and isinstance(t, str))
+            elif isinstance(value, Collection):
+                found.update((x, x) for x in value if isinstance(x, str))
     return found
 
 
@@ -125,20 +141,12 @@ def _accepts_labels(fn) -> bool:
 
 def _memory_updaters(strategy) -> list[tuple[Callable, str]]:
     """``(update_memory, embedding layer)`` of every contrastive (member) strategy."""
-    out, seen = [], set()
-
-    def visit(s, depth=0):
-        if s is None or depth > 16 or id(s) in seen:
-            return
-        seen.add(id(s))
+    out = []
+    for s in _strategy_tree(strategy):
         upd = getattr(s, "update_memory", None)
         layer = getattr(s, "embedding_layer_name", None)
         if callable(upd) and isinstance(layer, str) and getattr(s, "negatives_sample_size", 1):
             out.append((upd, layer))
-        for m in strategy_members(s):
-            visit(m, depth + 1)
-
-    visit(strategy)
     return out
 
 
@@ -384,20 +392,24 @@ class Distiller:
         self._updaters = _memory_updaters(strategy) if update_memory else []
         self._has_output = (strategy is None
                             or callable(getattr(strategy, "loss_and_gradient", None)))
-        self._int_fn, self._int_labels, self._int_split = self._intermediate_callable(strategy)
+        (self._int_fn, self._int_labels,
+         self._int_grad_fn, self._int_grad_labels) = self._intermediate_callable(strategy)
         self.history = TrainingHistory(layers=self.layers)
 
     # -- per-batch losses ---------------------------------------------------------
     @staticmethod
     def _intermediate_callable(strategy):
+        """``(fn, fn takes labels, gradient fn, it takes labels)``: the strategy's
+        fused method (gradient fn ``None``), else the protocol's two methods.
+        Signatures are read here, once, not per minibatch."""
         if not is_intermediate(strategy):
-            return None, False, False
-        own = getattr(type(strategy), "intermediate_loss_and_gradient", None)
-        if own is not None and own is not IntermediateStrategyMixin.intermediate_loss_and_gradient:
-            fn = strategy.intermediate_loss_and_gradient
-            return fn, _accepts_labels(fn), False
-        fn = strategy.compute_intermediate_loss
-        return fn, _accepts_labels(fn), True
+            return None, False, None, False
+        fn = _own_fused_intermediate(strategy)
+        if fn is not None:
+            return fn, _accepts_labels(fn), None, False
+        loss_fn = strategy.compute_intermediate_loss
+        grad_fn = strategy.compute_intermediate_gradient
+        return loss_fn, _accepts_labels(loss_fn), grad_fn, _accepts_labels(grad_fn)
 
     def compute_losses(self, student_outputs, student_acts, teacher_outputs, teacher_acts,
                        labels=None) -> BatchLosses:
@@ -418,13 +430,13 @@ class Distiller:
         loss_i, grads_i = 0.0, IntermediateActivations()
         if self._int_fn is not None:
             kw = {"labels": labels} if self._int_labels else {}
-            if self._int_split:
-                loss_i = self._int_fn(student_acts, teacher_acts, **kw)
-                grad_fn = s.compute_intermediate_gradient
-                grads_i = grad_fn(student_acts, teacher_acts,
-                                  **(kw if _accepts_labels(grad_fn) else {}))
-            else:
+            if self._int_grad_fn is None:
                 loss_i, grads_i = self._int_fn(student_acts, teacher_acts, **kw)
+            else:
+                loss_i = self._int_fn(student_acts, teacher_acts, **kw)
+                grads_i = self._int_grad_fn(
+                    student_acts, teacher_acts,
+                    **({"labels": labels} if self._int_grad_labels else {}))
         return BatchLosses(float(loss_o), grad_o, float(loss_i),
                            grads_i if grads_i is not None else IntermediateActivations())
 

@@ -93,8 +93,8 @@ class MLP:
             self.biases.append(np.zeros(sizes[i + 1], self.dtype))
         self.weight_grads = [np.zeros_like(w) for w in self.weights]
         self.bias_grads = [np.zeros_like(b) for b in self.biases]
-        self._m = [np.zeros_like(p) for p in self._params()]
-        self._v = [np.zeros_like(p) for p in self._params()]
+        self._m = [np.zeros_like(p) for p in self.parameters.values()]
+        self._v = [np.zeros_like(p) for p in self.parameters.values()]
         self._t = 0
         self._tape: list[np.ndarray] | None = None  # layer inputs and outputs of the last forward
         self._has_grads = False
@@ -136,7 +136,6 @@ class MLP:
         if self._tape is None:
             raise RuntimeError("backward() needs a forward() first")
         tape = self._tape
-        batch = tape[0].shape[0]
         g = self._as_grad(output_grad, "output_grad", tape[-1].shape)
         extra = {}
         for name, grad in (intermediate_grads or {}).items():
@@ -154,7 +153,6 @@ class MLP:
             np.sum(g, axis=0, out=self.bias_grads[i])
             g = g @ self.weights[i].T
         self._has_grads = True
-        assert g.shape[0] == batch
         return g
 
     def step(self) -> None:
@@ -166,7 +164,8 @@ class MLP:
         # Python floats (not NumPy float64 scalars) keep float32 updates in float32.
         lr_t = self.learning_rate * math.sqrt(1.0 - b2 ** self._t) / (1.0 - b1 ** self._t)
         eps_t = self.eps * math.sqrt(1.0 - b2 ** self._t)
-        for p, g, m, s in zip(self._params(), self._grads(), self._m, self._v):
+        for p, g, m, s in zip(self.parameters.values(), self.gradients.values(),
+                              self._m, self._v):
             m *= b1
             m += (1.0 - b1) * g
             s *= b2
@@ -192,22 +191,16 @@ class MLP:
     @property
     def parameters(self) -> dict[str, np.ndarray]:
         """``{"<layer>.W": W, "<layer>.b": b}``: the live arrays (edit in place to perturb)."""
-        out = {}
-        for name, w, b in zip(self.layer_names, self.weights, self.biases):
-            out[f"{name}.W"], out[f"{name}.b"] = w, b
-        return out
+        return self._by_layer(self.weights, self.biases)
 
     @property
     def gradients(self) -> dict[str, np.ndarray]:
         """Gradients of the last :meth:`backward`, keyed like :attr:`parameters`."""
-        out = {}
-        for name, w, b in zip(self.layer_names, self.weight_grads, self.bias_grads):
-            out[f"{name}.W"], out[f"{name}.b"] = w, b
-        return out
+        return self._by_layer(self.weight_grads, self.bias_grads)
 
     @property
     def n_parameters(self) -> int:
-        return int(sum(p.size for p in self._params()))
+        return int(sum(p.size for p in self.parameters.values()))
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Copies of the parameters (used by early stopping to restore the best epoch)."""
@@ -229,7 +222,7 @@ class MLP:
         h = hashlib.sha256()
         h.update(repr((self.layer_sizes, self.layer_names, self.activations,
                        self.dtype.str)).encode())
-        for p in self._params():
+        for p in self.parameters.values():
             h.update(np.ascontiguousarray(p).tobytes())
         return h.hexdigest()
 
@@ -272,11 +265,12 @@ class MLP:
             np.maximum(z, 0, out=z)
         return z
 
-    def _params(self) -> list[np.ndarray]:
-        return [p for pair in zip(self.weights, self.biases) for p in pair]
-
-    def _grads(self) -> list[np.ndarray]:
-        return [g for pair in zip(self.weight_grads, self.bias_grads) for g in pair]
+    def _by_layer(self, weights, biases) -> dict[str, np.ndarray]:
+        """``{"<layer>.W": weights[l], "<layer>.b": biases[l]}`` in layer order."""
+        out = {}
+        for name, w, b in zip(self.layer_names, weights, biases):
+            out[f"{name}.W"], out[f"{name}.b"] = w, b
+        return out
 
     def _check_collect(self, collect) -> frozenset:
         if isinstance(collect, str):
@@ -290,7 +284,7 @@ class MLP:
 
     def _as_input(self, x) -> np.ndarray:
         arr = np.asarray(x)
-        if arr.dtype.kind not in "fiu" or arr.dtype.kind == "b":
+        if arr.dtype.kind not in "fiu":
             raise TypeError(f"x must be a real numeric array, got dtype {arr.dtype.name}")
         if arr.ndim != 2 or arr.shape[1] != self.layer_sizes[0]:
             raise ValueError(f"x must have shape (B, {self.layer_sizes[0]}), got {arr.shape}")
