@@ -318,10 +318,19 @@ def _task(x, flags, threshold, sharpness, k, r0, r1, c0, c1, shift, part, p_max,
         _flush(acc, soft)
 
 
-# No fast-math here: ``arcp`` would turn ``count / B`` into ``count * (1/B)``,
-# one ulp off the exactly rounded fraction. (Fast-math flags live on each LLVM
-# instruction, so they stay off when this is inlined into the parallel
-# kernel.) The loops are O(chunks * N); speed does not matter.
+# No fast-math in the combining pass: ``arcp`` would turn ``count / B`` into
+# ``count * (1/B)``, one ulp off the exactly rounded fraction. (Fast-math
+# flags live on each LLVM instruction, so they stay off when this is inlined
+# into the parallel kernel.) The loops are O(chunks * N); speed does not matter.
+@jit(fastmath=False)
+def _chunk_sum(part, p, j):
+    """``sum_ch part[ch, p, j]`` in chunk order (float64)."""
+    total = 0.0
+    for ch in range(part.shape[0]):
+        total += part[ch, p, j]
+    return total
+
+
 @jit(fastmath=False)
 def _combine(shift, n_rows, rows_per_chunk, flags, eps, part, p_max, p_arg, stats, argmax):
     """Per-column statistics of one matrix from its partials, chunks added in
@@ -331,35 +340,21 @@ def _combine(shift, n_rows, rows_per_chunk, flags, eps, part, p_max, p_arg, stat
     b = np.float64(n_rows)
     if (flags & WANT_VARIANCE) != 0:
         for j in range(n_cols):
-            s1 = 0.0
-            s2 = 0.0
-            for ch in range(n_ch):
-                s1 += part[ch, P_S1, j]
-                s2 += part[ch, P_S2, j]
-            m = s1 / b
-            v = s2 / b - m * m
+            m = _chunk_sum(part, P_S1, j) / b
+            v = _chunk_sum(part, P_S2, j) / b - m * m
             if v < 0.0:  # a rounding residue; NaN stays NaN
                 v = 0.0
             stats[ST_MEAN, j] = shift[j] + m
             stats[ST_VAR, j] = v
     if (flags & WANT_HARD) != 0:
         for j in range(n_cols):
-            h = 0.0
-            for ch in range(n_ch):
-                h += part[ch, P_HARD, j]
-            stats[ST_HARD, j] = h / b
+            stats[ST_HARD, j] = _chunk_sum(part, P_HARD, j) / b
     if (flags & WANT_SPARSITY) != 0:
         for j in range(n_cols):
-            r = 0.0
-            for ch in range(n_ch):
-                r += part[ch, P_SOFT, j]
-            stats[ST_SOFT, j] = r / b
+            stats[ST_SOFT, j] = _chunk_sum(part, P_SOFT, j) / b
     if (flags & (WANT_SPARSITY | WANT_PEAK)) != 0:
         for j in range(n_cols):
-            a = 0.0
-            for ch in range(n_ch):
-                a += part[ch, P_ABS, j]
-            stats[ST_MEAN_ABS, j] = a / b
+            stats[ST_MEAN_ABS, j] = _chunk_sum(part, P_ABS, j) / b
     if (flags & WANT_PEAK) != 0:
         for j in range(n_cols):
             m = p_max[0, j]
@@ -443,26 +438,28 @@ def _grad_var_row(row, mean, coef, g):
 
 
 @jit
+def _sign(v):
+    """``sign(v)`` in the dtype of ``v``, ``sign(0) = 0`` (branch-free selects)."""
+    zero = cast_like(0.0, v)
+    one = cast_like(1.0, v)
+    return one if v > zero else (-one if v < zero else zero)
+
+
+@jit
 def _grad_sparsity_row(row, sharp, k, coef, g):
-    zero = cast_like(0.0, g)
     one = cast_like(1.0, g)
     for j in range(row.shape[0]):
         v = row[j]
         # sigmoid'(z) = e / (1 + e)**2 with e = exp(-|z|): no overflow.
         e = exp_nonpos(-abs(sharp - k * abs(v)))
         r = one / (one + e)
-        sgn = one if v > zero else (-one if v < zero else zero)
-        g[j] = coef[j] * (e * r * r) * sgn
+        g[j] = coef[j] * (e * r * r) * _sign(v)
 
 
 @jit
 def _grad_sign_row(row, coef, g):
-    zero = cast_like(0.0, g)
-    one = cast_like(1.0, g)
     for j in range(row.shape[0]):
-        v = row[j]
-        sgn = one if v > zero else (-one if v < zero else zero)
-        g[j] = coef[j] * sgn
+        g[j] = coef[j] * _sign(row[j])
 
 
 @parallel_jit
@@ -494,9 +491,6 @@ def gradient_rows(x, metric, sharpness, k, mean64, coef64, coef, argmax, peak_co
             else:
                 _grad_sign_row(x[i], coef, grad[i])
     if metric == PEAK_TO_AVERAGE:
-        zero = cast_like(0.0, x)
         for j in range(n_cols):
             i = argmax[j]
-            v = x[i, j]
-            sgn = 1.0 if v > zero else (-1.0 if v < zero else 0.0)
-            grad[i, j] = cast_like(coef64[j] * sgn + peak_coef64[j], x)
+            grad[i, j] = cast_like(coef64[j] * np.float64(_sign(x[i, j])) + peak_coef64[j], x)
