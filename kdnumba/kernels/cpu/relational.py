@@ -99,6 +99,21 @@ def _smooth_l1(x):
     return 0.5 * x * x if ax < 1.0 else ax - 0.5
 
 
+@jit
+def _clip1(x):
+    """``clip(x, -1, 1)``, the derivative of :func:`_smooth_l1`."""
+    return min(max(x, -1.0), 1.0)
+
+
+@jit
+def _distance_residual(qs_ij, qt_ij, eps, inv_mu_s, inv_mu_t):
+    """``(x_ij, d^s_ij)`` with ``x_ij = d^s_ij / mu_s - d^t_ij / mu_t`` and
+    ``d_ij = sqrt(max(Q_ij, eps))`` (off-diagonal pairs)."""
+    d_s = math.sqrt(max(qs_ij, eps))
+    d_t = math.sqrt(max(qt_ij, eps))
+    return d_s * inv_mu_s - d_t * inv_mu_t, d_s
+
+
 @parallel_jit
 def distance_rows(qs, qt, eps, inv_mu_s, inv_mu_t, row_loss, row_hd):
     """Per row ``i``: ``sum_j smooth_l1(x_ij)`` and ``sum_j clip(x_ij) d^s_ij``.
@@ -114,11 +129,9 @@ def distance_rows(qs, qt, eps, inv_mu_s, inv_mu_t, row_loss, row_hd):
         for j in range(n):
             if j == i:
                 continue
-            d_s = math.sqrt(max(qs_row[j], eps))
-            d_t = math.sqrt(max(qt_row[j], eps))
-            x = d_s * inv_mu_s - d_t * inv_mu_t
+            x, d_s = _distance_residual(qs_row[j], qt_row[j], eps, inv_mu_s, inv_mu_t)
             loss += _smooth_l1(x)
-            hd += min(max(x, -1.0), 1.0) * d_s
+            hd += _clip1(x) * d_s
         row_loss[i] = loss
         row_hd[i] = hd
 
@@ -134,9 +147,8 @@ def _angle_inner(qs_b, qs_a, ins_a, ins_ab, qs_ab, qt_b, qt_a, int_a, int_ab, qt
         k = 0.5 * (qs_ab + qs_a[c] - qs_b[c]) * w_s
         t = 0.5 * (qt_ab + qt_a[c] - qt_b[c]) * (int_ab * int_a[c])
         x = k - t
-        ax = abs(x)
-        loss += 0.5 * x * x if ax < 1.0 else ax - 0.5
-        h = min(max(x, -1.0), 1.0)
+        loss += _smooth_l1(x)
+        h = _clip1(x)
         a = h * w_s
         r_b[c] += a
         alpha += a
@@ -215,11 +227,9 @@ def assemble(r, w_a, qs, qt, eps, inv_mu_s, inv_mu_t, k_mean, w_d, out):
             if j == i:
                 continue
             c = 0.0
-            if w_d != 0.0 and qs_row[j] >= eps:
-                d_s = math.sqrt(qs_row[j])
-                d_t = math.sqrt(max(qt_row[j], eps))
-                h = min(max(d_s * inv_mu_s - d_t * inv_mu_t, -1.0), 1.0)
-                c = (h * inv_mu_s - k_mean) / (2.0 * d_s)
+            if w_d != 0.0 and qs_row[j] >= eps:  # else the clamp is flat: c = 0
+                x, d_s = _distance_residual(qs_row[j], qt_row[j], eps, inv_mu_s, inv_mu_t)
+                c = (_clip1(x) * inv_mu_s - k_mean) / (2.0 * d_s)
             rr = r_row[j] + r[j, i]
             o_row[j] = w_a * rr - 4.0 * w_d * c
             c_sum += c
