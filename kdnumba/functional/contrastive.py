@@ -64,10 +64,7 @@ def _check_width(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None
 
 
 def _check_pair(s: np.ndarray, t: np.ndarray) -> None:
-    if s.shape[0] != t.shape[0]:
-        raise ValueError(
-            f"batch size mismatch: student_emb has {s.shape[0]} rows, teacher_emb has "
-            f"{t.shape[0]}")
+    v.check_same_batch(s, t, "student_emb", "teacher_emb")
     _check_width(s, t, "student_emb", "teacher_emb")
 
 
@@ -103,9 +100,8 @@ def _tile_rows(tile_rows) -> int | None:
     return v.check_int(tile_rows, "tile_rows", minimum=1)
 
 
-def _prepare(student_emb, teacher_emb, negatives, temperature, device, tile_rows):
+def _prepare(student_emb, teacher_emb, negatives, temperature, target, tile_rows):
     temperature = v.check_positive(temperature, "temperature")
-    target = _dispatch.resolve_device(device, student_emb, teacher_emb, negatives)
     kernels = _dispatch.kernels(_FAMILY, target)
     s = _as_embeddings(student_emb, "student_emb")
     t = _as_embeddings(teacher_emb, "teacher_emb", dtype=s.dtype)
@@ -154,12 +150,13 @@ def nt_xent(student_emb, teacher_emb, negatives=None, *, temperature=0.07, devic
     Returns:
         ``(loss, grad)``: a float and ``(B, D)`` in the student's dtype.
     """
-    if _dispatch.resolve_device(device, student_emb, teacher_emb, negatives) == "cuda":
+    target = _dispatch.resolve_device(device, student_emb, teacher_emb, negatives)
+    if target == "cuda":
         from kdnumba import _cuda_paths  # imports numba.cuda: CUDA path only
         return _cuda_paths.nt_xent(student_emb, teacher_emb, temperature=temperature,
                                 negatives=negatives, tile_rows=tile_rows)
     kernels, s, t, neg, s_norms, t_norms, n_norms, tau, rows = _prepare(
-        student_emb, teacher_emb, negatives, temperature, device, tile_rows)
+        student_emb, teacher_emb, negatives, temperature, target, tile_rows)
     cand, cand_norms = _candidates(t, neg, t_norms, n_norms)
     pos_index = np.arange(s.shape[0], dtype=np.int64)
     loss, grad = kernels.student_anchored(s, s_norms, cand, cand_norms, None, pos_index, tau,
@@ -192,12 +189,13 @@ def info_nce(student_emb, teacher_emb, negatives=None, *, temperature=0.07, devi
 
     Other arguments and returns as :func:`nt_xent`.
     """
-    if _dispatch.resolve_device(device, student_emb, teacher_emb, negatives) == "cuda":
+    target = _dispatch.resolve_device(device, student_emb, teacher_emb, negatives)
+    if target == "cuda":
         from kdnumba import _cuda_paths  # imports numba.cuda: CUDA path only
         return _cuda_paths.info_nce(student_emb, teacher_emb, temperature=temperature,
                                 negatives=negatives, tile_rows=tile_rows)
     kernels, s, t, neg, s_norms, t_norms, n_norms, tau, rows = _prepare(
-        student_emb, teacher_emb, negatives, temperature, device, tile_rows)
+        student_emb, teacher_emb, negatives, temperature, target, tile_rows)
     loss, grad = kernels.teacher_anchored(s, s_norms, t, t_norms, neg, n_norms, tau, rows)
     return float(loss), grad
 
@@ -224,15 +222,16 @@ def supervised_contrastive(student_emb, teacher_emb, labels, negatives=None, *,
 
     Other arguments and returns as :func:`nt_xent`.
     """
-    if _dispatch.resolve_device(device, student_emb, teacher_emb, negatives) == "cuda":
+    target = _dispatch.resolve_device(device, student_emb, teacher_emb, negatives)
+    if target == "cuda":
         from kdnumba import _cuda_paths  # imports numba.cuda: CUDA path only
         return _cuda_paths.supervised_contrastive(student_emb, teacher_emb, labels,
                                                   temperature=temperature,
                                                   negatives=negatives, tile_rows=tile_rows)
     kernels, s, t, neg, s_norms, t_norms, n_norms, tau, rows = _prepare(
-        student_emb, teacher_emb, negatives, temperature, device, tile_rows)
+        student_emb, teacher_emb, negatives, temperature, target, tile_rows)
     y = v.as_class_labels(labels, "labels", s.shape[0])
-    classes, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
+    classes, inverse = np.unique(y, return_inverse=True)
     inverse = np.ascontiguousarray(inverse, dtype=np.int64)
     means = kernels.class_means(t, t_norms, inverse, classes.shape[0])
     cand, cand_norms = _candidates(t, neg, t_norms, n_norms)
@@ -280,7 +279,7 @@ def triplet_loss(student_emb, labels, *, margin=0.1, device="auto", tile_rows=No
                                         tile_rows=tile_rows)
     kernels = _dispatch.kernels(_FAMILY, target)
     s = _as_embeddings(student_emb, "student_emb")
-    _finite_norms(kernels, s, "student_emb")
+    s_norms = _finite_norms(kernels, s, "student_emb")
     y = v.as_class_labels(labels, "labels", s.shape[0])
     rows = _tile_rows(tile_rows)
     _, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
@@ -289,6 +288,6 @@ def triplet_loss(student_emb, labels, *, margin=0.1, device="auto", tile_rows=No
     n_qualifying = int(qualifies.sum())
     if n_qualifying == 0:
         return 0.0, np.zeros_like(s)
-    loss, grad = kernels.triplet(s, np.ascontiguousarray(inverse, dtype=np.int64),
+    loss, grad = kernels.triplet(s, s_norms, np.ascontiguousarray(inverse, dtype=np.int64),
                                  np.ascontiguousarray(qualifies), n_qualifying, margin, rows)
     return float(loss), grad

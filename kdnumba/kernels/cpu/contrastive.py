@@ -421,14 +421,27 @@ def triplet_finish(x, scale, pos_idx, neg_idx, margin, n_qualifying, row_loss, g
 
 # --- drivers (plain Python: buffers + BLAS) ----------------------------------------
 
-def _norms(x: np.ndarray) -> np.ndarray:
+def norms(x: np.ndarray) -> np.ndarray:
+    """Row norms in float64 (non-finite for rows holding NaN/inf)."""
     out = np.empty(x.shape[0], dtype=np.float64)
     row_norms(x, out)
     return out
 
 
-def _normalized(x: np.ndarray, norms: np.ndarray, scale: float, out: np.ndarray) -> None:
-    normalize_rows(x, norms, float(scale), out)
+def _tiles(anchors: np.ndarray, candidates: np.ndarray, tile_rows):
+    """Yield ``(r0, r1, block)`` with ``block = anchors[r0:r1] @ candidates.T``
+    (BLAS), tile by tile in order, in one reused ``R x N`` buffer (freed when
+    the iteration ends). ``tile_rows``: ``None`` for :func:`default_tile_rows`."""
+    n = anchors.shape[0]
+    n_cand = candidates.shape[0]
+    rows = tile_rows or default_tile_rows(n, n_cand, anchors.dtype.itemsize)
+    block_buf = np.empty((min(rows, n), n_cand), dtype=anchors.dtype)
+    cand_t = candidates.T
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        block = block_buf[: r1 - r0]
+        np.matmul(anchors[r0:r1], cand_t, out=block)
+        yield r0, r1, block
 
 
 def _bounds_and_mode(anchor_norms, temperature, dtype):
@@ -437,11 +450,6 @@ def _bounds_and_mode(anchor_norms, temperature, dtype):
     bounds = unit / temperature
     use_bound = 2.0 / temperature <= exp_range(dtype)
     return bounds, use_bound
-
-
-def norms(x: np.ndarray) -> np.ndarray:
-    """Row norms in float64 (non-finite for rows holding NaN/inf)."""
-    return _norms(x)
 
 
 def student_anchored(s, s_norms, candidates_raw, cand_norms, pos, pos_index, temperature,
@@ -462,30 +470,22 @@ def student_anchored(s, s_norms, candidates_raw, cand_norms, pos, pos_index, tem
 
     Returns ``(loss, grad)`` with ``loss`` a float64 mean over anchors.
     """
-    n, dim = s.shape
-    n_cand = candidates_raw.shape[0]
+    n = s.shape[0]
     dtype = s.dtype
     inv_tau = 1.0 / temperature
     anchors = np.empty_like(s)
-    _normalized(s, s_norms, inv_tau, anchors)
+    normalize_rows(s, s_norms, inv_tau, anchors)
     cand = np.empty_like(candidates_raw)
-    _normalized(candidates_raw, cand_norms, 1.0, cand)
+    normalize_rows(candidates_raw, cand_norms, 1.0, cand)
     if pos is None:
         pos = cand
     bounds, use_bound = _bounds_and_mode(s_norms, temperature, dtype)
-    rows = tile_rows or default_tile_rows(n, n_cand, dtype.itemsize)
-    block_buf = np.empty((min(rows, n), n_cand), dtype=dtype)
     lse = np.empty(n, dtype=np.float64)
     inv_sum = np.empty(n, dtype=np.float64)
     grad = np.empty_like(s)
-    cand_t = cand.T
-    for r0 in range(0, n, rows):
-        r1 = min(n, r0 + rows)
-        block = block_buf[: r1 - r0]
-        np.matmul(anchors[r0:r1], cand_t, out=block)
+    for r0, r1, block in _tiles(anchors, cand, tile_rows):
         softmax_rows(block, bounds, use_bound, -exp_range(dtype), r0, lse, inv_sum)
         np.matmul(block, cand, out=grad[r0:r1])
-    del block_buf
     row_loss = np.empty(n, dtype=np.float64)
     finish_student_anchored(s, s_norms, grad, inv_sum, lse, pos, pos_index, inv_tau,
                             row_loss, grad)
@@ -506,62 +506,51 @@ def teacher_anchored(s, s_norms, t, t_norms, negatives_raw, neg_norms, temperatu
     n_neg = 0 if negatives_raw is None else negatives_raw.shape[0]
     n_cand = n + n_neg
     anchors = np.empty_like(t)
-    _normalized(t, t_norms, inv_tau, anchors)
+    normalize_rows(t, t_norms, inv_tau, anchors)
     cand = np.empty((n_cand, dim), dtype=dtype)
-    _normalized(s, s_norms, 1.0, cand[:n])
+    normalize_rows(s, s_norms, 1.0, cand[:n])
     if n_neg:
-        _normalized(negatives_raw, neg_norms, 1.0, cand[n:])
+        normalize_rows(negatives_raw, neg_norms, 1.0, cand[n:])
     bounds, use_bound = _bounds_and_mode(t_norms, temperature, dtype)
     rows = tile_rows or default_tile_rows(n, n_cand, dtype.itemsize)
-    block_buf = np.empty((min(rows, n), n_cand), dtype=dtype)
     weighted = np.empty((min(rows, n), dim), dtype=dtype)
     part = np.empty((n, dim), dtype=dtype)
     acc = np.zeros((n, dim), dtype=np.float64)
     lse = np.empty(n, dtype=np.float64)
     inv_sum = np.empty(n, dtype=np.float64)
-    cand_t = cand.T
-    for r0 in range(0, n, rows):
-        r1 = min(n, r0 + rows)
-        block = block_buf[: r1 - r0]
-        np.matmul(anchors[r0:r1], cand_t, out=block)
+    for r0, r1, block in _tiles(anchors, cand, rows):
         softmax_rows(block, bounds, use_bound, -exp_range(dtype), r0, lse, inv_sum)
         w = weighted[: r1 - r0]
         scale_rows(anchors[r0:r1], inv_sum, r0, w)
         np.matmul(block[:, :n].T, w, out=part)
         accumulate(acc, part)
-    del block_buf, part, cand
+    del weighted, part, cand, block  # (``block`` is a view of the tile buffer)
     row_loss = np.empty(n, dtype=np.float64)
     grad = np.empty_like(s)
     finish_teacher_anchored(s, s_norms, anchors, acc, lse, row_loss, grad)
     return ordered_sum(row_loss) / n, grad
 
 
-def triplet(s, labels, qualifies, n_qualifying, margin, tile_rows=None):
+def triplet(s, s_norms, labels, qualifies, n_qualifying, margin, tile_rows=None):
     """Batch-hard triplet loss on ``s`` (Euclidean), tiled Gram for the selection.
 
-    ``labels``: int64 ``(B,)``; ``qualifies``: bool ``(B,)`` (anchor has a
-    positive ``j != i`` and a negative); ``n_qualifying >= 1``.
+    ``s_norms``: the float64 row norms of ``s`` (:func:`norms`); ``labels``:
+    int64 ``(B,)``; ``qualifies``: bool ``(B,)`` (anchor has a positive
+    ``j != i`` and a negative); ``n_qualifying >= 1``.
     """
     n, dim = s.shape
     dtype = s.dtype
-    max_norm = float(np.max(_norms(s)))
+    max_norm = float(np.max(s_norms))
     # A power of two, so scaling is exact: selection and distances run on
     # rows of norm <= 1 (no overflow of squared distances in the Gram form).
     exponent = math.frexp(max_norm)[1] if max_norm > 0.0 else 0
     scale = math.ldexp(1.0, exponent)
     x = np.ldexp(s, -exponent).astype(dtype, copy=False)
     sq = np.einsum("ij,ij->i", x, x).astype(dtype)
-    rows = tile_rows or default_tile_rows(n, n, dtype.itemsize)
-    block_buf = np.empty((min(rows, n), n), dtype=dtype)
     pos_idx = np.empty(n, dtype=np.int64)
     neg_idx = np.empty(n, dtype=np.int64)
-    x_t = x.T
-    for r0 in range(0, n, rows):
-        r1 = min(n, r0 + rows)
-        block = block_buf[: r1 - r0]
-        np.matmul(x[r0:r1], x_t, out=block)
+    for r0, _, block in _tiles(x, x, tile_rows):
         triplet_select(block, sq, labels, qualifies, r0, pos_idx, neg_idx)
-    del block_buf
     row_loss = np.empty(n, dtype=np.float64)
     grad64 = np.zeros((n, dim), dtype=np.float64)
     triplet_finish(x, scale, pos_idx, neg_idx, float(margin), n_qualifying, row_loss, grad64)
