@@ -8,6 +8,7 @@ when it must (dtype cast, non-contiguous input).
 
 from __future__ import annotations
 
+import enum
 import math
 import numbers
 
@@ -55,11 +56,17 @@ def as_float_array(x, name: str, *, ndim: int | None = None, min_ndim: int | Non
     return np.ascontiguousarray(arr)
 
 
-def check_same_shape(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:
-    """Raise ``ValueError`` unless ``a`` and ``b`` have the same shape."""
+def check_same_batch(a, b, name_a: str, name_b: str) -> None:
+    """Raise ``ValueError`` unless ``a`` and ``b`` have the same number of rows
+    (any objects with a ``shape``, host or device arrays)."""
     if a.shape[0] != b.shape[0]:
         raise ValueError(
             f"batch size mismatch: {name_a} has {a.shape[0]} rows, {name_b} has {b.shape[0]}")
+
+
+def check_same_shape(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:
+    """Raise ``ValueError`` unless ``a`` and ``b`` have the same shape."""
+    check_same_batch(a, b, name_a, name_b)
     if a.shape != b.shape:
         raise ValueError(
             f"shape mismatch: {name_a} has shape {a.shape}, {name_b} has shape {b.shape}")
@@ -129,6 +136,28 @@ def check_name(value, name: str) -> str:
     if not isinstance(value, str) or not value:
         raise TypeError(f"{name} must be a non-empty string, got {value!r}")
     return value
+
+
+def parse_choice(value, choices: type[enum.Enum], name: str, aliases=None):
+    """``value`` as a member of the string enum ``choices``: a member, or a
+    string matching a member's value in any case, with ``-`` read as ``_``
+    and ``aliases`` (``{normalised spelling: value}``) applied.
+
+    Non-strings raise ``TypeError``; unknown strings ``ValueError`` listing
+    the valid values.
+    """
+    if isinstance(value, choices):
+        return value
+    if not isinstance(value, str):
+        raise TypeError(
+            f"{name} must be a {choices.__name__} or a string, got {type(value).__name__}")
+    key = value.strip().lower().replace("-", "_")
+    key = (aliases or {}).get(key, key)
+    try:
+        return choices(key)
+    except ValueError:
+        valid = ", ".join(repr(m.value) for m in choices)
+        raise ValueError(f"{name} must be one of {valid}, got {value!r}") from None
 
 
 def _labels_array(labels, name: str) -> np.ndarray:

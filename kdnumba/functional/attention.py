@@ -85,9 +85,7 @@ def attention_transfer(student_feats, teacher_feats, *, p=2, variant="repdistill
                                               variant=variant, pool=pool)
     s = v.as_float_array(student_feats, "student_feats", min_ndim=3)
     t = v.as_float_array(teacher_feats, "teacher_feats", min_ndim=3, dtype=s.dtype)
-    if s.shape[0] != t.shape[0]:
-        raise ValueError(f"batch size mismatch: student_feats has {s.shape[0]} rows, "
-                         f"teacher_feats has {t.shape[0]}")
+    v.check_same_batch(s, t, "student_feats", "teacher_feats")
     if s.ndim != t.ndim:
         raise ValueError(f"student_feats {s.shape} and teacher_feats {t.shape} must both be "
                          "(B, C, *spatial) with the same number of spatial axes")

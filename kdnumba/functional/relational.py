@@ -72,9 +72,7 @@ def rkd_loss(student_emb, teacher_emb, *, distance_weight=25.0, angle_weight=50.
                                     angle_weight=w_a)
     s_in = v.as_float_array(student_emb, "student_emb")
     t_in = v.as_float_array(teacher_emb, "teacher_emb", dtype=s_in.dtype)
-    if s_in.shape[0] != t_in.shape[0]:
-        raise ValueError(f"batch size mismatch: student_emb has {s_in.shape[0]} rows, "
-                         f"teacher_emb has {t_in.shape[0]}")
+    v.check_same_batch(s_in, t_in, "student_emb", "teacher_emb")
     s = s_in.reshape(s_in.shape[0], -1)
     t = t_in.reshape(t_in.shape[0], -1)
     # Checked up front: the clamps (max with eps) would hide a NaN.

@@ -68,23 +68,8 @@ class SelectivityMetric(enum.StrEnum):
     def parse(cls, metric) -> SelectivityMetric:
         """``metric`` as a member: a member, its value or its name (any case;
         AiDotNet's ``"PeakToAverage"`` spelling is accepted too)."""
-        if isinstance(metric, cls):
-            return metric
-        if not isinstance(metric, str):
-            raise TypeError(
-                f"metric must be a SelectivityMetric or a string, got {type(metric).__name__}")
-        key = metric.strip().lower().replace("-", "_")
-        aliases = {"peaktoaverage": "peak_to_average", "peak": "peak_to_average"}
-        key = aliases.get(key, key)
-        try:
-            return cls(key)
-        except ValueError:
-            valid = ", ".join(repr(m.value) for m in cls)
-            raise ValueError(f"metric must be one of {valid}, got {metric!r}") from None
-
-
-_METRIC_CODE = {SelectivityMetric.VARIANCE: 0, SelectivityMetric.SPARSITY: 1,
-                SelectivityMetric.PEAK_TO_AVERAGE: 2}
+        return v.parse_choice(metric, cls, "metric",
+                              {"peaktoaverage": "peak_to_average", "peak": "peak_to_average"})
 
 
 class SelectivityStatistics(NamedTuple):
@@ -305,10 +290,11 @@ def selectivity_loss(student_acts, teacher_acts, *, metric="variance",
     t2 = t.reshape(t.shape[0], -1)
     n_rows, n_cols = s2.shape
     kernels = _dispatch.kernels("selectivity", target)
-    flags, row = {
-        SelectivityMetric.VARIANCE: (kernels.WANT_VARIANCE, kernels.ST_VAR),
-        SelectivityMetric.SPARSITY: (kernels.WANT_SPARSITY, kernels.ST_SOFT),
-        SelectivityMetric.PEAK_TO_AVERAGE: (kernels.WANT_PEAK, kernels.ST_RATIO),
+    code, flags, row = {
+        SelectivityMetric.VARIANCE: (kernels.VARIANCE, kernels.WANT_VARIANCE, kernels.ST_VAR),
+        SelectivityMetric.SPARSITY: (kernels.SPARSITY, kernels.WANT_SPARSITY, kernels.ST_SOFT),
+        SelectivityMetric.PEAK_TO_AVERAGE: (kernels.PEAK_TO_AVERAGE, kernels.WANT_PEAK,
+                                            kernels.ST_RATIO),
     }[metric]
 
     # Teacher first: the student, read last, is then the likelier to still be
@@ -344,7 +330,7 @@ def selectivity_loss(student_acts, teacher_acts, *, metric="variance",
             peak_coef64 = c / d
             arg = argmax[1]
     with _policy.kernel_launch(s2.size):
-        kernels.gradient_rows(s2, _METRIC_CODE[metric], scalar(sharpness),
+        kernels.gradient_rows(s2, code, scalar(sharpness),
                               scalar(sharpness / threshold), mean64, coef64, coef, arg,
                               peak_coef64, g2)
     if not _gradient_fits(metric, kernels, g2, st_s, coef64, coef, arg):

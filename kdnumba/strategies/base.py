@@ -10,6 +10,9 @@ layers implement :class:`IntermediateActivationStrategy`
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Protocol, runtime_checkable
@@ -129,3 +132,18 @@ def check_activations(acts, name: str) -> IntermediateActivations | Mapping:
             f"{name} must be an IntermediateActivations (or a mapping name -> array), "
             f"got {type(acts).__name__}")
     return acts
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def warn_user(message: str) -> None:
+    """A ``UserWarning`` attributed to the first calling frame outside kdnumba
+    (however many kdnumba frames, e.g. a hybrid strategy or a trainer, lie
+    between), so the warning points at the user's line."""
+    level = 1  # stacklevel 1 is this function, the caller of warnings.warn
+    frame = sys._getframe()
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, UserWarning, stacklevel=level)

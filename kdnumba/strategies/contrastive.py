@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import warnings
 
 import numpy as np
 
@@ -20,6 +19,7 @@ from kdnumba.strategies.base import (
     IntermediateActivations,
     IntermediateStrategyMixin,
     check_activations,
+    warn_user,
 )
 
 __all__ = ["ContrastiveDistillationStrategy", "ContrastiveMode"]
@@ -57,18 +57,8 @@ class ContrastiveMode(enum.StrEnum):
     def parse(cls, mode) -> ContrastiveMode:
         """``mode`` as a member: a member, its value or its name in any case
         (AiDotNet's ``"NTXent"``/``"InfoNCE"`` spellings too)."""
-        if isinstance(mode, cls):
-            return mode
-        if not isinstance(mode, str):
-            raise TypeError(
-                f"mode must be a ContrastiveMode or a string, got {type(mode).__name__}")
-        key = mode.strip().lower().replace("-", "_")
-        key = {"ntxent": "nt_xent", "infonce": "info_nce", "supcon": "supervised"}.get(key, key)
-        try:
-            return cls(key)
-        except ValueError:
-            valid = ", ".join(repr(m.value) for m in cls)
-            raise ValueError(f"mode must be one of {valid}, got {mode!r}") from None
+        return v.parse_choice(mode, cls, "mode",
+                              {"ntxent": "nt_xent", "infonce": "info_nce", "supcon": "supervised"})
 
 
 class ContrastiveDistillationStrategy(DistillationStrategy, IntermediateStrategyMixin):
@@ -206,10 +196,9 @@ class ContrastiveDistillationStrategy(DistillationStrategy, IntermediateStrategy
             if name == "teacher_acts" and not needs_teacher:
                 continue
             if layer not in acts:
-                warnings.warn(
+                warn_user(
                     f"ContrastiveDistillationStrategy: embedding layer {layer!r} not found in "
-                    f"{name} (available: {sorted(acts)}); the contrastive loss is 0",
-                    UserWarning, stacklevel=3)
+                    f"{name} (available: {sorted(acts)}); the contrastive loss is 0")
                 return 0.0, IntermediateActivations()
         s_raw = student_acts[layer]
         s = self._as_rows(s_raw, f"student_acts[{layer!r}]")

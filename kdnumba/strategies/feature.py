@@ -196,9 +196,7 @@ class FeatureDistillationStrategy(LayerwiseStrategy):
                     f"pass projections={{{student_layer!r}: matrix of shape "
                     f"({s[0].size}, {t[0].size})}} to map student features to the teacher's width")
             return feature_loss(s, t, device=self.device)
-        if s.shape[0] != t.shape[0]:
-            raise ValueError(f"batch size mismatch: the student activation has {s.shape[0]} "
-                             f"rows, the teacher's {t.shape[0]}")
+        v.check_same_batch(s, t, "the student activation", "the teacher activation")
         s2 = s.reshape(s.shape[0], -1)
         t2 = t.reshape(t.shape[0], -1)
         if proj.shape != (s2.shape[1], t2.shape[1]):

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
-import warnings
-
 import numpy as np
 
 from kdnumba import _validation as v
@@ -22,6 +18,7 @@ from kdnumba.strategies.base import (
     IntermediateActivations,
     IntermediateStrategyMixin,
     check_activations,
+    warn_user,
 )
 
 
@@ -114,12 +111,12 @@ class NeuronSelectivityDistillationStrategy(DistillationStrategy, IntermediateSt
         if missing:
             available = {side: sorted(map(str, acts)) for side, acts in
                          (("student_acts", student_acts), ("teacher_acts", teacher_acts))}
-            warnings.warn(
+            warn_user(
                 f"NeuronSelectivityDistillationStrategy: target layer {name!r} is missing from "
                 f"{' and '.join(missing)}; available layers: student_acts "
                 f"{available['student_acts']}, teacher_acts {available['teacher_acts']}. "
                 "The selectivity loss is 0 and no gradient is returned; check "
-                "target_layer_name.", UserWarning, stacklevel=_user_stacklevel())
+                "target_layer_name.")
             return 0.0, IntermediateActivations()
         try:
             loss, grad = selectivity_loss(
@@ -136,16 +133,3 @@ class NeuronSelectivityDistillationStrategy(DistillationStrategy, IntermediateSt
                 f"metric={self.metric.name}, temperature={self.temperature}, "
                 f"alpha={self.alpha}, threshold={self.threshold}, "
                 f"sharpness={self.sharpness}, eps={self.eps})")
-
-
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-
-
-def _user_stacklevel() -> int:
-    """``stacklevel`` that points a warning at the first frame outside kdnumba."""
-    level = 1
-    frame = sys._getframe(1)
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
-        frame = frame.f_back
-        level += 1
-    return level
