@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from kdnumba.reference.feature import feature_loss
+from kdnumba.reference.response import log_softmax
+
 EPS = 1e-12
 
 
@@ -78,14 +81,10 @@ def attention_map_loss(student_attn, teacher_attn, *, kind="mse", inputs="probs"
     """``(loss, grad)`` of attention-map matching; see ``kdnumba.functional.attention_map_loss``."""
     s = np.asarray(student_attn)
     t = np.asarray(teacher_attn).astype(s.dtype, copy=False)
-    if kind == "mse":
-        diff = s - t
-        return float(np.mean(diff.astype(np.float64) ** 2)), 2 * diff / s.dtype.type(s.size)
+    if kind == "mse":  # TinyBERT's loss is the FitNets MSE
+        return feature_loss(s, t)
     n_rows = s.size // s.shape[-1]
     if inputs == "logits":
-        def log_softmax(z):
-            z = z - z.max(axis=-1, keepdims=True)
-            return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
         log_p_s, log_p_t = log_softmax(s), log_softmax(t)
         loss = np.sum(np.exp(log_p_t) * (log_p_t - log_p_s)) / n_rows
         return float(loss), (np.exp(log_p_s) - np.exp(log_p_t)) / s.dtype.type(n_rows)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from kdnumba.reference.response import log_softmax
+
 EPS = 1e-12
 
 
@@ -34,11 +36,6 @@ def _normalize_backward(x: np.ndarray, norms: np.ndarray, g_hat: np.ndarray) -> 
     return out
 
 
-def _log_softmax(z: np.ndarray) -> np.ndarray:
-    m = z.max(axis=1, keepdims=True)
-    return z - m - np.log(np.exp(z - m).sum(axis=1, keepdims=True))
-
-
 def _with_negatives(c: np.ndarray, negatives) -> np.ndarray:
     if negatives is None or len(negatives) == 0:
         return c
@@ -57,7 +54,7 @@ def _student_anchored(s, t, positives, negatives, temperature):
     c_hat, _ = _normalize(cand)
     tau = temperature
     logits = s_hat.astype(np.float64) @ c_hat.astype(np.float64).T / tau  # B x (B + K), dense
-    log_p = _log_softmax(logits)
+    log_p = log_softmax(logits)
     pos_target = positives @ t_hat.astype(np.float64)                    # B x D
     pos_logit = (s_hat.astype(np.float64) * pos_target).sum(axis=1) / tau
     lse = logits - log_p                                                 # every column = lse_i
@@ -94,7 +91,7 @@ def info_nce(student_emb, teacher_emb, *, temperature=0.07, negatives=None):
     t_hat, _ = _normalize(t)
     c_hat, _ = _normalize(_with_negatives(s, negatives))
     logits = t_hat.astype(np.float64) @ c_hat.astype(np.float64).T / tau
-    log_p = _log_softmax(logits)
+    log_p = log_softmax(logits)
     pos_logit = (t_hat.astype(np.float64) * s_hat.astype(np.float64)).sum(axis=1) / tau
     loss = np.mean(logits[:, 0] - log_p[:, 0] - pos_logit)
     p = np.exp(log_p)[:, :n]                                             # anchors x student rows

@@ -6,9 +6,10 @@ import numpy as np
 
 
 def log_softmax(z: np.ndarray) -> np.ndarray:
-    """Row-wise ``log softmax`` via the max-shifted log-sum-exp."""
-    shifted = z - z.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    """``log softmax`` over the last axis (the rows of a matrix) via the
+    max-shifted log-sum-exp."""
+    shifted = z - z.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 def kd_loss(student_logits, teacher_logits, labels=None, *, temperature=3.0, alpha=0.3):
