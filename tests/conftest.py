@@ -5,6 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+# The shared helpers' asserts report their values like the tests' own.
+pytest.register_assert_rewrite("testkit")
+
 
 @pytest.fixture
 def rng() -> np.random.Generator:

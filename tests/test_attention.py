@@ -10,11 +10,18 @@ autograd of RepDistiller's ``AT.py`` formula (``F.normalize``,
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from testkit import (
+    assert_inputs_untouched,
+    assert_loss_grad_close,
+    assert_same_loss_and_grad,
+    central_difference,
+    one_and_two_threads,
+    softmax,
+)
 
 import kdnumba
 from kdnumba import reference
@@ -27,30 +34,8 @@ DTYPES = [F32, F64]
 RTOL = {F32: 1e-4, F64: 1e-10}
 
 
-def central_difference(f, x, h=1e-6):
-    grad = np.empty_like(x)
-    flat, out = x.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        keep = flat[i]
-        flat[i] = keep + h
-        up = f(x)
-        flat[i] = keep - h
-        down = f(x)
-        flat[i] = keep
-        out[i] = (up - down) / (2 * h)
-    return grad
-
-
 def assert_matches(loss, grad, ref_loss, ref_grad, dtype):
-    rtol = RTOL[np.dtype(dtype)]
-    assert loss == pytest.approx(ref_loss, rel=rtol, abs=1e-300)
-    np.testing.assert_allclose(grad, ref_grad, rtol=rtol,
-                               atol=rtol * max(np.abs(ref_grad).max(), 1e-300))
-
-
-def softmax(x):
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+    assert_loss_grad_close(loss, grad, ref_loss, ref_grad, RTOL[np.dtype(dtype)])
 
 
 # --- attention transfer -------------------------------------------------------------
@@ -169,25 +154,13 @@ def test_at_property_matches_reference(batch, c_s, c_t, size, seed):
 def test_at_deterministic_across_thread_counts(rng):
     s = rng.standard_normal((9, 70, 3, 3)).astype(np.float32)
     t = rng.standard_normal((9, 5, 3, 3)).astype(np.float32)
-    previous = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        one = attention_transfer(s, t)
-        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
-        two = attention_transfer(s, t)
-    finally:
-        numba.set_num_threads(previous)
-    assert one[0] == two[0]
-    np.testing.assert_array_equal(one[1], two[1])
+    assert_same_loss_and_grad(*one_and_two_threads(lambda: attention_transfer(s, t)))
 
 
 def test_at_does_not_modify_inputs(rng):
     s = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
     t = rng.standard_normal((2, 3, 2, 2))
-    s0, t0 = s.copy(), t.copy()
-    attention_transfer(s, t, pool=True)
-    np.testing.assert_array_equal(s, s0)
-    np.testing.assert_array_equal(t, t0)
+    assert_inputs_untouched(lambda: attention_transfer(s, t, pool=True), s, t)
 
 
 def test_at_overflow_is_reported():
@@ -297,16 +270,7 @@ def test_map_kl_probs_zero_entries():
 def test_map_kl_deterministic_across_thread_counts(rng):
     s = softmax(rng.standard_normal((3, 4, 20, 20))).astype(np.float32)
     t = softmax(rng.standard_normal((3, 4, 20, 20))).astype(np.float32)
-    previous = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        one = attention_map_loss(s, t, kind="kl")
-        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
-        two = attention_map_loss(s, t, kind="kl")
-    finally:
-        numba.set_num_threads(previous)
-    assert one[0] == two[0]
-    np.testing.assert_array_equal(one[1], two[1])
+    assert_same_loss_and_grad(*one_and_two_threads(lambda: attention_map_loss(s, t, kind="kl")))
 
 
 @pytest.mark.parametrize("s, t, kwargs, match", [
@@ -337,12 +301,13 @@ def test_map_rejects_bad_input(s, t, kwargs, match):
 def test_map_does_not_modify_inputs(rng):
     s = softmax(rng.standard_normal((2, 2, 3, 3)))
     t = softmax(rng.standard_normal((2, 2, 3, 3))).astype(np.float32)
-    s0, t0 = s.copy(), t.copy()
-    for kind in ("mse", "kl"):
-        attention_map_loss(s, t, kind=kind)
-    attention_map_loss(s, t, kind="kl", inputs="logits")
-    np.testing.assert_array_equal(s, s0)
-    np.testing.assert_array_equal(t, t0)
+
+    def every_kind():
+        for kind in ("mse", "kl"):
+            attention_map_loss(s, t, kind=kind)
+        attention_map_loss(s, t, kind="kl", inputs="logits")
+
+    assert_inputs_untouched(every_kind, s, t)
 
 
 # --- strategy ----------------------------------------------------------------------

@@ -8,12 +8,18 @@ where PyTorch is installed. Tolerances: float64 ``rtol = 1e-12``; float32
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from testkit import (
+    assert_inputs_untouched,
+    assert_loss_grad_close,
+    assert_same_loss_and_grad,
+    central_difference,
+    one_and_two_threads,
+)
 
 import kdnumba
 from kdnumba import reference
@@ -33,22 +39,6 @@ RTOL = {F32: 1e-5, F64: 1e-12}
 SHAPES = [(1,), (3,), (4, 7), (2, 3, 4, 5), (5, 8000)]
 
 
-def central_difference(f, x, h=1e-6):
-    """``df/dx`` of a scalar function by central differences, every coordinate."""
-    grad = np.empty_like(x)
-    flat = x.reshape(-1)
-    out = grad.reshape(-1)
-    for i in range(flat.size):
-        keep = flat[i]
-        flat[i] = keep + h
-        up = f(x)
-        flat[i] = keep - h
-        down = f(x)
-        flat[i] = keep
-        out[i] = (up - down) / (2 * h)
-    return grad
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_feature_loss_matches_reference(rng, dtype, shape):
@@ -57,9 +47,8 @@ def test_feature_loss_matches_reference(rng, dtype, shape):
     loss, grad = feature_loss(s, t)
     ref_loss, ref_grad = reference.feature_loss(s.astype(F64), t.astype(F64))
     assert grad.dtype == dtype and grad.shape == shape
-    assert loss == pytest.approx(ref_loss, rel=RTOL[dtype])
-    np.testing.assert_allclose(grad, ref_grad, rtol=RTOL[dtype],
-                               atol=RTOL[dtype] * np.abs(ref_grad).max())
+    assert_loss_grad_close(loss, grad, ref_loss, ref_grad, RTOL[dtype], loss_atol=1e-12,
+                           grad_floor=0.0)
 
 
 def test_feature_loss_gradient_is_the_derivative(rng):
@@ -117,25 +106,13 @@ def test_feature_loss_deterministic_across_thread_counts(rng):
     s = rng.standard_normal((7, 9000)).astype(np.float32)  # 4 chunks
     t = rng.standard_normal((7, 9000)).astype(np.float32)
     assert kern.n_chunks(s.size) > 2
-    previous = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        one = feature_loss(s, t)
-        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
-        two = feature_loss(s, t)
-    finally:
-        numba.set_num_threads(previous)
-    assert one[0] == two[0]
-    np.testing.assert_array_equal(one[1], two[1])
+    assert_same_loss_and_grad(*one_and_two_threads(lambda: feature_loss(s, t)))
 
 
 def test_feature_loss_does_not_modify_inputs(rng):
     s = rng.standard_normal((4, 6)).astype(np.float32)
     t = rng.standard_normal((4, 6))
-    s0, t0 = s.copy(), t.copy()
-    feature_loss(s, t)
-    np.testing.assert_array_equal(s, s0)
-    np.testing.assert_array_equal(t, t0)
+    assert_inputs_untouched(lambda: feature_loss(s, t), s, t)
 
 
 @pytest.mark.parametrize("s, t, exc, match", [
@@ -228,10 +205,9 @@ def test_strategy_projection_is_copied(rng):
 def test_strategy_does_not_modify_activations(rng):
     s = rng.standard_normal((4, 3)).astype(np.float32)
     t = rng.standard_normal((4, 3)).astype(np.float32)
-    s0, t0 = s.copy(), t.copy()
-    FeatureDistillationStrategy("h").intermediate_loss_and_gradient({"h": s}, {"h": t})
-    np.testing.assert_array_equal(s, s0)
-    np.testing.assert_array_equal(t, t0)
+    strategy = FeatureDistillationStrategy("h")
+    assert_inputs_untouched(
+        lambda: strategy.intermediate_loss_and_gradient({"h": s}, {"h": t}), s, t)
 
 
 def test_strategy_missing_layer_names_available_ones(rng):

@@ -12,11 +12,17 @@ gradient once).
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from testkit import (
+    assert_inputs_untouched,
+    assert_loss_grad_close,
+    assert_same_loss_and_grad,
+    central_difference,
+    one_and_two_threads,
+)
 
 import kdnumba
 from kdnumba import reference
@@ -30,26 +36,10 @@ DTYPES = [F32, F64]
 RTOL = {F32: 1e-5, F64: 1e-10}
 
 
-def central_difference(f, x, h=1e-6):
-    grad = np.empty_like(x)
-    flat, out = x.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        keep = flat[i]
-        flat[i] = keep + h
-        up = f(x)
-        flat[i] = keep - h
-        down = f(x)
-        flat[i] = keep
-        out[i] = (up - down) / (2 * h)
-    return grad
-
-
 def assert_matches(loss, grad, ref_loss, ref_grad, dtype):
-    rtol = RTOL[np.dtype(dtype)]
     # B = 2 gives exactly 0 in exact arithmetic: rounding leaves ~1e-31
-    assert loss == pytest.approx(ref_loss, rel=rtol, abs=1e-14)
-    np.testing.assert_allclose(grad, ref_grad, rtol=rtol,
-                               atol=rtol * max(np.abs(ref_grad).max(), 1e-12))
+    assert_loss_grad_close(loss, grad, ref_loss, ref_grad, RTOL[np.dtype(dtype)],
+                           loss_atol=1e-14, grad_floor=1e-12)
 
 
 def torch_rkd(s, t, w_d=25.0, w_a=50.0):
@@ -179,25 +169,13 @@ def test_rkd_deterministic_across_thread_counts(rng):
     s = rng.standard_normal((45, 6)).astype(np.float32)
     t = rng.standard_normal((45, 8)).astype(np.float32)
     assert 45 > 2 * kern.ROWS_PER_TASK  # several tasks
-    previous = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        one = rkd_loss(s, t)
-        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
-        two = rkd_loss(s, t)
-    finally:
-        numba.set_num_threads(previous)
-    assert one[0] == two[0]
-    np.testing.assert_array_equal(one[1], two[1])
+    assert_same_loss_and_grad(*one_and_two_threads(lambda: rkd_loss(s, t)))
 
 
 def test_rkd_does_not_modify_inputs(rng):
     s = rng.standard_normal((5, 3)).astype(np.float32)
     t = rng.standard_normal((5, 4))
-    s0, t0 = s.copy(), t.copy()
-    rkd_loss(s, t)
-    np.testing.assert_array_equal(s, s0)
-    np.testing.assert_array_equal(t, t0)
+    assert_inputs_untouched(lambda: rkd_loss(s, t), s, t)
 
 
 def test_rkd_teacher_is_cast_to_student_dtype(rng):

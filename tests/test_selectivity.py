@@ -21,6 +21,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from testkit import (
+    assert_inputs_untouched,
+    assert_loss_grad_close,
+    assert_same_loss_and_grad,
+    central_difference,
+    one_and_two_threads,
+)
 
 import kdnumba
 from kdnumba import reference
@@ -57,10 +64,7 @@ def ref64(s, t, **kw):
 
 
 def assert_loss_grad(loss, grad, ref_loss, ref_grad, dtype):
-    rtol = RTOL[np.dtype(dtype)]
-    scale = max(float(np.abs(ref_grad).max()), 1e-300)
-    assert loss == pytest.approx(ref_loss, rel=rtol, abs=1e-300)
-    np.testing.assert_allclose(grad, ref_grad, rtol=rtol, atol=rtol * scale)
+    assert_loss_grad_close(loss, grad, ref_loss, ref_grad, RTOL[np.dtype(dtype)])
 
 
 # --- statistics -------------------------------------------------------------------
@@ -235,20 +239,6 @@ def test_out_receives_the_gradient(rng, metric):
 
 # --- finite differences (float64) ------------------------------------------------------
 
-def central_differences(f, x, h):
-    g = np.empty_like(x)
-    flat, gf = x.reshape(-1), g.reshape(-1)
-    for k in range(flat.size):
-        old = flat[k]
-        flat[k] = old + h
-        up = f(x)
-        flat[k] = old - h
-        down = f(x)
-        flat[k] = old
-        gf[k] = (up - down) / (2 * h)
-    return g
-
-
 FD_SETTINGS = [
     # (metric, options, activation scale, step)
     ("variance", {}, 1.0, 1e-6),
@@ -267,7 +257,7 @@ def test_gradient_matches_finite_differences(rng, metric, options, scale, h):
     # none) and from |a| = 0; keep every value at least 20 steps from 0.
     s[np.abs(s) < 20 * h] = 0.37 * scale
     loss, grad = selectivity_loss(s, t, metric=metric, **options)
-    fd = central_differences(
+    fd = central_difference(
         lambda x: selectivity_loss(x, t, metric=metric, **options)[0], s.copy(), h)
     np.testing.assert_allclose(grad, fd, rtol=1e-5, atol=1e-6 * np.abs(fd).max())
     assert np.abs(grad).max() > 0
@@ -446,18 +436,9 @@ def test_sparsity_large_sharpness_is_stable(rng):
 def test_bitwise_identical_for_1_and_2_threads(rng, metric, dtype):
     s = acts(rng, (300, 1100), dtype)  # 2 column blocks x 5 row chunks
     t = acts(rng, (300, 1100), dtype, scale=0.03)
-    previous = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        l1, g1 = selectivity_loss(s, t, metric=metric)
-        st1 = selectivity_statistics(s)
-        numba.set_num_threads(2)
-        l2, g2 = selectivity_loss(s, t, metric=metric)
-        st2 = selectivity_statistics(s)
-    finally:
-        numba.set_num_threads(previous)
-    assert l1 == l2
-    np.testing.assert_array_equal(g1, g2)
+    (r1, st1), (r2, st2) = one_and_two_threads(
+        lambda: (selectivity_loss(s, t, metric=metric), selectivity_statistics(s)))
+    assert_same_loss_and_grad(r1, r2)
     for a, b in zip(st1, st2):
         np.testing.assert_array_equal(a, b)
 
@@ -507,13 +488,13 @@ def test_inputs_are_not_modified(rng, metric):
     s = acts(rng, (10, 3, 2), F32)
     t = acts(rng, (10, 3, 2), F64)
     s_strided = acts(rng, (20, 6), F32)[::2]
-    s0, t0, ss0 = s.copy(), t.copy(), s_strided.copy()
-    selectivity_loss(s, t, metric=metric)
-    selectivity_loss(s_strided, t.reshape(10, 6), metric=metric)
-    selectivity_statistics(s)
-    np.testing.assert_array_equal(s, s0)
-    np.testing.assert_array_equal(t, t0)
-    np.testing.assert_array_equal(s_strided, ss0)
+
+    def every_entry_point():
+        selectivity_loss(s, t, metric=metric)
+        selectivity_loss(s_strided, t.reshape(10, 6), metric=metric)
+        selectivity_statistics(s)
+
+    assert_inputs_untouched(every_entry_point, s, t, s_strided)
 
 
 def test_accepts_lists_and_torch_tensors(rng):
