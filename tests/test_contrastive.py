@@ -9,9 +9,9 @@ import sys
 import textwrap
 import warnings
 
-import numba
 import numpy as np
 import pytest
+from testkit import assert_inputs_untouched, central_difference, one_and_two_threads
 
 import kdnumba
 from kdnumba import ContrastiveDistillationStrategy, ContrastiveMode, IntermediateActivations
@@ -49,17 +49,6 @@ def _modes():
 
 def _call(fn, s, t, y, needs_labels, **kw):
     return fn(s, t, y, **kw) if needs_labels else fn(s, t, **kw)
-
-
-def _fd_grad(f, x, h):
-    g = np.zeros_like(x)
-    for idx in np.ndindex(*x.shape):
-        xp = x.copy()
-        xm = x.copy()
-        xp[idx] += h
-        xm[idx] -= h
-        g[idx] = (f(xp) - f(xm)) / (2 * h)
-    return g
 
 
 # --- agreement with the dense references --------------------------------------------
@@ -132,7 +121,7 @@ def test_softmax_gradients_finite_differences(rng, with_queue, name, fn, rfn, ne
     if with_queue:
         kw["negatives"] = rng.standard_normal((3, 4))
     _, grad = _call(fn, s, t, y, needs_labels, **kw)
-    fd = _fd_grad(lambda x: _call(fn, x, t, y, needs_labels, **kw)[0], s, 1e-6)
+    fd = central_difference(lambda x: _call(fn, x, t, y, needs_labels, **kw)[0], s, 1e-6)
     np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-8)
 
 
@@ -141,7 +130,7 @@ def test_triplet_gradient_finite_differences(rng):
     y = np.array([0, 0, 1, 1, 2, 2, 0, 1])
     loss, grad = triplet_loss(s, y, margin=1.0)
     assert loss > 0
-    fd = _fd_grad(lambda x: triplet_loss(x, y, margin=1.0)[0], s, 1e-7)
+    fd = central_difference(lambda x: triplet_loss(x, y, margin=1.0)[0], s, 1e-7)
     np.testing.assert_allclose(grad, fd, rtol=1e-5, atol=1e-7)
 
 
@@ -279,9 +268,10 @@ def test_zero_vectors_use_the_clamped_branch(rng):
         np.testing.assert_allclose(grad, rgrad, rtol=1e-10, atol=1e-13 * np.abs(rgrad).max())
         # The zero row's gradient is d/dx of x/1e-12: huge but finite. Check it
         # by finite differences that stay inside the clamped branch.
-        fd = _fd_grad(lambda x: _call(fn, np.vstack([s[:1], x, s[2:]]), t,
-                                      [0, 1, 0, 1, 2], needs_labels, temperature=0.5)[0],
-                      s[1:2].copy(), 1e-15)
+        fd = central_difference(lambda x: _call(fn, np.vstack([s[:1], x, s[2:]]), t,
+                                                [0, 1, 0, 1, 2], needs_labels,
+                                                temperature=0.5)[0],
+                                s[1:2].copy(), 1e-15)
         np.testing.assert_allclose(grad[1:2], fd, rtol=1e-6)
     # float32 and all-zero inputs
     z = np.zeros((3, 4), np.float32)
@@ -368,14 +358,7 @@ def test_bitwise_identical_for_one_and_two_threads(rng, dtype):
     s, t = _pair(rng, 70, 12, dtype)
     y = _labels(rng, 70, 5)
     q = rng.standard_normal((9, 12)).astype(dtype)
-    saved = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        one = _all_results(s, t, y, q)
-        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
-        two = _all_results(s, t, y, q)
-    finally:
-        numba.set_num_threads(saved)
+    one, two = one_and_two_threads(lambda: _all_results(s, t, y, q))
     again = _all_results(s, t, y, q)
     for a, b, c in zip(one, two, again):
         assert a[0] == b[0] == c[0]
@@ -388,12 +371,9 @@ def test_inputs_are_not_modified(rng):
     s[2] = 0.0
     y = _labels(rng, 9)
     q = rng.standard_normal((3, 4))
-    copies = [a.copy() for a in (s, t, y, q)]
     for a in (s, t, y, q):
         a.flags.writeable = False  # read-only inputs are accepted
-    _all_results(s, t, y, q)
-    for a, c in zip((s, t, y, q), copies):
-        np.testing.assert_array_equal(a, c)
+    assert_inputs_untouched(lambda: _all_results(s, t, y, q), s, t, y, q)
 
 
 def test_non_contiguous_inputs(rng):
@@ -648,7 +628,7 @@ def test_queue_joins_candidates_where_defined(rng, mode):
     if mode.uses_memory:
         assert loss > empty[0]
         # loss and gradient of one call see the same negatives: finite differences
-        fd = _fd_grad(lambda x: strat.compute_contrastive_loss(x, t, y), s, 1e-6)
+        fd = central_difference(lambda x: strat.compute_contrastive_loss(x, t, y), s, 1e-6)
         np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-8)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from testkit import softmax
 
 import kdnumba
 from kdnumba.functional import attention_map_loss, feature_loss, kd_loss, rkd_loss
@@ -53,11 +54,6 @@ class ProtocolOnly(Counting):
     def compute_intermediate_gradient(self, s_acts, t_acts):
         self.calls["intermediate"] += 1
         return self.strategy.compute_intermediate_gradient(s_acts, t_acts)
-
-
-def softmax(x):
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 @pytest.fixture

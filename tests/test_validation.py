@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from testkit import assert_inputs_untouched
 
 from kdnumba import _dispatch
 from kdnumba import _validation as v
@@ -314,12 +315,13 @@ def test_kd_loss_bad_input(case):
     ((s, t), kwargs), exc, pattern = BAD_INPUTS[case]
     kwargs = dict(kwargs)
     labels = kwargs.pop("labels", None)
-    arrays = [a for a in (s, t, labels) if isinstance(a, np.ndarray)]
-    before = [a.copy() for a in arrays]
-    with pytest.raises(exc, match=pattern):
-        kd_loss(s, t, labels, **kwargs)
-    for a, b in zip(arrays, before):  # a failed call does not touch the inputs either
-        np.testing.assert_array_equal(a, b)
+
+    def failing_call():
+        with pytest.raises(exc, match=pattern):
+            kd_loss(s, t, labels, **kwargs)
+
+    # a failed call does not touch the inputs either
+    assert_inputs_untouched(failing_call, *[a for a in (s, t, labels) if isinstance(a, np.ndarray)])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
