@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from testkit import central_difference
 
 from kdnumba import DistillationLoss, IntermediateActivations
 from kdnumba.strategies.base import DistillationStrategy, IntermediateStrategyMixin
@@ -105,6 +106,22 @@ class CountingTeacher:
         return self.model.fingerprint()
 
 
+class StubStudent:
+    """A student that learns nothing: zero logits for two classes, no-op updates."""
+
+    def forward(self, x, collect=()):
+        return np.zeros((len(x), 2)), IntermediateActivations()
+
+    def backward(self, g, inter=None):
+        pass
+
+    def step(self):
+        pass
+
+    def predict(self, x):
+        return np.zeros((len(x), 2))
+
+
 def blobs(rng, n=96, d=6, k=3, dtype=np.float64):
     centers = rng.standard_normal((k, d)) * 3.0
     y = rng.integers(0, k, n)
@@ -127,21 +144,27 @@ def jitter_biases(model, rng):
 
 
 def fd_gradients(model, loss_fn, eps=1e-6):
-    """Central finite differences of ``loss_fn()`` w.r.t. every parameter."""
-    out = {}
-    for name, p in model.parameters.items():
-        g = np.zeros_like(p)
-        flat, gflat = p.reshape(-1), g.reshape(-1)
-        for i in range(flat.size):
-            old = flat[i]
-            flat[i] = old + eps
-            up = loss_fn()
-            flat[i] = old - eps
-            down = loss_fn()
-            flat[i] = old
-            gflat[i] = (up - down) / (2 * eps)
-        out[name] = g
-    return out
+    """Central finite differences of ``loss_fn()`` w.r.t. every parameter (each
+    perturbed in place, where the model reads it)."""
+    return {name: central_difference(lambda _: loss_fn(), p, eps)
+            for name, p in model.parameters.items()}
+
+
+def loop_gradients(d, x, y, t_out, t_acts):
+    """``(losses, analytic, numeric)`` for one batch: what ``d.compute_losses``
+    reports, the parameter gradients the student gets from backpropagating
+    them, and finite differences of the reported total."""
+    student = d.student
+
+    def total():
+        s_out, s_acts = student.forward(x, collect=d.layers)
+        return d.compute_losses(s_out, s_acts, t_out, t_acts, y).total
+
+    s_out, s_acts = student.forward(x, collect=d.layers)
+    losses = d.compute_losses(s_out, s_acts, t_out, t_acts, y)
+    student.backward(losses.output_grad, losses.intermediate_grads)
+    analytic = {k: g.copy() for k, g in student.gradients.items()}
+    return losses, analytic, fd_gradients(student, total)
 
 
 # -- the MLP ----------------------------------------------------------------------------------
@@ -182,13 +205,7 @@ def test_mlp_backward_with_injected_gradients_matches_finite_differences(rng):
         np.testing.assert_allclose(analytic[name], numeric[name], rtol=1e-6, atol=1e-8,
                                    err_msg=name)
     # dL/dx, the returned input gradient
-    dx_fd = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        xp, xm = x.copy(), x.copy()
-        xp[i] += 1e-6
-        xm[i] -= 1e-6
-        dx_fd[i] = (total(xp) - total(xm)) / 2e-6
-    np.testing.assert_allclose(dx, dx_fd, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(dx, central_difference(total, x.copy()), rtol=1e-6, atol=1e-8)
 
 
 def test_intermediate_gradient_reaches_only_the_layers_below(rng):
@@ -285,18 +302,9 @@ def test_combined_gradient_of_the_loop_matches_finite_differences(rng):
                   Hybridish([(FeatureMSE(["h2"]), 0.6), (ProtocolOnly(), 0.4)])]
     for strategy in strategies:
         student = jitter_biases(tiny_mlp(seed=2), rng)
-        d = Distiller(student, teacher, strategy)
-
-        def total():
-            s_out, s_acts = student.forward(x, collect=d.layers)
-            return d.compute_losses(s_out, s_acts, t_out, t_acts, y).total
-
-        s_out, s_acts = student.forward(x, collect=d.layers)
-        losses = d.compute_losses(s_out, s_acts, t_out, t_acts, y)
+        losses, analytic, numeric = loop_gradients(Distiller(student, teacher, strategy),
+                                                   x, y, t_out, t_acts)
         assert losses.intermediate_loss > 0
-        student.backward(losses.output_grad, losses.intermediate_grads)
-        analytic = {k: g.copy() for k, g in student.gradients.items()}
-        numeric = fd_gradients(student, total)
         for name in analytic:
             np.testing.assert_allclose(analytic[name], numeric[name], rtol=1e-5, atol=1e-8,
                                        err_msg=f"{type(strategy).__name__}: {name}")
@@ -387,7 +395,7 @@ def test_seeded_shuffling_is_reproducible(rng):
                       progress=False)
         return d.fit(x, y), student
 
-    (h1, s1), (h2, s2), (h3, s3) = train(5), train(5), train(6)
+    (h1, s1), (h2, s2), (_, s3) = train(5), train(5), train(6)
     assert h1["train_loss"] == h2["train_loss"]
     for k, p in s1.parameters.items():
         np.testing.assert_array_equal(p, s2.parameters[k])
@@ -398,22 +406,13 @@ def test_batches_are_a_fresh_permutation_each_epoch(rng):
     x = np.arange(20, dtype=np.float64).reshape(20, 1)
     y = np.zeros(20, np.int64)
 
-    class Recorder:
+    class Recorder(StubStudent):
         def __init__(self):
             self.rows = []
 
         def forward(self, xb, collect=()):
             self.rows.extend(np.asarray(xb)[:, 0].astype(int).tolist())
-            return np.zeros((len(xb), 2)), IntermediateActivations()
-
-        def backward(self, g, inter=None):
-            pass
-
-        def step(self):
-            pass
-
-        def predict(self, xb):
-            return np.zeros((len(xb), 2))
+            return super().forward(xb, collect)
 
     rec = Recorder()
     Distiller(rec, epochs=2, batch_size=6, seed=3).fit(x, y)
@@ -425,22 +424,13 @@ def test_batches_are_a_fresh_permutation_each_epoch(rng):
     assert rec2.rows == list(range(20))
 
 
-class ScriptedStudent:
+class ScriptedStudent(StubStudent):
     """A student whose validation loss follows a script, one value per epoch."""
 
     def __init__(self, val_losses):
         self.val_losses = val_losses
         self.epoch = 0
         self.loaded = None
-
-    def forward(self, x, collect=()):
-        return np.zeros((len(x), 2)), IntermediateActivations()
-
-    def backward(self, g, inter=None):
-        pass
-
-    def step(self):
-        pass
 
     def predict(self, x):
         # cross-entropy of logits (0, z) on class 0 is log(1 + e^z): pick z for the script
@@ -600,19 +590,10 @@ def test_loop_gradient_with_each_kdnumba_strategy(strategy, rng):
     student = jitter_biases(MLP(list(sizes), layer_names=names, seed=4, dtype=np.float64), rng)
     d = Distiller(student, teacher, strategy)
     t_out, t_acts = teacher.forward(x, collect=d.layers)
-
-    def total():
-        s_out, s_acts = student.forward(x, collect=d.layers)
-        return d.compute_losses(s_out, s_acts, t_out, t_acts, y).total
-
-    s_out, s_acts = student.forward(x, collect=d.layers)
-    losses = d.compute_losses(s_out, s_acts, t_out, t_acts, y)
+    losses, analytic, numeric = loop_gradients(d, x, y, t_out, t_acts)
     if d.layers:
         assert d.layers == (EMBEDDING_LAYER,)
         assert losses.intermediate_loss > 0 and EMBEDDING_LAYER in losses.intermediate_grads
-    student.backward(losses.output_grad, losses.intermediate_grads)
-    analytic = {k: g.copy() for k, g in student.gradients.items()}
-    numeric = fd_gradients(student, total)
     for name in analytic:
         np.testing.assert_allclose(analytic[name], numeric[name], rtol=1e-5, atol=1e-7,
                                    err_msg=name)
