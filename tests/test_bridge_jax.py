@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from testkit import SquaredGap, kd_labels, weighted_squares
 
 jax = pytest.importorskip("jax", reason="JAX is not installed: pip install 'kdnumba[jax]'")
 jnp = jax.numpy
@@ -19,7 +20,6 @@ import kdnumba  # noqa: E402
 import kdnumba.jax as kdj  # noqa: E402
 from kdnumba import functional  # noqa: E402
 from kdnumba.bridges import REGISTERED, registered_losses  # noqa: E402
-from kdnumba.strategies import IntermediateActivations, IntermediateStrategyMixin  # noqa: E402
 
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "jax.md"
 
@@ -33,15 +33,6 @@ def x64():
     jax.config.update("jax_enable_x64", previous)
 
 
-def _labels(kind, rng, b, c, dtype):
-    if kind == "none":
-        return None
-    if kind == "index":
-        return rng.integers(0, c, b)
-    soft = rng.random((b, c)).astype(dtype) + 0.1
-    return soft / soft.sum(axis=1, keepdims=True)
-
-
 def jax_kd(s, t, y, temperature, alpha):
     """KD written in plain JAX (autodiff reference)."""
     log_p_s = jax.nn.log_softmax(s / temperature, axis=1)
@@ -51,21 +42,7 @@ def jax_kd(s, t, y, temperature, alpha):
     return alpha * hard + (1 - alpha) * soft
 
 
-# --- import hygiene ----------------------------------------------------------
-
-def test_importing_kdnumba_does_not_import_jax():
-    code = ("import sys, kdnumba, kdnumba.bridges, kdnumba.functional, kdnumba.strategies; "
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'jax', 'jaxlib')); "
-            "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True)
-
-
-def test_missing_jax_gets_an_install_hint():
-    code = "import sys; sys.modules['jax'] = None; import kdnumba.jax"
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert run.returncode != 0
-    assert "pip install 'kdnumba[jax]'" in run.stderr
-
+# --- import hygiene (importing kdnumba without JAX: tests/test_smoke.py) -------
 
 def test_module_named_jax_imports_the_real_jax():
     assert kdj.jax is sys.modules["jax"]
@@ -78,7 +55,7 @@ def test_module_named_jax_imports_the_real_jax():
 @pytest.mark.parametrize("kind", ["none", "index", "dense"])
 def test_float32_equals_the_functional_layer(rng, kind):
     s, t = rng.standard_normal((2, 6, 5)).astype(np.float32) * 3
-    y = _labels(kind, rng, 6, 5, np.float32)
+    y = kd_labels(kind, rng, 6, 5, np.float32)
     want_loss, want_grad = functional.kd_loss(s, t, y, temperature=2.5, alpha=0.4)
     f = lambda v: kdj.kd_loss(v, t, y, temperature=2.5, alpha=0.4)  # noqa: E731
     for loss, grad in (jax.value_and_grad(f)(s), jax.jit(jax.value_and_grad(f))(s)):
@@ -91,7 +68,7 @@ def test_float32_equals_the_functional_layer(rng, kind):
 @pytest.mark.parametrize("kind", ["none", "index", "dense"])
 def test_float64_equals_the_functional_layer_and_passes_check_grads(rng, x64, kind):
     s, t = rng.standard_normal((2, 5, 4)) * 2
-    y = _labels(kind, rng, 5, 4, np.float64)
+    y = kd_labels(kind, rng, 5, 4, np.float64)
     want_loss, want_grad = functional.kd_loss(s, t, y)
     f = lambda v: kdj.kd_loss(v, jnp.asarray(t), y)  # noqa: E731
     loss, grad = jax.jit(jax.value_and_grad(f))(jnp.asarray(s))
@@ -186,13 +163,8 @@ def test_every_registered_loss_matches_and_passes_check_grads(loss_cases, x64, n
 
 # --- wrap() and intermediate strategies --------------------------------------------
 
-def _weighted_squares(x, target=None, *, k=1.0):
-    d = x - (0.0 if target is None else target)
-    return k * float((d * d).sum()), 2.0 * k * d
-
-
 def test_wrap_any_loss_and_gradient_function(rng, x64):
-    f = kdj.wrap(_weighted_squares)
+    f = kdj.wrap(weighted_squares)
     assert str(inspect.signature(f)) == "(x, target=None, *, k=1.0)"
     x, target = (jnp.asarray(a) for a in rng.standard_normal((2, 3, 2)))
     check_grads(lambda v: f(v, target, k=0.5), (x,), order=1, modes=["rev"])
@@ -202,20 +174,8 @@ def test_wrap_any_loss_and_gradient_function(rng, x64):
     np.testing.assert_array_equal(np.asarray(g), strategy.compute_gradient(x, target))
 
 
-class _SquaredGap(IntermediateStrategyMixin):
-    """``weight * mean((s[layer] - t[layer])^2)`` on one layer, in NumPy."""
-
-    def __init__(self, layer, weight):
-        self.layer, self.weight = layer, weight
-
-    def intermediate_loss_and_gradient(self, student_acts, teacher_acts):
-        d = np.asarray(student_acts[self.layer]) - np.asarray(teacher_acts[self.layer])
-        grads = IntermediateActivations({self.layer: self.weight * 2.0 * d / d.size})
-        return self.weight * float(np.mean(d * d)), grads
-
-
 def test_intermediate_loss_over_dicts(rng, x64):
-    f = kdj.intermediate_loss(_SquaredGap("mid", 0.7))
+    f = kdj.intermediate_loss(SquaredGap("mid", 0.7))
     student = {"mid": jnp.asarray(rng.standard_normal((3, 2, 2))),
                "other": jnp.asarray(rng.standard_normal((3, 5)))}
     teacher = {"mid": jnp.asarray(rng.standard_normal((3, 2, 2)))}

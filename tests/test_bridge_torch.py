@@ -5,11 +5,11 @@ from __future__ import annotations
 import inspect
 import pathlib
 import re
-import subprocess
 import sys
 
 import numpy as np
 import pytest
+from testkit import SquaredGap, kd_labels, weighted_squares
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed: pip install 'kdnumba[torch]'")
 F = torch.nn.functional
@@ -18,22 +18,13 @@ import kdnumba  # noqa: E402
 import kdnumba.torch as kdt  # noqa: E402
 from kdnumba import functional  # noqa: E402
 from kdnumba.bridges import REGISTERED, registered_losses  # noqa: E402
-from kdnumba.strategies import IntermediateActivations, IntermediateStrategyMixin  # noqa: E402
+from kdnumba.strategies import IntermediateActivations  # noqa: E402
 
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "torch.md"
 
 
 def _t(array, requires_grad=False):
     return torch.tensor(array, requires_grad=requires_grad)
-
-
-def _labels(kind, rng, b, c, dtype):
-    if kind == "none":
-        return None
-    if kind == "index":
-        return rng.integers(0, c, b)
-    soft = rng.random((b, c)).astype(dtype) + 0.1
-    return soft / soft.sum(axis=1, keepdims=True)
 
 
 def torch_kd(s, t, y, temperature, alpha):
@@ -45,21 +36,7 @@ def torch_kd(s, t, y, temperature, alpha):
     return alpha * F.cross_entropy(s, y) + (1 - alpha) * soft
 
 
-# --- import hygiene ----------------------------------------------------------
-
-def test_importing_kdnumba_does_not_import_torch():
-    code = ("import sys, kdnumba, kdnumba.bridges, kdnumba.functional, kdnumba.strategies; "
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'jax')); "
-            "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True)
-
-
-def test_missing_torch_gets_an_install_hint():
-    code = "import sys; sys.modules['torch'] = None; import kdnumba.torch"
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert run.returncode != 0
-    assert "pip install 'kdnumba[torch]'" in run.stderr
-
+# --- import hygiene (importing kdnumba without PyTorch: tests/test_smoke.py) ---
 
 def test_module_named_torch_imports_the_real_pytorch():
     assert kdt.torch is sys.modules["torch"]
@@ -74,7 +51,7 @@ def test_module_named_torch_imports_the_real_pytorch():
 @pytest.mark.parametrize("kind", ["none", "index", "dense"])
 def test_kd_loss_equals_the_functional_layer(rng, dtype, kind):
     s, t = rng.standard_normal((2, 6, 5)).astype(dtype) * 3
-    y = _labels(kind, rng, 6, 5, dtype)
+    y = kd_labels(kind, rng, 6, 5, dtype)
     want_loss, want_grad = functional.kd_loss(s, t, y, temperature=2.5, alpha=0.4)
 
     st = _t(s, requires_grad=True)
@@ -90,7 +67,7 @@ def test_kd_loss_equals_the_functional_layer(rng, dtype, kind):
 @pytest.mark.parametrize("kind", ["none", "index", "dense"])
 def test_kd_loss_passes_gradcheck(rng, kind):
     s, t = rng.standard_normal((2, 4, 5)) * 2
-    y = _labels(kind, rng, 4, 5, np.float64)
+    y = kd_labels(kind, rng, 4, 5, np.float64)
     st = _t(s, requires_grad=True)
     yt = None if y is None else _t(y)
     assert torch.autograd.gradcheck(
@@ -233,13 +210,8 @@ def test_every_registered_loss_matches_and_passes_gradcheck(loss_cases, name):
 
 # --- wrap() -------------------------------------------------------------------
 
-def _weighted_squares(x, target=None, *, k=1.0):
-    d = x - (0.0 if target is None else target)
-    return k * float((d * d).sum()), 2.0 * k * d
-
-
 def test_wrap_any_loss_and_gradient_function(rng):
-    f = kdt.wrap(_weighted_squares)
+    f = kdt.wrap(weighted_squares)
     assert str(inspect.signature(f)) == "(x, target=None, *, k=1.0)"
     x = _t(rng.standard_normal((3, 2)), requires_grad=True)
     target = _t(rng.standard_normal((3, 2)))
@@ -264,7 +236,7 @@ def test_wrap_rejects_what_it_cannot_adapt():
 @pytest.mark.parametrize("kind", ["none", "index", "dense"])
 def test_kd_module_equals_pytorch_kd(rng, kind):
     s, t = rng.standard_normal((2, 5, 7)) * 2
-    y = _labels(kind, rng, 5, 7, np.float64)
+    y = kd_labels(kind, rng, 5, 7, np.float64)
     yt = None if y is None else _t(y)
     ours, theirs = _t(s, requires_grad=True), _t(s, requires_grad=True)
     module = kdt.KDLoss(temperature=3.0, alpha=0.25)
@@ -298,26 +270,11 @@ def test_strategy_module_follows_the_strategys_device():
         module(s, s)
 
 
-class _SquaredGap(IntermediateStrategyMixin):
-    """``weight * mean((s[layer] - t[layer])^2)`` on one layer: a NumPy stand-in
-    for an intermediate strategy, to test the module's plumbing."""
-
-    device = "auto"
-
-    def __init__(self, layer, weight):
-        self.layer, self.weight = layer, weight
-
-    def intermediate_loss_and_gradient(self, student_acts, teacher_acts):
-        d = np.asarray(student_acts[self.layer]) - np.asarray(teacher_acts[self.layer])
-        grads = IntermediateActivations({self.layer: self.weight * 2.0 * d / d.size})
-        return self.weight * float(np.mean(d * d)), grads
-
-
 class _TwoCallGap:
     """The same loss through the protocol's two separate methods only."""
 
     def __init__(self, layer, weight):
-        self._fused = _SquaredGap(layer, weight)
+        self._fused = SquaredGap(layer, weight)
 
     def compute_intermediate_loss(self, student_acts, teacher_acts):
         return self._fused.compute_intermediate_loss(student_acts, teacher_acts)
@@ -326,7 +283,7 @@ class _TwoCallGap:
         return self._fused.compute_intermediate_gradient(student_acts, teacher_acts)
 
 
-@pytest.mark.parametrize("strategy_type", [_SquaredGap, _TwoCallGap])
+@pytest.mark.parametrize("strategy_type", [SquaredGap, _TwoCallGap])
 def test_intermediate_module_over_dicts_of_tensors(rng, strategy_type):
     module = kdt.IntermediateModule(strategy_type("mid", 0.7))
     mid = _t(rng.standard_normal((3, 2, 2)), requires_grad=True)
@@ -346,7 +303,7 @@ def test_intermediate_module_over_dicts_of_tensors(rng, strategy_type):
 def test_intermediate_module_errors(rng):
     with pytest.raises(TypeError, match="not an intermediate-activation strategy"):
         kdt.IntermediateModule(kdnumba.DistillationLoss())
-    module = kdt.IntermediateModule(_SquaredGap("mid", 1.0))
+    module = kdt.IntermediateModule(SquaredGap("mid", 1.0))
     with pytest.raises(TypeError, match="student_acts must be a mapping"):
         module([torch.zeros(2, 2)], {})
     with pytest.raises(TypeError, match="student_acts\\['mid'\\] must be a float32 or float64"):
