@@ -19,6 +19,9 @@ import os
 
 import pytest
 
+# cuda_support's asserts report their values like the tests' own.
+pytest.register_assert_rewrite("cuda_support")
+
 
 def _wanted() -> bool:
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":

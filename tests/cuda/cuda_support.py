@@ -1,8 +1,10 @@
-"""Helpers for the CUDA tests (GPU arrays of several kinds, host copies)."""
+"""Helpers for the CUDA tests (GPU arrays of several kinds, host copies, the
+comparison with the CPU path)."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 
 class CudaArrayLike:
@@ -54,3 +56,15 @@ def to_host(x):
     if isinstance(x, CudaArrayLike):
         return to_host(x._keep)
     return x.copy_to_host()
+
+
+def assert_matches_cpu(got, ref, dtype, tol):
+    """A CUDA-path ``(loss, grad)`` against the CPU path's ``ref``: the loss a
+    Python float, the gradient (wherever it lives) of ``dtype`` and ``ref``'s
+    shape, both within ``tol`` (``dict(rtol=..., atol=...)``)."""
+    loss, grad = got
+    assert isinstance(loss, float)
+    assert loss == pytest.approx(ref[0], rel=tol["rtol"], abs=tol["atol"])
+    grad = to_host(grad)
+    assert grad.dtype == np.dtype(dtype) and grad.shape == ref[1].shape
+    np.testing.assert_allclose(grad, ref[1], **tol)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from cuda_support import device, foreign, to_host
+from cuda_support import assert_matches_cpu, device, foreign, to_host
 
 from kdnumba import _cuda_paths
 from kdnumba.functional import info_nce, nt_xent, supervised_contrastive, triplet_loss
@@ -21,13 +21,7 @@ def _emb(rng, dtype, n=7, dim=6, n_neg=0):
 
 
 def _check(got, ref, dtype):
-    tol = TOL[dtype]
-    loss, grad = got
-    assert isinstance(loss, float)
-    assert loss == pytest.approx(ref[0], rel=tol["rtol"], abs=tol["atol"])
-    grad = to_host(grad)
-    assert grad.dtype == np.dtype(dtype) and grad.shape == ref[1].shape
-    np.testing.assert_allclose(grad, ref[1], **tol)
+    assert_matches_cpu(got, ref, dtype, TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from cuda_support import device, foreign, to_host
+from cuda_support import assert_matches_cpu, device, foreign
 
 from kdnumba import _cuda_paths
 from kdnumba.functional import attention_map_loss, attention_transfer, feature_loss
@@ -13,14 +13,8 @@ DTYPES = [np.float32, np.float64]
 TOL = {np.float32: dict(rtol=3e-5, atol=1e-7), np.float64: dict(rtol=1e-11, atol=1e-15)}
 
 
-def _check(got, ref, dtype, tol=None):
-    tol = tol or TOL[dtype]
-    loss, grad = got
-    assert isinstance(loss, float)
-    assert loss == pytest.approx(ref[0], rel=tol["rtol"], abs=tol["atol"])
-    grad = to_host(grad)
-    assert grad.dtype == np.dtype(dtype) and grad.shape == ref[1].shape
-    np.testing.assert_allclose(grad, ref[1], **tol)
+def _check(got, ref, dtype):
+    assert_matches_cpu(got, ref, dtype, TOL[dtype])
 
 
 # --- feature -------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from cuda_support import device, foreign, to_host
+from cuda_support import assert_matches_cpu, device, foreign, to_host
 
 from kdnumba import _cuda_paths
 from kdnumba.functional import selectivity_loss, selectivity_statistics
@@ -34,13 +34,7 @@ def _cpu(s, t, metric):
 
 
 def _check(got, ref, dtype):
-    loss, grad = got
-    tol = TOL[dtype]
-    assert isinstance(loss, float)
-    assert loss == pytest.approx(ref[0], rel=tol["rtol"], abs=tol["atol"])
-    grad = to_host(grad)
-    assert grad.shape == ref[1].shape and grad.dtype == np.dtype(dtype)
-    np.testing.assert_allclose(grad, ref[1], **tol)
+    assert_matches_cpu(got, ref, dtype, TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
