@@ -115,3 +115,26 @@ def test_relative_error_guard_over_the_whole_range(dtype):
 def test_documented_accuracy_over_the_whole_range(dtype):
     lo = -700.0 if dtype == F64 else -87.0
     assert ulp_errors(sample_points(dtype, lo)).max() < 2
+
+
+def test_vectorisable_log_is_accurate(rng):
+    from numba import njit
+
+    from kdnumba.kernels.cpu.fastexp import log_pos_f64
+
+    @njit
+    def apply(x, out):
+        for i in range(x.size):
+            out[i] = log_pos_f64(x[i])
+
+    x = np.concatenate([np.exp(rng.uniform(-708, 709, 20000)), rng.uniform(0.5, 2.0, 20000),
+                        [1.0, 2.0, 0.5, np.sqrt(2), np.nextafter(np.sqrt(2), 2), 1e-300,
+                         np.finfo(np.float64).max]])
+    out = np.empty_like(x)
+    apply(x, out)
+    ref = np.log(x)
+    ulps = np.abs(out - ref) / np.spacing(np.maximum(np.abs(ref), 1e-300))
+    assert ulps.max() <= 2
+    tiny = np.array([0.0, 5e-324, 1e-310])
+    apply(tiny, out[:3])
+    np.testing.assert_array_equal(out[:3], np.log(np.finfo(np.float64).tiny))

@@ -30,7 +30,7 @@ from numba import prange
 
 from kdnumba._policy import jit, parallel_jit
 from kdnumba.kernels.cpu.dtypes import cast_like
-from kdnumba.kernels.cpu.fastexp import _LN2_HI, _LN2_LO, _bits_to_f64, _f64_to_bits
+from kdnumba.kernels.cpu.fastexp import log_pos_f64
 
 _CBLOCK = 64
 
@@ -176,45 +176,6 @@ def at_rows(s, t, p, use_abs, mean_channels, paper_loss, eps, w, grad, row_loss)
                     g_row[j] = acc[j] * _power_derivative(f_row[j], p, use_abs)
 
 
-_SQRT2 = 1.4142135623730951
-_TINY = 2.2250738585072014e-308  # smallest normal float64
-
-
-@jit
-def _log_pos(x):
-    """``log(x)`` for float64 ``x > 0``, branch-free so that loops vectorise.
-
-    Why: the pip llvmlite has no SVML, so ``math.log`` in a loop is a scalar
-    libm call (the KL loop was 6x slower with it, measured).
-    ``x = m 2^e`` with ``m`` in ``[sqrt(1/2), sqrt(2))``; ``log m = 2 atanh(s)``,
-    ``s = (m - 1)/(m + 1)``, ``|s| <= 0.1716``, by its series to ``s^21``
-    (truncation < 3e-17). Error < 2 ulp (checked in the tests against
-    ``np.log``). Subnormal ``x`` is raised to the smallest normal number; 0
-    gives ``log(2^-1022)`` instead of ``-inf`` (every caller multiplies the
-    result by a probability that is then 0 or tiny).
-    """
-    bits = _f64_to_bits(max(x, _TINY))
-    e = (bits >> np.int64(52)) - np.int64(1023)
-    m = _bits_to_f64((bits & np.int64(0x000FFFFFFFFFFFFF)) | np.int64(0x3FF0000000000000))
-    big = m > _SQRT2
-    m = 0.5 * m if big else m
-    n = np.float64(e + np.int64(1)) if big else np.float64(e)
-    f = m - 1.0
-    s = f / (2.0 + f)
-    z = s * s
-    p = 1.0 / 21.0
-    p = p * z + 1.0 / 19.0
-    p = p * z + 1.0 / 17.0
-    p = p * z + 1.0 / 15.0
-    p = p * z + 1.0 / 13.0
-    p = p * z + 1.0 / 11.0
-    p = p * z + 1.0 / 9.0
-    p = p * z + 1.0 / 7.0
-    p = p * z + 1.0 / 5.0
-    p = p * z + 1.0 / 3.0
-    return n * _LN2_HI + (n * _LN2_LO + (f - s * (f - 2.0 * z * p)))
-
-
 _ROWS_PER_CHUNK = 64
 
 
@@ -228,7 +189,7 @@ def kl_prob_rows(s, t, eps, c, grad, row_loss, row_stats):
         grad_rj = -c t_j / s_j   if s_j >= eps,  else 0
 
     (``0 log 0 = 0``; the clamp is flat below ``eps``, so no gradient there.)
-    The loop is branch-free (selects, :func:`_log_pos`) and vectorises.
+    The loop is branch-free (selects, ``fastexp.log_pos_f64``) and vectorises.
 
     Parameters (``F`` is the dtype of ``s``):
         eps: F clamp; c: F gradient factor (``1/R`` for a mean over rows).
@@ -263,7 +224,7 @@ def kl_prob_rows(s, t, eps, c, grad, row_loss, row_stats):
                 t_neg += min(tj, zero)
                 g_row[j] = -c * tj / sj if sj >= eps else zero
                 t64 = np.float64(tj)
-                term = t64 * _log_pos(t64 / np.float64(max(sj, eps)))
+                term = t64 * log_pos_f64(t64 / np.float64(max(sj, eps)))
                 loss += term if tj > zero else 0.0
             row_loss[i] = loss
             row_stats[i, 0] = s_sum

@@ -1,4 +1,4 @@
-"""Branch-free ``exp`` for non-positive arguments, written in plain arithmetic.
+"""Branch-free ``exp`` (arguments <= 0) and ``log`` (float64, > 0) in plain arithmetic.
 
 Why: the pip build of llvmlite has no SVML, so ``np.exp``/``math.exp`` inside a
 Numba loop is a scalar libm call and blocks vectorisation. Range reduction, a
@@ -13,6 +13,9 @@ Accuracy (measured in tests against ``np.exp``): float64 < 2 ulp, float32 < 2 ul
 on ``[-700, 0]`` / ``[-87, 0]``. Arguments below the underflow threshold return
 exactly 0 (like ``np.exp``); arguments must be ``<= 0`` (every caller subtracts a
 row maximum first), NaN is not expected (inputs are validated).
+
+:func:`log_pos_f64` is the same idea for ``log`` (exponent from the bits, a
+series for the mantissa); see its docstring.
 """
 
 from __future__ import annotations
@@ -90,6 +93,45 @@ def exp_nonpos_f32(x):
     p = p * r + np.float32(1.0)
     scale = _bits_to_f32((np.int32(n) + np.int32(127)) << np.int32(23))
     return p * scale if x >= np.float32(-87.0) else np.float32(0.0)
+
+
+_SQRT2 = 1.4142135623730951
+_TINY = 2.2250738585072014e-308  # smallest normal float64
+
+
+@jit
+def log_pos_f64(x):
+    """``log(x)`` for float64 ``x > 0``, branch-free so that loops vectorise.
+
+    Why: the pip llvmlite has no SVML, so ``math.log`` in a loop is a scalar
+    libm call (the attention KL loop was 6x slower with it, measured).
+    ``x = m 2^e`` with ``m`` in ``[sqrt(1/2), sqrt(2))``; ``log m = 2 atanh(s)``,
+    ``s = (m - 1)/(m + 1)``, ``|s| <= 0.1716``, by its series to ``s^21``
+    (truncation < 3e-17). Error < 2 ulp (checked in the tests against
+    ``np.log``). Subnormal ``x`` is raised to the smallest normal number; 0
+    gives ``log(2^-1022)`` instead of ``-inf`` (every caller multiplies the
+    result by a probability that is then 0 or tiny).
+    """
+    bits = _f64_to_bits(max(x, _TINY))
+    e = (bits >> np.int64(52)) - np.int64(1023)
+    m = _bits_to_f64((bits & np.int64(0x000FFFFFFFFFFFFF)) | np.int64(0x3FF0000000000000))
+    big = m > _SQRT2
+    m = 0.5 * m if big else m
+    n = np.float64(e + np.int64(1)) if big else np.float64(e)
+    f = m - 1.0
+    s = f / (2.0 + f)
+    z = s * s
+    p = 1.0 / 21.0
+    p = p * z + 1.0 / 19.0
+    p = p * z + 1.0 / 17.0
+    p = p * z + 1.0 / 15.0
+    p = p * z + 1.0 / 13.0
+    p = p * z + 1.0 / 11.0
+    p = p * z + 1.0 / 9.0
+    p = p * z + 1.0 / 7.0
+    p = p * z + 1.0 / 5.0
+    p = p * z + 1.0 / 3.0
+    return n * _LN2_HI + (n * _LN2_LO + (f - s * (f - 2.0 * z * p)))
 
 
 def exp_nonpos(x):
