@@ -191,6 +191,29 @@ def test_mixin_without_implementation_raises():
         Bare().compute_intermediate_loss({}, {})
     with pytest.raises(NotImplementedError):
         Bare().compute_intermediate_gradient({}, {})
+    with pytest.raises(NotImplementedError, match="compute_intermediate_loss"):
+        Bare().intermediate_loss_and_gradient({}, {})
+
+
+def test_mixin_fuses_the_two_protocol_methods_when_those_are_implemented():
+    # A subclass written against the protocol (the two methods) still offers
+    # the fused method that the trainer and the framework bridges call.
+    class TwoMethods(IntermediateStrategyMixin):
+        def compute_intermediate_loss(self, student_acts, teacher_acts):
+            return float(np.sum(student_acts["h"] ** 2))
+
+        def compute_intermediate_gradient(self, student_acts, teacher_acts):
+            return IntermediateActivations(h=2.0 * student_acts["h"])
+
+    s = IntermediateActivations(h=np.array([[1.0, -2.0]]))
+    loss, grads = TwoMethods().intermediate_loss_and_gradient(s, s)
+    assert loss == 5.0
+    np.testing.assert_array_equal(grads["h"], [[2.0, -4.0]])
+
+    from kdnumba.bridges._adapter import intermediate_loss_and_gradient
+    loss, grads = intermediate_loss_and_gradient(TwoMethods())(s, s)
+    assert loss == 5.0
+    np.testing.assert_array_equal(grads["h"], [[2.0, -4.0]])
 
 
 def test_check_activations():

@@ -109,11 +109,22 @@ class DistillationStrategy(ABC):
 
 class IntermediateStrategyMixin:
     """Implements the protocol's two methods from one fused
-    :meth:`intermediate_loss_and_gradient`, which subclasses provide."""
+    :meth:`intermediate_loss_and_gradient`, which subclasses provide -- or,
+    for a subclass that implements the two protocol methods instead, the
+    fused method from those, so every caller can use either form."""
 
     def intermediate_loss_and_gradient(self, student_acts, teacher_acts
                                        ) -> tuple[float, IntermediateActivations]:
-        raise NotImplementedError
+        """``(compute_intermediate_loss, compute_intermediate_gradient)`` when the
+        subclass implements both; a subclass should override this instead."""
+        cls, mixin = type(self), IntermediateStrategyMixin
+        if (cls.compute_intermediate_loss is mixin.compute_intermediate_loss
+                or cls.compute_intermediate_gradient is mixin.compute_intermediate_gradient):
+            raise NotImplementedError(
+                f"{cls.__name__} must implement intermediate_loss_and_gradient, or both "
+                "compute_intermediate_loss and compute_intermediate_gradient")
+        return (self.compute_intermediate_loss(student_acts, teacher_acts),
+                self.compute_intermediate_gradient(student_acts, teacher_acts))
 
     def compute_intermediate_loss(self, student_acts, teacher_acts) -> float:
         """Weighted intermediate loss (see the protocol)."""
