@@ -35,16 +35,10 @@ import numpy as np
 
 from kdnumba import _validation as v
 
-FLOAT_DTYPES = v.FLOAT_DTYPES
 
 def _cuda():
     from numba import cuda
     return cuda
-
-
-def _is_simulator() -> bool:
-    from numba.core import config
-    return bool(config.ENABLE_CUDASIM)
 
 
 def is_device_array(x) -> bool:
@@ -55,9 +49,10 @@ def is_device_array(x) -> bool:
 
 def adopt(x):
     """A Numba device array over ``x``'s GPU memory (no copy)."""
+    from kdnumba.kernels.cuda import is_simulator
     if getattr(x, "__cuda_ndarray__", False) is True:
         return x
-    if _is_simulator():
+    if is_simulator():
         return _simulated_view(x)
     return _cuda().as_cuda_array(x)
 
@@ -90,7 +85,7 @@ def _check_float_meta(arr, name: str, ndim, min_ndim) -> np.dtype:
     """The checks of ``_validation.as_float_array`` on a device array's metadata."""
     dtype = np.dtype(arr.dtype)
     shape = tuple(arr.shape)
-    if dtype not in FLOAT_DTYPES:
+    if dtype not in v.FLOAT_DTYPES:
         raise TypeError(
             f"{name} must be a float32 or float64 array, got dtype {dtype.name}"
             + (" (cast it with .astype(np.float32))" if dtype.kind in "biuf" else ""))
@@ -141,16 +136,9 @@ def device_labels(labels, name: str, n_rows: int, n_classes: int, dtype):
     ldt = np.dtype(arr.dtype)
     shape = tuple(arr.shape)
     if ldt.kind in "iu":
-        if len(shape) != 1:
-            raise ValueError(
-                f"integer {name} must be 1-D class indices of shape ({n_rows},), "
-                f"got shape {shape}")
-        if shape[0] != n_rows:
-            raise ValueError(
-                f"batch size mismatch: {name} has {shape[0]} entries, "
-                f"the logits have {n_rows} rows")
+        v._check_index_labels(arr, name, n_rows, "the logits")
         return "index", kernel_layout(arr, np.dtype(np.int64))
-    if ldt in FLOAT_DTYPES:
+    if ldt in v.FLOAT_DTYPES:
         if shape != (n_rows, n_classes):
             raise ValueError(
                 f"float {name} must be one-hot or soft targets of shape "
@@ -256,8 +244,3 @@ def deliver(grad, out, *, on_device: bool):
 def host_copy(arr):
     """A NumPy copy of a kernel-ready device array (error paths only)."""
     return None if arr is None else arr.copy_to_host()
-
-
-def check_same_shape(a, b, name_a: str, name_b: str) -> None:
-    """``_validation.check_same_shape`` for anything with a ``shape``."""
-    v.check_same_shape(a, b, name_a, name_b)

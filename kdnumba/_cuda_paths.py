@@ -30,8 +30,6 @@ from kdnumba import _cuda_arrays as ca
 from kdnumba import _dispatch
 from kdnumba import _validation as v
 
-_LABEL_KINDS = {"none": 0, "index": 1, "dense": 2}
-
 
 def _total(partials) -> float:
     """Deterministic float64 sum of a device vector of partials (one 8-byte copy)."""
@@ -49,7 +47,7 @@ def kd_loss(student_logits, teacher_logits, labels=None, *, temperature: float,
     on_device = ca.is_device_array(student_logits)
     s = ca.device_float_array(student_logits, "student_logits", ndim=2)
     t = ca.device_float_array(teacher_logits, "teacher_logits", ndim=2, dtype=s.dtype)
-    ca.check_same_shape(s, t, "student_logits", "teacher_logits")
+    v.check_same_shape(s, t, "student_logits", "teacher_logits")
     kind, y = ca.device_labels(labels, "labels", s.shape[0], s.shape[1], np.dtype(s.dtype))
     grad = ca.gradient_buffer(out, s.shape, s.dtype, on_device=on_device, inputs=(s, t, y),
                               host_inputs=(student_logits, teacher_logits))
@@ -59,6 +57,7 @@ def kd_loss(student_logits, teacher_logits, labels=None, *, temperature: float,
 
 def _kd_core(kernels, s, t, kind, y, temperature, alpha, grad) -> float:
     """KD loss of kernel-ready device arrays; writes ``grad``; raises on bad input."""
+    from kdnumba.functional.response import _LABEL_KINDS
     cuda = ca._cuda()
     n_rows, n_cols = s.shape
     dtype = np.dtype(s.dtype)
@@ -300,7 +299,7 @@ def feature_loss(student_feats, teacher_feats):
     _dispatch.kernels("feature", "cuda")
     s = ca.device_float_array(student_feats, "student_feats")
     t = ca.device_float_array(teacher_feats, "teacher_feats", dtype=s.dtype)
-    ca.check_same_shape(s, t, "student_feats", "teacher_feats")
+    v.check_same_shape(s, t, "student_feats", "teacher_feats")
     loss, grad = _mse_core(s, t, ("student_feats", "teacher_feats"))
     return loss, ca.deliver(grad, None, on_device=ca.is_device_array(student_feats))
 
@@ -318,9 +317,7 @@ def attention_transfer(student_feats, teacher_feats, *, p: int, variant: str, po
     kernels = _dispatch.kernels("attention", "cuda")
     s = ca.device_float_array(student_feats, "student_feats", min_ndim=3)
     t = ca.device_float_array(teacher_feats, "teacher_feats", min_ndim=3, dtype=s.dtype)
-    if s.shape[0] != t.shape[0]:
-        raise ValueError(f"batch size mismatch: student_feats has {s.shape[0]} rows, "
-                         f"teacher_feats has {t.shape[0]}")
+    v.check_same_batch(s, t, "student_feats", "teacher_feats")
     if len(s.shape) != len(t.shape):
         raise ValueError(f"student_feats {tuple(s.shape)} and teacher_feats {tuple(t.shape)} "
                          "must both be (B, C, *spatial) with the same number of spatial axes")
@@ -362,7 +359,7 @@ def attention_map_loss(student_attn, teacher_attn, *, kind: str, inputs: str):
     on_device = ca.is_device_array(student_attn)
     s = ca.device_float_array(student_attn, "student_attn", min_ndim=2)
     t = ca.device_float_array(teacher_attn, "teacher_attn", min_ndim=2, dtype=s.dtype)
-    ca.check_same_shape(s, t, "student_attn", "teacher_attn")
+    v.check_same_shape(s, t, "student_attn", "teacher_attn")
     shape = tuple(s.shape)
     if kind == "mse":
         loss, grad = _mse_core(s, t, ("student_attn", "teacher_attn"))
@@ -382,9 +379,7 @@ def attention_map_loss(student_attn, teacher_attn, *, kind: str, inputs: str):
                                 ("teacher_attn", ca.host_copy(t))])
         return loss, ca.deliver(grad, None, on_device=on_device)
     row_loss = cuda.device_array(n_rows, dtype=np.float64)
-    stats = cuda.device_array((n_rows, 4), dtype=np.float64)
-    kernels.kl_prob_rows(s2, t2, fa.EPS, 1.0 / n_rows, grad.reshape(n_rows, n_cols),
-                         row_loss, stats)
+    kernels.kl_prob_rows(s2, t2, fa.EPS, 1.0 / n_rows, grad.reshape(n_rows, n_cols), row_loss)
     loss = _total(row_loss) / n_rows
     if not np.isfinite(loss):
         _diagnose_kl_probs(s, t)
@@ -438,9 +433,7 @@ def rkd_loss(student_emb, teacher_emb, *, distance_weight=25.0, angle_weight=50.
     kernels = _dispatch.kernels("relational", "cuda")
     s_in = ca.device_float_array(student_emb, "student_emb")
     t_in = ca.device_float_array(teacher_emb, "teacher_emb", dtype=s_in.dtype)
-    if s_in.shape[0] != t_in.shape[0]:
-        raise ValueError(f"batch size mismatch: student_emb has {s_in.shape[0]} rows, "
-                         f"teacher_emb has {t_in.shape[0]}")
+    v.check_same_batch(s_in, t_in, "student_emb", "teacher_emb")
     s, t = _rows(s_in), _rows(t_in)
     n = s.shape[0]
     q_s, ins = kernels.pairs(s, EPS)

@@ -48,6 +48,9 @@ SIMULATOR_MAX_GRID = 2
 #: flight per thread to saturate memory without leaving threads idle.
 ITEMS_PER_THREAD = 16
 
+#: Most blocks of an :func:`item_launch` (kernels grid-stride beyond it).
+MAX_ITEM_BLOCKS = 65535
+
 _FLOAT_TYPES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
 
 
@@ -78,6 +81,15 @@ def grid_size(n_blocks: int) -> int:
     return min(n_blocks, SIMULATOR_MAX_GRID) if is_simulator() else n_blocks
 
 
+def item_launch(n_items: int, max_blocks: int = MAX_ITEM_BLOCKS) -> tuple[int, int]:
+    """``(blocks, threads)`` for a kernel that gives each of ``n_items`` items
+    to one thread and grid-strides over them: one item per thread, at most
+    ``max_blocks`` blocks (the stride covers the rest). No thread combines
+    items, so the results do not depend on the grid."""
+    threads = block_size(n_items, items_per_thread=1)
+    return grid_size(min(-(-n_items // threads), max_blocks)), threads
+
+
 def float_name(dtype) -> str:
     """``"float32"``/``"float64"`` for a kernel dtype (``KeyError`` otherwise)."""
     return _FLOAT_TYPES[np.dtype(dtype)]
@@ -86,12 +98,15 @@ def float_name(dtype) -> str:
 _COMPILED: dict = {}
 
 
-def compile_kernel(pyfunc, signature: str):
+def compile_kernel(pyfunc, signature: str, dtype=None):
     """``cuda.jit(signature)(pyfunc)``, compiled once per process and signature.
 
-    ``signature`` is a Numba signature string; write it with ``{F}`` for the
-    float type and call ``signature.format(F=float_name(dtype))``.
+    ``signature`` is a Numba signature string. A kernel with one
+    specialisation per float dtype writes it with ``{F}`` for the float type
+    and passes ``dtype`` (the arrays' float32/float64 dtype) to fill it in.
     """
+    if dtype is not None:
+        signature = signature.format(F=float_name(dtype))
     key = (pyfunc, signature)
     kernel = _COMPILED.get(key)
     if kernel is None:

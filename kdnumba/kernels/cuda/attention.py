@@ -16,10 +16,10 @@ transfer on features ``(B, C, S)`` runs in three launches:
 3. :func:`at_gradient` -- elementwise ``grad_bcj = (k g_q)_bj v'(f_bcj)``.
 
 :func:`kl_prob_rows` (KL between attention probabilities) is one block per
-row with the CPU kernel's outputs, and it marks a row whose probabilities are
-invalid (negative entry, sum off by more than 1e-3, NaN/inf) with a NaN
-loss, so the caller needs no statistics pass on the host unless the total is
-not finite.
+row with the CPU kernel's loss and gradient, and it marks a row whose
+probabilities are invalid (negative entry, sum off by more than 1e-3,
+NaN/inf) with a NaN loss, so the caller needs no statistics pass on the host
+unless the total is not finite.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import math
 import numpy as np
 from numba import cuda, types
 
-from kdnumba.kernels.cuda import (block_reductions, block_size, compile_kernel, float_name,
-                                  grid_size)
+from kdnumba.kernels.cuda import (block_reductions, block_size, compile_kernel, grid_size,
+                                  item_launch)
 
 tree_sum, tree_max = block_reductions(globals())
 
@@ -149,11 +149,10 @@ def _at_gradient_kernel(f, p, use_abs, gq, grad):
         grad[b, c, j] = gq[b, j] * _power_derivative(np.float64(f[b, c, j]), p, use_abs)
 
 
-_KL_SIG = ("void({F}[:, ::1], {F}[:, ::1], {F}, {F}, {F}[:, ::1], float64[::1], "
-           "float64[:, ::1])")
+_KL_SIG = "void({F}[:, ::1], {F}[:, ::1], {F}, {F}, {F}[:, ::1], float64[::1])"
 
 
-def _kl_rows_kernel(s, t, eps, c, grad, row_loss, row_stats):
+def _kl_rows_kernel(s, t, eps, c, grad, row_loss):
     sh = cuda.shared.array(0, dtype=types.float64)
     tid = cuda.threadIdx.x
     nt = cuda.blockDim.x
@@ -194,10 +193,6 @@ def _kl_rows_kernel(s, t, eps, c, grad, row_loss, row_stats):
             t_sum = sh[2 * nt]
             s_min = -sh[3 * nt]
             t_min = -sh[4 * nt]
-            row_stats[i, 0] = s_sum
-            row_stats[i, 1] = t_sum
-            row_stats[i, 2] = s_min
-            row_stats[i, 3] = t_min
             valid = (s_min >= 0.0 and t_min >= 0.0 and abs(s_sum - 1.0) <= ROW_SUM_TOL
                      and abs(t_sum - 1.0) <= ROW_SUM_TOL)
             row_loss[i] = loss if valid else math.nan
@@ -208,17 +203,12 @@ KERNELS = [(_power_sums_kernel, _POWER_SUMS_SIG), (_at_samples_kernel, _SAMPLES_
            (_at_gradient_kernel, _GRAD_SIG), (_kl_rows_kernel, _KL_SIG)]
 
 
-def _flat_launch(n):
-    threads = block_size(n, items_per_thread=1)
-    return grid_size(min(-(-n // threads), 65535)), threads
-
-
 def power_sums(f, p, use_abs, k):
     """``q_bj = k sum_c v(f_bcj)`` of ``(B, C, S)`` features, float64 ``(B, S)``."""
     n_b, _, n_sp = f.shape
     q = cuda.device_array((n_b, n_sp), dtype=np.float64)
-    compile_kernel(_power_sums_kernel, _POWER_SUMS_SIG.format(F=float_name(f.dtype)))[
-        _flat_launch(n_b * n_sp)](f, int(p), bool(use_abs), float(k), q)
+    compile_kernel(_power_sums_kernel, _POWER_SUMS_SIG, f.dtype)[item_launch(n_b * n_sp)](
+        f, int(p), bool(use_abs), float(k), q)
     return q
 
 
@@ -237,15 +227,16 @@ def at_samples(q_s, q_t, eps, w, paper_loss, k_s):
 def at_gradient(f, p, use_abs, gq, grad):
     """``grad_bcj = gq_bj v'(f_bcj)``."""
     n = int(np.prod(f.shape))
-    compile_kernel(_at_gradient_kernel, _GRAD_SIG.format(F=float_name(f.dtype)))[
-        _flat_launch(n)](f, int(p), bool(use_abs), gq, grad)
+    compile_kernel(_at_gradient_kernel, _GRAD_SIG, f.dtype)[item_launch(n)](
+        f, int(p), bool(use_abs), gq, grad)
 
 
-def kl_prob_rows(s, t, eps, c, grad, row_loss, row_stats):
+def kl_prob_rows(s, t, eps, c, grad, row_loss):
     """KL(t_r || s_r) over rows of probabilities (see ``kernels.cpu.attention``);
-    an invalid row gets a NaN ``row_loss``."""
+    an invalid row gets a NaN ``row_loss`` (the CPU kernel's ``row_stats`` are
+    not produced: the caller re-runs the CPU path to name an invalid row)."""
     dtype = np.dtype(s.dtype)
     threads = block_size(s.shape[1])
-    compile_kernel(_kl_rows_kernel, _KL_SIG.format(F=float_name(dtype)))[
+    compile_kernel(_kl_rows_kernel, _KL_SIG, dtype)[
         grid_size(s.shape[0]), threads, 0, 5 * threads * 8](
-        s, t, dtype.type(eps), dtype.type(c), grad, row_loss, row_stats)
+        s, t, dtype.type(eps), dtype.type(c), grad, row_loss)

@@ -105,7 +105,7 @@ import math
 import numpy as np
 from numba import cuda, types
 
-from kdnumba.kernels.cuda import block_size, compile_kernel, float_name, grid_size, is_simulator
+from kdnumba.kernels.cuda import block_size, compile_kernel, grid_size, is_simulator, item_launch
 
 #: SPEC's norm clamp (same as the CPU kernels).
 EPS = 1e-12
@@ -114,8 +114,8 @@ EPS = 1e-12
 ONLINE = 0
 FIXED = 1
 
-#: Rows per block and columns per tile (a TILE x TILE thread block); fixed at
-#: import because shared arrays need compile-time shapes.
+#: Side of the batch-hard triplet selection's Gram tiles (a TILE x TILE thread
+#: block); fixed at import because shared arrays need compile-time shapes.
 TILE = 4 if is_simulator() else 16
 
 _F64_MAX = float(np.finfo(np.float64).max)
@@ -495,27 +495,16 @@ def _tiles_kernel(rows, cols, mode, want_acc, k_lo, lse_cols, m_out, s_out, acc)
         cuda.syncthreads()
 
 
-@cuda.jit(device=True)
-def _tile_dot(a_s, c_s, rows, cols, i, j0, r, c, zero):
-    """``rows[i] . cols[j0 + c]`` for thread ``(r, c)`` of a TILE x TILE block,
-    through TILE-wide chunks of the embeddings staged in shared memory (every
-    thread of the block must call it). Summed in the rows' dtype, in order.
-    (The batch-hard triplet selection's Gram tiles.)"""
-    n_rows, dim = rows.shape
-    n_cols = cols.shape[0]
-    dot = zero
-    for k0 in range(0, dim, TILE):
-        kk = k0 + c
-        a_s[r, c] = rows[i, kk] if (i < n_rows and kk < dim) else zero
-        c_s[r, c] = cols[j0 + r, kk] if (j0 + r < n_cols and kk < dim) else zero
-        cuda.syncthreads()
-        for q in range(TILE):
-            dot += a_s[r, q] * c_s[c, q]
-        cuda.syncthreads()
-    return dot
-
-
 # --- finishing passes --------------------------------------------------------------------
+
+_LSE_SIG = "void(float64[::1], float64[::1], float64[::1])"
+
+
+def _lse_kernel(m, z, out):
+    """``lse_i = m_i + log S_i`` of an ``ONLINE`` pass, one thread per row."""
+    for i in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
+        out[i] = m[i] + math.log(z[i])
+
 
 _FINISH_STUDENT_SIG = ("void({F}[:, ::1], float64[::1], float64[:, ::1], float64[::1], "
                        "float64[::1], {F}[:, ::1], int64[::1], float64, float64[::1], "
@@ -555,10 +544,10 @@ def _finish_student_kernel(s, s_norms, acc, m, z, pos, pos_index, inv_tau, row_l
 
 
 _FINISH_TEACHER_SIG = ("void({F}[:, ::1], float64[::1], {F}[:, ::1], float64[:, ::1], "
-                       "float64[::1], float64[::1], float64[::1], {F}[:, ::1])")
+                       "float64[::1], float64[::1], {F}[:, ::1])")
 
 
-def _finish_teacher_kernel(s, s_norms, anchors, acc, m, z, row_loss, grad):
+def _finish_teacher_kernel(s, s_norms, anchors, acc, lse, row_loss, grad):
     """One thread per row ``i`` (anchor ``t_i`` and candidate ``s_i``):
     ``loss_i = lse_i - a_i . s_hat_i``, ``d loss / d s_hat_i = (acc_i - a_i) / B``."""
     n, dim = s.shape
@@ -573,13 +562,33 @@ def _finish_teacher_kernel(s, s_norms, anchors, acc, m, z, row_loss, grad):
             xk = np.float64(s[i, k]) * inv_n
             dot += ak * xk
             proj += xk * (acc[i, k] - ak)
-        row_loss[i] = m[i] + math.log(z[i]) - dot
+        row_loss[i] = lse[i] - dot
         for k in range(dim):
             g = acc[i, k] - np.float64(anchors[i, k])
             grad[i, k] = _chain(s, i, norm, proj, g, k, inv_b)
 
 
 # --- batch-hard triplet ----------------------------------------------------------------------
+
+@cuda.jit(device=True)
+def _tile_dot(a_s, c_s, rows, cols, i, j0, r, c, zero):
+    """``rows[i] . cols[j0 + c]`` for thread ``(r, c)`` of a TILE x TILE block,
+    through TILE-wide chunks of the embeddings staged in shared memory (every
+    thread of the block must call it). Summed in the rows' dtype, in order.
+    (The batch-hard triplet selection's Gram tiles.)"""
+    n_rows, dim = rows.shape
+    n_cols = cols.shape[0]
+    dot = zero
+    for k0 in range(0, dim, TILE):
+        kk = k0 + c
+        a_s[r, c] = rows[i, kk] if (i < n_rows and kk < dim) else zero
+        c_s[r, c] = cols[j0 + r, kk] if (j0 + r < n_cols and kk < dim) else zero
+        cuda.syncthreads()
+        for q in range(TILE):
+            dot += a_s[r, q] * c_s[c, q]
+        cuda.syncthreads()
+    return dot
+
 
 _SELECT_SIG = ("void({F}[:, ::1], float64[::1], int64[::1], boolean[::1], int64[::1], "
                "int64[::1])")
@@ -719,14 +728,10 @@ def _scale_kernel(x, factor, out):
 
 KERNELS = [(_norms_kernel, _NORMS_SIG), (_normalize_kernel, _NORMALIZE_SIG),
            (_class_means_kernel, _CLASS_MEANS_SIG), (_tiles_kernel, _TILES_SIG),
-           (_finish_student_kernel, _FINISH_STUDENT_SIG),
+           (_lse_kernel, _LSE_SIG), (_finish_student_kernel, _FINISH_STUDENT_SIG),
            (_finish_teacher_kernel, _FINISH_TEACHER_SIG),
            (_triplet_select_kernel, _SELECT_SIG), (_triplet_rows_kernel, _TRIPLET_ROWS_SIG),
            (_triplet_grad_kernel, _TRIPLET_GRAD_SIG), (_scale_kernel, _SCALE_SIG)]
-
-
-def _kernel(pyfunc, signature, dtype):
-    return compile_kernel(pyfunc, signature.format(F=float_name(dtype)))
 
 
 # --- launchers ------------------------------------------------------------------------------
@@ -735,8 +740,7 @@ def norms(x):
     """Row norms (float64 device vector); NaN/inf rows give a non-finite norm."""
     n = x.shape[0]
     out = cuda.device_array(n, dtype=np.float64)
-    threads = block_size(n, items_per_thread=1)
-    _kernel(_norms_kernel, _NORMS_SIG, x.dtype)[grid_size(-(-n // threads)), threads](x, out)
+    compile_kernel(_norms_kernel, _NORMS_SIG, x.dtype)[item_launch(n)](x, out)
     return out
 
 
@@ -745,9 +749,7 @@ def normalized(x, x_norms, scale, out=None):
     n, dim = x.shape
     if out is None:
         out = cuda.device_array((n, dim), dtype=x.dtype)
-    threads = block_size(n * dim, items_per_thread=1)
-    blocks = grid_size(min(-(-n * dim // threads), 4096))
-    _kernel(_normalize_kernel, _NORMALIZE_SIG, x.dtype)[blocks, threads](
+    compile_kernel(_normalize_kernel, _NORMALIZE_SIG, x.dtype)[item_launch(n * dim, 4096)](
         x, x_norms, float(scale), out)
     return out
 
@@ -759,8 +761,8 @@ def class_means(t, t_norms, members, starts):
     dim = t.shape[1]
     out = cuda.device_array((n_classes, dim), dtype=t.dtype)
     threads = block_size(dim, items_per_thread=4)
-    _kernel(_class_means_kernel, _CLASS_MEANS_SIG, t.dtype)[grid_size(n_classes), threads](
-        t, t_norms, members, starts, out)
+    compile_kernel(_class_means_kernel, _CLASS_MEANS_SIG, t.dtype)[
+        grid_size(n_classes), threads](t, t_norms, members, starts, out)
     return out
 
 
@@ -778,7 +780,7 @@ def softmax_tiles(rows, cols, mode, *, lse_cols=None, want_acc=True):
     s = cuda.device_array(n_rows, dtype=np.float64)
     acc = cuda.device_array((n_rows, dim) if want_acc else (1, 1), dtype=np.float64)
     lse = lse_cols if lse_cols is not None else m
-    kernel = _kernel(_tiles_kernel, _TILES_SIG, rows.dtype)
+    kernel = compile_kernel(_tiles_kernel, _TILES_SIG, rows.dtype)
     blocks = grid_size(-(-n_rows // BM))
     for k_lo in (range(0, dim, ACC_DIM) if want_acc and dim > 0 else (0,)):
         kernel[blocks, (_NTX, _NTY)](rows, cols, int(mode), int(want_acc), k_lo, lse, m, s,
@@ -788,28 +790,23 @@ def softmax_tiles(rows, cols, mode, *, lse_cols=None, want_acc=True):
     return None, None, acc
 
 
-def _rows_launch(n):
-    threads = block_size(n, items_per_thread=1)
-    return grid_size(-(-n // threads)), threads
-
-
 def finish_student_anchored(s, s_norms, acc, m, z, pos, pos_index, inv_tau):
     """``(row_loss, grad)`` of the student-anchored losses (device arrays)."""
     n, dim = s.shape
     row_loss = cuda.device_array(n, dtype=np.float64)
     grad = cuda.device_array((n, dim), dtype=s.dtype)
-    _kernel(_finish_student_kernel, _FINISH_STUDENT_SIG, s.dtype)[_rows_launch(n)](
+    compile_kernel(_finish_student_kernel, _FINISH_STUDENT_SIG, s.dtype)[item_launch(n)](
         s, s_norms, acc, m, z, pos, pos_index, float(inv_tau), row_loss, grad)
     return row_loss, grad
 
 
-def finish_teacher_anchored(s, s_norms, anchors, acc, m, z):
+def finish_teacher_anchored(s, s_norms, anchors, acc, lse):
     """``(row_loss, grad)`` of teacher-anchored InfoNCE (device arrays)."""
     n, dim = s.shape
     row_loss = cuda.device_array(n, dtype=np.float64)
     grad = cuda.device_array((n, dim), dtype=s.dtype)
-    _kernel(_finish_teacher_kernel, _FINISH_TEACHER_SIG, s.dtype)[_rows_launch(n)](
-        s, s_norms, anchors, acc, m, z, row_loss, grad)
+    compile_kernel(_finish_teacher_kernel, _FINISH_TEACHER_SIG, s.dtype)[item_launch(n)](
+        s, s_norms, anchors, acc, lse, row_loss, grad)
     return row_loss, grad
 
 
@@ -840,32 +837,9 @@ def teacher_anchored(s, s_norms, t, t_norms, neg, neg_norms, temperature):
         normalized(neg, neg_norms, 1.0, out=cand[n:])
     m, z, _ = softmax_tiles(anchors, cand, ONLINE, want_acc=False)
     lse = cuda.device_array(n, dtype=np.float64)
-    _lse(m, z, lse)
+    compile_kernel(_lse_kernel, _LSE_SIG)[item_launch(n)](m, z, lse)
     _, _, acc = softmax_tiles(cand[:n], anchors, FIXED, lse_cols=lse)
-    return finish_teacher_anchored(s, s_norms, anchors, acc, m, z)
-
-
-_LSE_SIG = "void(float64[::1], float64[::1], float64[::1])"
-
-
-def _lse_kernel(m, z, out):
-    i = cuda.grid(1)
-    if i < out.shape[0]:
-        out[i] = m[i] + math.log(z[i])
-
-
-KERNELS.append((_lse_kernel, _LSE_SIG))
-
-
-def _lse(m, z, out):
-    n = out.shape[0]
-    threads = block_size(n, items_per_thread=1)
-    compile_kernel(_lse_kernel, _LSE_SIG)[-(-n // threads), threads](m, z, out)
-
-
-def _flat(n):
-    threads = block_size(n, items_per_thread=1)
-    return grid_size(min(-(-n // threads), 65535)), threads
+    return finish_teacher_anchored(s, s_norms, anchors, acc, lse)
 
 
 def triplet(s, s_norms_host, labels, qualifies, n_qualifying, margin):
@@ -883,18 +857,19 @@ def triplet(s, s_norms_host, labels, qualifies, n_qualifying, margin):
     exponent = math.frexp(max_norm)[1] if max_norm > 0.0 else 0
     scale = math.ldexp(1.0, exponent)
     x = cuda.device_array((n, dim), dtype=dtype)
-    _kernel(_scale_kernel, _SCALE_SIG, dtype)[_flat(n * dim)](s, math.ldexp(1.0, -exponent), x)
+    compile_kernel(_scale_kernel, _SCALE_SIG, dtype)[item_launch(n * dim)](
+        s, math.ldexp(1.0, -exponent), x)
     sq = cuda.to_device(((s_norms_host / scale) ** 2).astype(dtype).astype(np.float64))
     d_labels = cuda.to_device(np.ascontiguousarray(labels, dtype=np.int64))
     pos_idx = cuda.device_array(n, dtype=np.int64)
     neg_idx = cuda.device_array(n, dtype=np.int64)
-    _kernel(_triplet_select_kernel, _SELECT_SIG, dtype)[
+    compile_kernel(_triplet_select_kernel, _SELECT_SIG, dtype)[
         grid_size(-(-n // TILE)), (TILE, TILE)](
         x, sq, d_labels, cuda.to_device(np.ascontiguousarray(qualifies, dtype=np.bool_)),
         pos_idx, neg_idx)
     row_loss, d_pos, d_neg, active = (cuda.device_array(n, dtype=np.float64) for _ in range(4))
     w = 1.0 / n_qualifying
-    _kernel(_triplet_rows_kernel, _TRIPLET_ROWS_SIG, dtype)[_flat(n)](
+    compile_kernel(_triplet_rows_kernel, _TRIPLET_ROWS_SIG, dtype)[item_launch(n)](
         x, scale, pos_idx, neg_idx, float(margin), w, row_loss, d_pos, d_neg, active)
     # Who receives which unit vector: CSR lists by target row, in anchor order
     # (B integers on the host; the gradient then gathers without atomics).
@@ -910,6 +885,6 @@ def triplet(s, s_norms_host, labels, qualifies, n_qualifying, margin):
         lists += [cuda.to_device(members if members.size else np.zeros(1, np.int64)),
                   cuda.to_device(starts)]
     grad = cuda.device_array((n, dim), dtype=dtype)
-    _kernel(_triplet_grad_kernel, _TRIPLET_GRAD_SIG, dtype)[_flat(n * dim)](
+    compile_kernel(_triplet_grad_kernel, _TRIPLET_GRAD_SIG, dtype)[item_launch(n * dim)](
         x, pos_idx, neg_idx, d_pos, d_neg, active, *lists, w, grad)
     return row_loss, grad

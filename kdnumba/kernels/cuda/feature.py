@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda, types
 
-from kdnumba.kernels.cuda import (block_reductions, block_size, compile_kernel, float_name,
-                                  grid_size, is_simulator)
+from kdnumba.kernels.cuda import (block_reductions, block_size, compile_kernel, grid_size,
+                                  is_simulator)
 
 tree_sum, _ = block_reductions(globals())
 
@@ -64,6 +64,6 @@ def sq_diff_chunks(s, t, c, grad, partial):
     """
     dtype = np.dtype(s.dtype)
     threads = block_size(CHUNK)
-    compile_kernel(_sq_diff_kernel, _SIGNATURE.format(F=float_name(dtype)))[
+    compile_kernel(_sq_diff_kernel, _SIGNATURE, dtype)[
         grid_size(partial.shape[0]), threads, 0, threads * 8](
         s, t, dtype.type(c), grad, partial)

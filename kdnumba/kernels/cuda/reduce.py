@@ -36,14 +36,9 @@ def _total_kernel(values, out):
 KERNELS = [(_total_kernel, _SIGNATURE)]
 
 
-def total_device(values):
-    """``sum(values)`` of a float64 device vector, as a 1-element device array."""
+def total(values) -> float:
+    """``sum(values)`` of a float64 device vector, as a Python float."""
     out = cuda.device_array(1, dtype="float64")
     threads = block_size(values.shape[0], items_per_thread=8)
     compile_kernel(_total_kernel, _SIGNATURE)[1, threads, 0, threads * 8](values, out)
-    return out
-
-
-def total(values) -> float:
-    """``sum(values)`` of a float64 device vector, as a Python float."""
-    return float(total_device(values).copy_to_host()[0])
+    return float(out.copy_to_host()[0])

@@ -34,7 +34,7 @@ import math
 import numpy as np
 from numba import cuda
 
-from kdnumba.kernels.cuda import block_size, compile_kernel, float_name, grid_size
+from kdnumba.kernels.cuda import compile_kernel, item_launch
 
 _PAIRS_SIG = "void({F}[:, ::1], float64, float64[:, ::1], float64[:, ::1])"
 _ROW_SUMS_SIG = "void(float64[:, ::1], float64[:, ::1], float64, float64[::1], float64[::1])"
@@ -46,6 +46,36 @@ _ASSEMBLE_SIG = ("void(float64[:, ::1], float64, float64[:, ::1], float64[:, ::1
                  "float64, float64, float64, float64, float64[:, ::1])")
 _CENTER_SIG = "void({F}[:, ::1], float64[:, ::1])"
 _MATMUL_SIG = "void(float64[:, ::1], float64[:, ::1], {F}[:, ::1])"
+
+
+@cuda.jit(device=True)
+def _distance(q, eps):
+    """``d = sqrt(max(Q, eps))`` (RepDistiller's ``pdist`` clamp)."""
+    return math.sqrt(q if q > eps else eps)
+
+
+@cuda.jit(device=True)
+def _smooth_l1(x):
+    """``x^2 / 2`` for ``|x| < 1``, else ``|x| - 1/2``."""
+    ax = abs(x)
+    return 0.5 * x * x if ax < 1.0 else ax - 0.5
+
+
+@cuda.jit(device=True)
+def _clip1(x):
+    """``clip(x, -1, 1)``, the derivative of :func:`_smooth_l1`."""
+    if x > 1.0:
+        return 1.0
+    if x < -1.0:
+        return -1.0
+    return x
+
+
+@cuda.jit(device=True)
+def _distance_residual(qs_ij, qt_ij, eps, inv_mu_s, inv_mu_t):
+    """``(x_ij, d^s_ij)`` with ``x_ij = d^s_ij / mu_s - d^t_ij / mu_t`` (off-diagonal pairs)."""
+    d_s = _distance(qs_ij, eps)
+    return d_s * inv_mu_s - _distance(qt_ij, eps) * inv_mu_t, d_s
 
 
 def _pairs_kernel(e, eps, q, inv):
@@ -80,7 +110,7 @@ def _row_sums_kernel(qs, qt, eps, sum_s, sum_t):
                 if not (x <= 1.7976931348623157e308):  # NaN or inf
                     finite = False
                 if j != i:
-                    total += math.sqrt(x if x > eps else eps)
+                    total += _distance(x, eps)
             if not finite:
                 total = math.nan
             if side == 0:
@@ -97,19 +127,9 @@ def _distance_kernel(qs, qt, eps, inv_mu_s, inv_mu_t, row_loss, row_hd):
         for j in range(n):
             if j == i:
                 continue
-            a = qs[i, j]
-            b = qt[i, j]
-            d_s = math.sqrt(a if a > eps else eps)
-            d_t = math.sqrt(b if b > eps else eps)
-            x = d_s * inv_mu_s - d_t * inv_mu_t
-            ax = abs(x)
-            loss += 0.5 * x * x if ax < 1.0 else ax - 0.5
-            h = x
-            if h > 1.0:
-                h = 1.0
-            elif h < -1.0:
-                h = -1.0
-            hd += h * d_s
+            x, d_s = _distance_residual(qs[i, j], qt[i, j], eps, inv_mu_s, inv_mu_t)
+            loss += _smooth_l1(x)
+            hd += _clip1(x) * d_s
         row_loss[i] = loss
         row_hd[i] = hd
 
@@ -136,13 +156,8 @@ def _angle_kernel(qs, ins, qt, int_, r, alpha, hk, row_loss):
                     k = 0.5 * (qs_ab + qs[a, c] - qs[b, c]) * w_s
                     t = 0.5 * (qt_ab + qt[a, c] - qt[b, c]) * (int_ab * int_[a, c])
                     x = k - t
-                    ax = abs(x)
-                    pair_loss += 0.5 * x * x if ax < 1.0 else ax - 0.5
-                    h = x
-                    if h > 1.0:
-                        h = 1.0
-                    elif h < -1.0:
-                        h = -1.0
+                    pair_loss += _smooth_l1(x)
+                    h = _clip1(x)
                     w = h * w_s
                     r[b, c] += w
                     al += w
@@ -166,16 +181,9 @@ def _assemble_kernel(r, w_a, qs, qt, eps, inv_mu_s, inv_mu_t, k_mean, w_d, out):
                 continue
             c = 0.0
             a = qs[i, j]
-            if w_d != 0.0 and a >= eps:
-                d_s = math.sqrt(a)
-                b = qt[i, j]
-                d_t = math.sqrt(b if b > eps else eps)
-                h = d_s * inv_mu_s - d_t * inv_mu_t
-                if h > 1.0:
-                    h = 1.0
-                elif h < -1.0:
-                    h = -1.0
-                c = (h * inv_mu_s - k_mean) / (2.0 * d_s)
+            if w_d != 0.0 and a >= eps:  # else the clamp is flat: c = 0
+                x, d_s = _distance_residual(a, qt[i, j], eps, inv_mu_s, inv_mu_t)
+                c = (_clip1(x) * inv_mu_s - k_mean) / (2.0 * d_s)
             rr = 0.0
             if w_a != 0.0:  # r is not written when the angle term is skipped
                 rr = r[i, j] + r[j, i]
@@ -220,9 +228,7 @@ KERNELS = [
 
 def _launch(pyfunc, signature, n_items, dtype=None):
     """The kernel configured for ``n_items`` independent items (grid-strided)."""
-    sig = signature if dtype is None else signature.format(F=float_name(dtype))
-    threads = block_size(n_items, items_per_thread=1)
-    return compile_kernel(pyfunc, sig)[grid_size(-(-n_items // threads)), threads]
+    return compile_kernel(pyfunc, signature, dtype)[item_launch(n_items)]
 
 
 def pairs(e, eps):

@@ -3,11 +3,11 @@
 The CUDA twin of ``kernels.cpu.selectivity`` (same statistics, same tie rule,
 same ``sign(0) = 0``), in four launches on ``(B, N)`` activations:
 
-1. :func:`column_partials` -- column-blocked partial statistics. A block is a
-   tile of ``TILE`` consecutive columns (``threadIdx.x``, coalesced loads) by
-   ``LANES`` row lanes (``threadIdx.y``) over one chunk of rows
-   (``blockIdx.y``); lane ``l`` takes rows ``r0 + l, r0 + l + LANES, ...``.
-   Per column and thread, in float64::
+1. :func:`column_stats`, first launch -- column-blocked partial statistics.
+   A block is a tile of ``TILE`` consecutive columns (``threadIdx.x``,
+   coalesced loads) by ``LANES`` row lanes (``threadIdx.y``) over one chunk
+   of rows (``blockIdx.y``); lane ``l`` takes rows ``r0 + l, r0 + l + LANES,
+   ...``. Per column and thread, in float64::
 
        S1 = sum d, S2 = sum d**2 (d = x - x[0, j])        variance
        H = #{|x| < threshold}, R = sum sigmoid(z)         sparsity
@@ -17,10 +17,10 @@ same ``sign(0) = 0``), in four launches on ``(B, N)`` activations:
    The lanes are combined by a shared-memory tree (fixed order; the maximum
    keeps the smaller row on ties, so the *first* maximal row wins, as on the
    CPU), and one partial per (chunk, column) is written.
-2. :func:`combine` -- one thread per column adds the chunks in chunk order:
-   ``mean = x0 + S1/B``, ``var = max(S2/B - (S1/B)**2, 0)``, ``hard = H/B``,
-   ``soft = R/B``, ``mean_abs = A/B``, ``peak``, ``argmax``,
-   ``ratio = peak / (mean_abs + eps)``.
+2. :func:`column_stats`, second launch -- one thread per column adds the
+   chunks in chunk order: ``mean = x0 + S1/B``,
+   ``var = max(S2/B - (S1/B)**2, 0)``, ``hard = H/B``, ``soft = R/B``,
+   ``mean_abs = A/B``, ``peak``, ``argmax``, ``ratio = peak / (mean_abs + eps)``.
 3. :func:`coefficients` -- one thread per column: the loss term
    ``weight (sel_s - sel_t)**2 / N`` (NaN when a mean magnitude is not
    finite, which reveals inf/NaN input that ``sigmoid`` or ``max`` hide) and
@@ -41,7 +41,7 @@ from types import SimpleNamespace
 import numpy as np
 from numba import cuda, types
 
-from kdnumba.kernels.cuda import compile_kernel, float_name, grid_size, is_simulator
+from kdnumba.kernels.cuda import compile_kernel, grid_size, is_simulator
 
 #: ``metric`` codes (same as the CPU kernel module).
 VARIANCE = 0
@@ -191,6 +191,15 @@ def _partials_kernel(x, flags, threshold, sharpness, k, rows_per_chunk,
             p_arg[ch, j] = np.int64(sh[6 * per + tx])
 
 
+@cuda.jit(device=True)
+def _chunk_sum(partials, j, n_ch):
+    """``sum_ch partials[ch, j]`` in chunk order."""
+    total = 0.0
+    for ch in range(n_ch):
+        total += partials[ch, j]
+    return total
+
+
 _COMBINE_SIG = ("void({F}[:, ::1], int64, float64, int64, float64[:, ::1], float64[:, ::1], "
                 "float64[:, ::1], float64[:, ::1], float64[:, ::1], float64[:, ::1], "
                 "int64[:, ::1], float64[::1], float64[::1], float64[::1], float64[::1], "
@@ -205,30 +214,17 @@ def _combine_kernel(x, flags, eps, n_ch, p_s1, p_s2, p_hard, p_soft, p_abs, p_ma
         return
     inv_b = 1.0 / n_rows
     if (flags & WANT_VARIANCE) != 0:
-        s1 = 0.0
-        s2 = 0.0
-        for ch in range(n_ch):
-            s1 += p_s1[ch, j]
-            s2 += p_s2[ch, j]
-        m = s1 * inv_b
-        v = s2 * inv_b - m * m
+        m = _chunk_sum(p_s1, j, n_ch) * inv_b
+        v = _chunk_sum(p_s2, j, n_ch) * inv_b - m * m
         if v < 0.0:  # a rounding residue; NaN fails the test and is kept
             v = 0.0
         mean[j] = np.float64(x[0, j]) + m
         var[j] = v
     if (flags & WANT_SPARSITY) != 0:
-        h = 0.0
-        r = 0.0
-        for ch in range(n_ch):
-            h += p_hard[ch, j]
-            r += p_soft[ch, j]
-        hard[j] = h * inv_b
-        soft[j] = r * inv_b
+        hard[j] = _chunk_sum(p_hard, j, n_ch) * inv_b
+        soft[j] = _chunk_sum(p_soft, j, n_ch) * inv_b
     if (flags & (WANT_SPARSITY | WANT_PEAK)) != 0:
-        a = 0.0
-        for ch in range(n_ch):
-            a += p_abs[ch, j]
-        mean_abs[j] = a * inv_b
+        mean_abs[j] = _chunk_sum(p_abs, j, n_ch) * inv_b
     if (flags & WANT_PEAK) != 0:
         m = p_max[0, j]
         arg = p_arg[0, j]
@@ -318,7 +314,6 @@ def column_stats(x, flags, threshold, sharpness, eps):
     """
     n_rows, n_cols = x.shape
     dtype = np.dtype(x.dtype)
-    F = float_name(dtype)
     rows = plan(n_rows, n_cols)
     n_ch = n_chunks(n_rows, rows)
     want_var = bool(flags & WANT_VARIANCE)
@@ -334,7 +329,7 @@ def column_stats(x, flags, threshold, sharpness, eps):
     p_arg = _empty2(shape, np.int64, want_pk)
     lanes = _lanes()
     scalar = dtype.type
-    compile_kernel(_partials_kernel, _PARTIALS_SIG.format(F=F))[
+    compile_kernel(_partials_kernel, _PARTIALS_SIG, dtype)[
         (-(-n_cols // TILE), n_ch), (TILE, lanes), 0, _N_SLOTS * TILE * lanes * 8](
         x, int(flags), scalar(threshold), scalar(sharpness), scalar(sharpness / threshold),
         rows, p_s1, p_s2, p_hard, p_soft, p_abs, p_max, p_arg)
@@ -343,7 +338,7 @@ def column_stats(x, flags, threshold, sharpness, eps):
                                          "ratio")})
     st.argmax = cuda.device_array(n_cols, dtype=np.int64)
     threads = TILE * lanes
-    compile_kernel(_combine_kernel, _COMBINE_SIG.format(F=F))[-(-n_cols // threads), threads](
+    compile_kernel(_combine_kernel, _COMBINE_SIG, dtype)[-(-n_cols // threads), threads](
         x, int(flags), float(eps), n_ch, p_s1, p_s2, p_hard, p_soft, p_abs, p_max, p_arg,
         st.mean, st.var, st.hard, st.soft, st.mean_abs, st.peak, st.argmax, st.ratio)
     return st
@@ -375,7 +370,7 @@ def gradient_rows(x, metric, sharpness, k, coef_a, coef_b, coef_c, argmax, grad)
     flag = cuda.to_device(np.zeros(1, dtype=np.int32))
     lanes = _lanes()
     grid = (-(-n_cols // TILE), grid_size(min(MAX_GRID_ROWS, -(-n_rows // lanes))))
-    compile_kernel(_gradient_kernel, _GRAD_SIG.format(F=float_name(dtype)))[grid, (TILE, lanes)](
+    compile_kernel(_gradient_kernel, _GRAD_SIG, dtype)[grid, (TILE, lanes)](
         x, int(metric), dtype.type(sharpness), dtype.type(k), coef_a, coef_b, coef_c, argmax,
         grad, flag)
     return flag

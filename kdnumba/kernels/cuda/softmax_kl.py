@@ -47,8 +47,7 @@ import math
 import numpy as np
 from numba import cuda, types
 
-from kdnumba.kernels.cuda import (block_reductions, block_size, compile_kernel, float_name,
-                                  grid_size)
+from kdnumba.kernels.cuda import block_reductions, block_size, compile_kernel, grid_size
 
 tree_sum, tree_max = block_reductions(globals())
 
@@ -209,7 +208,7 @@ def kd_rows(s, t, labels_index, labels_dense, labels_kind, inv_t,
     """
     n_rows, n_cols = s.shape
     dtype = np.dtype(s.dtype)
-    kernel = compile_kernel(_kd_rows_kernel, _SIGNATURE.format(F=float_name(dtype)))
+    kernel = compile_kernel(_kd_rows_kernel, _SIGNATURE, dtype)
     threads = block_size(n_cols)
     shared_bytes = _N_PARTIALS * threads * 8
     kernel[grid_size(n_rows), threads, 0, shared_bytes](
