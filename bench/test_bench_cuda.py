@@ -178,12 +178,17 @@ def test_transfers(benchmark):
 
 # --- NT-Xent ---------------------------------------------------------------------------------
 
+def _nt_xent_inputs(n_rows, seed=1):
+    rng = np.random.default_rng(seed)
+    s = rng.standard_normal((n_rows, 128)).astype(np.float32)
+    t = (s + 0.3 * rng.standard_normal((n_rows, 128))).astype(np.float32)
+    return s, t
+
+
 @pytest.mark.parametrize("n_rows", [16384, 65536])
 def test_nt_xent_kdnumba(benchmark, n_rows):
     benchmark.group = f"nt_xent/B{n_rows}_D128/float32"
-    rng = np.random.default_rng(1)
-    s = rng.standard_normal((n_rows, 128)).astype(np.float32)
-    t = (s + 0.3 * rng.standard_normal((n_rows, 128))).astype(np.float32)
+    s, t = _nt_xent_inputs(n_rows)
     ds, dt = cuda.to_device(s), cuda.to_device(t)
     run = _synced(lambda: nt_xent(ds, dt, temperature=0.07, device="cuda"))
     run()
@@ -199,9 +204,7 @@ def test_nt_xent_torch(benchmark, n_rows):
         pytest.skip("PyTorch with CUDA is not installed")
     F = torch.nn.functional
     benchmark.group = f"nt_xent/B{n_rows}_D128/float32"
-    rng = np.random.default_rng(1)
-    s = rng.standard_normal((n_rows, 128)).astype(np.float32)
-    t = (s + 0.3 * rng.standard_normal((n_rows, 128))).astype(np.float32)
+    s, t = _nt_xent_inputs(n_rows)
     ts = torch.tensor(s, device="cuda", requires_grad=True)
     tt = torch.tensor(t, device="cuda")
     target = torch.arange(n_rows, device="cuda")
@@ -221,37 +224,26 @@ def test_nt_xent_torch(benchmark, n_rows):
 
 # --- the other families (device arrays, kernel time only) ------------------------------------
 
-def test_selectivity_variance(benchmark):
-    benchmark.group = "selectivity/variance/B4096_N4096/float32"
-    rng = np.random.default_rng(2)
-    s = rng.standard_normal((4096, 4096)).astype(np.float32)
-    t = rng.standard_normal((4096, 4096)).astype(np.float32)
+#: benchmark group -> (seed, shape of student and teacher, the call on device arrays)
+FAMILY_CASES = {
+    "selectivity/variance/B4096_N4096/float32": (
+        2, (4096, 4096), lambda s, t: selectivity_loss(s, t, metric="variance", device="cuda")),
+    "feature/256x256x16x16/float32": (
+        3, (256, 256, 16, 16), lambda s, t: feature_loss(s, t, device="cuda")),
+    "attention_transfer/128x256x32x32/float32": (
+        4, (128, 256, 32, 32), lambda s, t: attention_transfer(s, t, device="cuda")),
+}
+
+
+@pytest.mark.parametrize("group", list(FAMILY_CASES), ids=lambda group: group.split("/")[0])
+def test_family(benchmark, group):
+    seed, shape, call = FAMILY_CASES[group]
+    benchmark.group = group
+    rng = np.random.default_rng(seed)
+    s = rng.standard_normal(shape).astype(np.float32)
+    t = rng.standard_normal(shape).astype(np.float32)
     ds, dt = cuda.to_device(s), cuda.to_device(t)
-    run = _synced(lambda: selectivity_loss(ds, dt, metric="variance", device="cuda"))
-    run()
-    benchmark.pedantic(run, rounds=10, iterations=1, warmup_rounds=1)
-    _record(benchmark, 3 * s.nbytes)
-
-
-def test_feature_loss(benchmark):
-    benchmark.group = "feature/256x256x16x16/float32"
-    rng = np.random.default_rng(3)
-    s = rng.standard_normal((256, 256, 16, 16)).astype(np.float32)
-    t = rng.standard_normal((256, 256, 16, 16)).astype(np.float32)
-    ds, dt = cuda.to_device(s), cuda.to_device(t)
-    run = _synced(lambda: feature_loss(ds, dt, device="cuda"))
-    run()
-    benchmark.pedantic(run, rounds=10, iterations=1, warmup_rounds=1)
-    _record(benchmark, 3 * s.nbytes)
-
-
-def test_attention_transfer(benchmark):
-    benchmark.group = "attention_transfer/128x256x32x32/float32"
-    rng = np.random.default_rng(4)
-    s = rng.standard_normal((128, 256, 32, 32)).astype(np.float32)
-    t = rng.standard_normal((128, 256, 32, 32)).astype(np.float32)
-    ds, dt = cuda.to_device(s), cuda.to_device(t)
-    run = _synced(lambda: attention_transfer(ds, dt, device="cuda"))
+    run = _synced(lambda: call(ds, dt))
     run()
     benchmark.pedantic(run, rounds=10, iterations=1, warmup_rounds=1)
     _record(benchmark, 3 * s.nbytes)
