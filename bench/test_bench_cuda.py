@@ -45,6 +45,7 @@ if _REASON is not None:
 
 from numba import cuda  # noqa: E402
 
+from kdnumba.benchmarking.cases_response import pytorch_kd  # noqa: E402
 from kdnumba.functional import (  # noqa: E402
     attention_transfer,
     feature_loss,
@@ -129,18 +130,16 @@ def test_kd_loss_torch(benchmark, shape):
     torch = _torch_cuda()
     if torch is None:
         pytest.skip("PyTorch with CUDA is not installed")
-    F = torch.nn.functional
     benchmark.group = f"kd_loss/{shape[0]}x{shape[1]}/float32"
     s, t, y = _kd_inputs(*shape)
     ts = torch.tensor(s, device="cuda", requires_grad=True)
     tt = torch.tensor(t, device="cuda")
     ty = torch.tensor(y, device="cuda")
+    kd = pytorch_kd(TEMPERATURE, ALPHA)
 
     def run():
         ts.grad = None
-        soft = F.kl_div(F.log_softmax(ts / TEMPERATURE, 1), F.log_softmax(tt / TEMPERATURE, 1),
-                        log_target=True, reduction="batchmean") * TEMPERATURE ** 2
-        loss = ALPHA * F.cross_entropy(ts, ty) + (1 - ALPHA) * soft
+        loss = kd(ts, tt, ty)
         loss.backward()
         torch.cuda.synchronize()
         return float(loss)
