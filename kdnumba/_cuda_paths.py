@@ -57,12 +57,10 @@ def kd_loss(student_logits, teacher_logits, labels=None, *, temperature: float,
 
 def _kd_core(kernels, s, t, kind, y, temperature, alpha, grad) -> float:
     """KD loss of kernel-ready device arrays; writes ``grad``; raises on bad input."""
-    from kdnumba.functional.response import _LABEL_KINDS
+    from kdnumba.functional.response import _LABEL_KINDS, kernel_weights
     cuda = ca._cuda()
     n_rows, n_cols = s.shape
     dtype = np.dtype(s.dtype)
-    if kind == "none":
-        alpha = 0.0
     row_loss = cuda.device_array(n_rows, dtype=np.float64)
     # Label arrays the kernel does not read still need the right type.
     y_index = y if kind == "index" else cuda.device_array(1, dtype=np.int64)
@@ -70,10 +68,7 @@ def _kd_core(kernels, s, t, kind, y, temperature, alpha, grad) -> float:
     kernels.kd_rows(
         s, t, y_index, y_dense, _LABEL_KINDS[kind],
         1.0 / temperature,
-        (1.0 - alpha) * temperature * temperature / n_rows,
-        alpha / n_rows,
-        (1.0 - alpha) * temperature / n_rows,
-        alpha / n_rows,
+        *kernel_weights(kind, temperature, alpha, n_rows),
         grad, row_loss)
     loss = _total(row_loss)
     if not np.isfinite(loss):

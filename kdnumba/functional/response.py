@@ -66,8 +66,6 @@ def kd_loss(student_logits, teacher_logits, labels=None, *, temperature=3.0, alp
     v.check_same_shape(s, t, "student_logits", "teacher_logits")
     n_rows, n_cols = s.shape
     kind, y = v.as_labels(labels, "labels", n_rows, n_cols, s.dtype)
-    if kind == "none":
-        alpha = 0.0
     grad = v.gradient_buffer(out, s, (student_logits, teacher_logits, labels))
 
     kernels = _dispatch.kernels("softmax_kl", target)
@@ -80,10 +78,7 @@ def kd_loss(student_logits, teacher_logits, labels=None, *, temperature=3.0, alp
             y if kind == "dense" else np.zeros((0, 0), dtype=s.dtype),
             _LABEL_KINDS[kind],
             scalar(1.0 / temperature),
-            (1.0 - alpha) * temperature * temperature / n_rows,
-            alpha / n_rows,
-            (1.0 - alpha) * temperature / n_rows,
-            alpha / n_rows,
+            *kernel_weights(kind, temperature, alpha, n_rows),
             grad, row_loss)
     loss = ordered_sum(row_loss)
     if not np.isfinite(loss):
@@ -91,3 +86,13 @@ def kd_loss(student_logits, teacher_logits, labels=None, *, temperature=3.0, alp
                             ("labels", y if kind == "dense" else None)])
     return float(loss), grad
 
+
+def kernel_weights(kind: str, temperature: float, alpha: float, n_rows: int) -> tuple:
+    """``(w_soft, w_hard, c_soft, c_hard)`` of the ``kd_rows`` kernels (CPU and
+    CUDA): the loss weights ``(1-alpha) T^2 / B`` and ``alpha / B`` of the KL
+    and CE terms, and their gradient weights ``(1-alpha) T / B`` and
+    ``alpha / B``; without labels (``kind == "none"``) ``alpha`` is 0."""
+    if kind == "none":
+        alpha = 0.0
+    return ((1.0 - alpha) * temperature * temperature / n_rows, alpha / n_rows,
+            (1.0 - alpha) * temperature / n_rows, alpha / n_rows)
