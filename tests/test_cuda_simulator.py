@@ -62,6 +62,10 @@ _NO_GPU_PROBE = """
         print("RUNTIME-ERROR:", exc)
     else:
         print("NO-ERROR")
+    try:
+        _dispatch.kernels("softmax_kl", "cuda")
+    except RuntimeError as exc:
+        print("KERNELS-RUNTIME-ERROR:", exc)
 """
 
 
@@ -72,6 +76,8 @@ def test_device_cuda_without_a_gpu_raises_runtime_error():
         pytest.skip("a usable CUDA GPU is present: tests/cuda ran on it")
     assert "RUNTIME-ERROR:" in proc.stdout, proc.stdout + proc.stderr
     assert "no usable CUDA GPU/driver was found" in proc.stdout, proc.stdout
+    assert "RUNTIME-ERROR: device='cuda'" in proc.stdout, proc.stdout
+    assert "KERNELS-RUNTIME-ERROR: device='cuda'" in proc.stdout, proc.stdout
 
 
 def test_device_cuda_without_numba_cuda_names_the_package():
