@@ -81,26 +81,6 @@ def _simulated_view(x):
 
 # --- validation from metadata ------------------------------------------------------
 
-def _check_float_meta(arr, name: str, ndim, min_ndim) -> np.dtype:
-    """The checks of ``_validation.as_float_array`` on a device array's metadata."""
-    dtype = np.dtype(arr.dtype)
-    shape = tuple(arr.shape)
-    if dtype not in v.FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} must be a float32 or float64 array, got dtype {dtype.name}"
-            + (" (cast it with .astype(np.float32))" if dtype.kind in "biuf" else ""))
-    if ndim is not None and len(shape) != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {shape}")
-    if min_ndim is not None and len(shape) < min_ndim:
-        raise ValueError(f"{name} must have at least {min_ndim} dimensions, got shape {shape}")
-    if len(shape) == 0 or shape[0] == 0:
-        raise ValueError(
-            f"{name} is empty: the batch must hold at least one row, got shape {shape}")
-    if 0 in shape:
-        raise ValueError(f"{name} has a zero-length dimension: shape {shape}")
-    return dtype
-
-
 def device_float_array(x, name: str, *, ndim: int | None = None,
                        min_ndim: int | None = None, dtype=None):
     """``x`` as a C-contiguous float32/float64 device array (the GPU twin of
@@ -114,8 +94,8 @@ def device_float_array(x, name: str, *, ndim: int | None = None,
         host = v.as_float_array(x, name, ndim=ndim, min_ndim=min_ndim, dtype=dtype)
         return _cuda().to_device(host)
     arr = adopt(x)
-    own = _check_float_meta(arr, name, ndim, min_ndim)
-    return kernel_layout(arr, own if dtype is None else np.dtype(dtype))
+    v.check_float_meta(arr.dtype, arr.shape, name, ndim=ndim, min_ndim=min_ndim)
+    return kernel_layout(arr, np.dtype(arr.dtype if dtype is None else dtype))
 
 
 def device_labels(labels, name: str, n_rows: int, n_classes: int, dtype):

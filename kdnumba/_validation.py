@@ -17,10 +17,6 @@ import numpy as np
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def _describe_dtype(dtype: np.dtype) -> str:
-    return f"{dtype.name}"
-
-
 def as_float_array(x, name: str, *, ndim: int | None = None, min_ndim: int | None = None,
                    dtype=None) -> np.ndarray:
     """``x`` as a C-contiguous float32/float64 array with at least one row.
@@ -38,22 +34,30 @@ def as_float_array(x, name: str, *, ndim: int | None = None, min_ndim: int | Non
         arr = np.asarray(x)
     except Exception as exc:  # e.g. a CUDA torch tensor
         raise TypeError(f"{name} could not be converted to a NumPy array: {exc}") from exc
-    if arr.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} must be a float32 or float64 array, got dtype "
-            f"{_describe_dtype(arr.dtype)}"
-            + (" (cast it with .astype(np.float32))" if arr.dtype.kind in "biuf" else ""))
-    if ndim is not None and arr.ndim != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {arr.shape}")
-    if min_ndim is not None and arr.ndim < min_ndim:
-        raise ValueError(f"{name} must have at least {min_ndim} dimensions, got shape {arr.shape}")
-    if arr.ndim == 0 or arr.shape[0] == 0:
-        raise ValueError(f"{name} is empty: the batch must hold at least one row, got shape {arr.shape}")
-    if arr.size == 0:
-        raise ValueError(f"{name} has a zero-length dimension: shape {arr.shape}")
+    check_float_meta(arr.dtype, arr.shape, name, ndim=ndim, min_ndim=min_ndim)
     if dtype is not None and arr.dtype != dtype:
         arr = arr.astype(dtype)
     return np.ascontiguousarray(arr)
+
+
+def check_float_meta(dtype, shape, name: str, *, ndim: int | None = None,
+                     min_ndim: int | None = None) -> None:
+    """The dtype and shape checks of :func:`as_float_array`, on metadata only
+    (shared with device arrays, whose data stays on the GPU)."""
+    dtype = np.dtype(dtype)
+    shape = tuple(shape)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a float32 or float64 array, got dtype {dtype.name}"
+            + (" (cast it with .astype(np.float32))" if dtype.kind in "biuf" else ""))
+    if ndim is not None and len(shape) != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {shape}")
+    if min_ndim is not None and len(shape) < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimensions, got shape {shape}")
+    if len(shape) == 0 or shape[0] == 0:
+        raise ValueError(f"{name} is empty: the batch must hold at least one row, got shape {shape}")
+    if 0 in shape:
+        raise ValueError(f"{name} has a zero-length dimension: shape {shape}")
 
 
 def check_same_batch(a, b, name_a: str, name_b: str) -> None:
