@@ -199,14 +199,7 @@ def gradient_buffer(out, shape, dtype, *, on_device: bool, inputs=(), host_input
         if any(x is not None and _overlaps(dev, x) for x in inputs):
             raise ValueError("out must not share memory with the inputs")
         return dev
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
-    if out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
-        raise ValueError(
-            f"out must be a C-contiguous {dtype.name} array of shape {shape}, "
-            f"got {out.dtype.name} {out.shape}")
-    if any(isinstance(x, np.ndarray) and np.shares_memory(out, x) for x in host_inputs):
-        raise ValueError("out must not share memory with the inputs")
+    v.check_out(out, shape, dtype, host_inputs)
     return cuda.device_array(shape, dtype=dtype)
 
 

@@ -232,16 +232,24 @@ def gradient_buffer(out, like: np.ndarray, inputs=()) -> np.ndarray:
     """
     if out is None:
         return np.empty_like(like)
+    check_out(out, like.shape, like.dtype, (like, *inputs))
+    return out
+
+
+def check_out(out, shape, dtype, inputs=()) -> None:
+    """Raise unless ``out`` is a C-contiguous NumPy array of ``shape`` and
+    ``dtype`` sharing no memory with any NumPy array among ``inputs``."""
+    dtype = np.dtype(dtype)
+    shape = tuple(shape)
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
-    if out.shape != like.shape or out.dtype != like.dtype or not out.flags.c_contiguous:
+    if out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
         raise ValueError(
-            f"out must be a C-contiguous {like.dtype.name} array of shape {like.shape}, "
+            f"out must be a C-contiguous {dtype.name} array of shape {shape}, "
             f"got {out.dtype.name} {out.shape}")
-    for array in (like, *inputs):
+    for array in inputs:
         if isinstance(array, np.ndarray) and np.shares_memory(out, array):
             raise ValueError("out must not share memory with the inputs")
-    return out
 
 
 def as_class_labels(labels, name: str, n_rows: int) -> np.ndarray:
