@@ -401,16 +401,12 @@ def triplet_loss(student_emb, labels, *, margin=0.1, tile_rows=None):
         raise ValueError("student_emb contains NaN or inf values")
     y = v.as_class_labels(_host_labels(labels), "labels", s.shape[0])
     fc._tile_rows(tile_rows)
-    _, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
-    inverse = inverse.reshape(-1)
-    per_row = counts[inverse]
-    qualifies = (per_row >= 2) & (per_row < s.shape[0])
-    n_qualifying = int(qualifies.sum())
+    classes, qualifies, n_qualifying = fc.triplet_anchors(y)
     on_device = ca.is_device_array(student_emb)
     if n_qualifying == 0:
         zeros = ca._cuda().to_device(np.zeros(tuple(s.shape), dtype=s.dtype))
         return 0.0, ca.deliver(zeros, None, on_device=on_device)
-    row_loss, grad = kernels.triplet(s, norms, inverse, qualifies, n_qualifying, margin)
+    row_loss, grad = kernels.triplet(s, norms, classes, qualifies, n_qualifying, margin)
     return _finish(row_loss, grad, 1, student_emb)
 
 

@@ -282,12 +282,21 @@ def triplet_loss(student_emb, labels, *, margin=0.1, device="auto", tile_rows=No
     s_norms = _finite_norms(kernels, s, "student_emb")
     y = v.as_class_labels(labels, "labels", s.shape[0])
     rows = _tile_rows(tile_rows)
-    _, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
-    per_row = counts[inverse]
-    qualifies = (per_row >= 2) & (per_row < s.shape[0])
-    n_qualifying = int(qualifies.sum())
+    classes, qualifies, n_qualifying = triplet_anchors(y)
     if n_qualifying == 0:
         return 0.0, np.zeros_like(s)
-    loss, grad = kernels.triplet(s, s_norms, np.ascontiguousarray(inverse, dtype=np.int64),
-                                 np.ascontiguousarray(qualifies), n_qualifying, margin, rows)
+    loss, grad = kernels.triplet(s, s_norms, classes, qualifies, n_qualifying, margin, rows)
     return float(loss), grad
+
+
+def triplet_anchors(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(classes, qualifies, n_qualifying)`` for the batch-hard triplet loss:
+    ``classes`` int64 ``(B,)`` dense class ids, ``qualifies`` bool ``(B,)``
+    (the anchor has a positive ``j != i`` and a negative in the batch), and
+    how many anchors do (the loss is their mean). Shared by the CPU and CUDA paths."""
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    per_row = counts[inverse]
+    qualifies = (per_row >= 2) & (per_row < labels.shape[0])
+    return (np.ascontiguousarray(inverse, dtype=np.int64), np.ascontiguousarray(qualifies),
+            int(qualifies.sum()))
