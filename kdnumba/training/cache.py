@@ -10,11 +10,12 @@ at all.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import threading
 import warnings
-import zipfile
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
@@ -22,9 +23,15 @@ import numpy as np
 
 from kdnumba import _validation as v
 from kdnumba.strategies.base import IntermediateActivations
+from kdnumba.training._atomic import (
+    CorruptFileError,
+    read_npz,
+    remove_temp_files,
+    write_npz,
+)
 from kdnumba.training.protocol import check_teacher
 
-_FORMAT = 1
+_FORMAT = 2  # 2: checksummed files (format-1 files simply miss)
 
 
 @dataclass(frozen=True)
@@ -104,9 +111,19 @@ class TeacherCache:
     changed teacher with the same data and layers would hit a stale file, so
     pass ``teacher_key`` (e.g. a checkpoint name) for such teachers.
 
-    Files are written atomically (temporary file + rename) and read with
-    ``allow_pickle=False``; an unreadable or inconsistent file is recomputed
-    and replaced with a warning.
+    Durability and concurrency:
+
+    * Files are written atomically and durably (a uniquely named temporary
+      file in the cache folder, fsync, rename, fsync of the folder: see
+      :mod:`kdnumba.training._atomic`), so threads and processes sharing the
+      folder never see a partial file, and a crash leaves the previous file.
+    * Files carry a SHA-256 of their arrays and are read with
+      ``allow_pickle=False``. Any unreadable file -- empty (zero length),
+      truncated, damaged, from another version, or not matching the request --
+      gives a warning and is recomputed and replaced.
+    * A failed write (read-only folder, full disk) gives a warning; :meth:`get`
+      still returns the outputs it computed, so training continues.
+    * :meth:`clear` also removes temporary files left by killed processes.
 
     Attributes:
         directory: where the files live (created on first use).
@@ -117,6 +134,8 @@ class TeacherCache:
         self.directory = os.fspath(directory)
         self.hits = 0
         self.misses = 0
+        self._lock = threading.Lock()
+        self._key_locks: dict[str, threading.Lock] = {}
 
     def key(self, x, layers: Collection[str] = (), teacher=None, teacher_key: str | None = None
             ) -> str:
@@ -133,17 +152,26 @@ class TeacherCache:
 
     def load(self, key: str, n_rows: int | None = None, layers: Collection[str] = ()
              ) -> TeacherOutputs | None:
-        """The stored outputs for ``key``, or ``None`` if absent or unusable."""
+        """The stored outputs for ``key``, or ``None`` if absent or unusable (with a
+        warning when a file is there but cannot be used)."""
         path = self.path(key)
-        if not os.path.exists(path):
+        if not os.path.isfile(path):
             return None
         try:
-            with np.load(path, allow_pickle=False) as f:
-                names = [str(s) for s in f["layer_names"]]
-                stored = TeacherOutputs(f["outputs"], IntermediateActivations(
-                    {name: f[f"act{i}"] for i, name in enumerate(names)}))
-        except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as exc:
-            warnings.warn(f"ignoring unreadable teacher cache file {path}: {exc}", stacklevel=3)
+            f = read_npz(path)
+        except FileNotFoundError:  # removed since (a concurrent clear())
+            return None
+        except CorruptFileError as exc:
+            warnings.warn(f"ignoring unreadable teacher cache file ({exc}); recomputing",
+                          stacklevel=3)
+            return None
+        try:
+            names = [str(s) for s in f["layer_names"]]
+            stored = TeacherOutputs(f["outputs"], IntermediateActivations(
+                {name: f[f"act{i}"] for i, name in enumerate(names)}))
+        except (KeyError, ValueError, TypeError) as exc:
+            warnings.warn(f"ignoring unreadable teacher cache file {path}: {exc}; recomputing",
+                          stacklevel=3)
             return None
         if (n_rows is not None and len(stored) != n_rows) or set(names) != set(layers):
             warnings.warn(f"ignoring teacher cache file {path}: it does not match the request",
@@ -152,44 +180,59 @@ class TeacherCache:
         return stored
 
     def save(self, key: str, outputs: TeacherOutputs) -> str:
-        """Write ``outputs`` under ``key``; returns the file's path."""
+        """Write ``outputs`` under ``key`` (atomically, durably); returns the file's
+        path. Raises ``OSError`` if the folder cannot be written (:meth:`get`
+        turns that into a warning)."""
         os.makedirs(self.directory, exist_ok=True)
         names = list(outputs.activations)
         arrays = {"outputs": outputs.outputs,
                   "layer_names": np.asarray(names, dtype=str).reshape(len(names))}
         for i, name in enumerate(names):
             arrays[f"act{i}"] = outputs.activations[name]
-        path = self.path(key)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-        return path
+        return write_npz(self.path(key), arrays)
 
     def get(self, teacher, x, layers: Collection[str] = (), *, teacher_key: str | None = None,
             batch_size: int = 1024) -> TeacherOutputs:
-        """Cached outputs for ``(x, layers, teacher)``, running the teacher on a miss."""
+        """Cached outputs for ``(x, layers, teacher)``, running the teacher on a miss.
+
+        Threads sharing this object run the teacher once per key; threads and
+        processes with their own objects on the same folder may each run it,
+        and each gets complete, correct outputs. If the result cannot be
+        written, a ``UserWarning`` says so and the computed outputs are returned.
+        """
         layers = tuple(layers)
         key = self.key(x, layers, teacher, teacher_key)
-        stored = self.load(key, len(x), layers)
-        if stored is not None:
-            self.hits += 1
-            return stored
-        self.misses += 1
-        computed = run_teacher(teacher, x, layers, batch_size=batch_size)
-        self.save(key, computed)
-        return computed
+        with self._lock:
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:
+            stored = self.load(key, len(x), layers)
+            if stored is not None:
+                with self._lock:
+                    self.hits += 1
+                return stored
+            with self._lock:
+                self.misses += 1
+            computed = run_teacher(teacher, x, layers, batch_size=batch_size)
+            try:
+                self.save(key, computed)
+            except OSError as exc:
+                warnings.warn(f"could not write the teacher cache file {self.path(key)} "
+                              f"({exc}); continuing with the outputs in memory", stacklevel=2)
+            return computed
 
     def clear(self) -> int:
-        """Delete this cache's files; returns how many were removed."""
+        """Delete this cache's files, and temporary files left behind by processes
+        killed while writing; returns how many files were removed."""
         if not os.path.isdir(self.directory):
             return 0
         removed = 0
         for name in os.listdir(self.directory):
-            if name.startswith("teacher-") and name.endswith(".npz"):
-                os.remove(os.path.join(self.directory, name))
-                removed += 1
-        return removed
+            # teacher-<key>.npz, and teacher-<key>.npz.tmp<PID> of earlier versions
+            if name.startswith("teacher-") and (name.endswith(".npz") or ".npz.tmp" in name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self.directory, name))
+                    removed += 1
+        return removed + remove_temp_files(self.directory, "teacher-")
 
     def __repr__(self) -> str:
         return f"TeacherCache({self.directory!r}, hits={self.hits}, misses={self.misses})"
