@@ -6,9 +6,11 @@
 * :class:`Distiller` -- the loop: teacher and student forward per minibatch,
   output + intermediate losses of any strategy (hybrids included), backward with
   gradients injected at intermediate layers, update; metrics, early stopping,
-  seeded shuffling, a progress bar on long runs.
+  seeded shuffling, a progress bar on long runs; atomic checkpoints and
+  resuming (``fit(..., checkpoint=path, resume=True)``).
 * :class:`TeacherCache` / :class:`TeacherOutputs` -- the teacher run once, kept
-  on disk (``.npz``) for offline distillation.
+  on disk (``.npz``, atomic, checksummed, safe to share between threads and
+  processes) for offline distillation.
 * :class:`MLP` -- a NumPy multilayer perceptron implementing the protocol: the
   demo's student and teacher, and a template for your own model.
 """
@@ -18,6 +20,7 @@ from kdnumba.training.loop import (
     BatchLosses,
     Distiller,
     EarlyStopping,
+    TrainingDivergedError,
     TrainingHistory,
     cross_entropy_and_accuracy,
     is_intermediate,
@@ -35,6 +38,7 @@ __all__ = [
     "Teacher",
     "TeacherCache",
     "TeacherOutputs",
+    "TrainingDivergedError",
     "TrainingHistory",
     "cross_entropy_and_accuracy",
     "dataset_fingerprint",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Collection, Mapping
@@ -30,11 +31,20 @@ import numpy as np
 from kdnumba import _validation as v
 from kdnumba.functional import kd_loss
 from kdnumba.strategies.base import IntermediateActivations, IntermediateStrategyMixin
+from kdnumba.training._atomic import probe_writable, remove_temp_files
 from kdnumba.training.cache import (
     TeacherCache,
     TeacherOutputs,
     as_teacher_outputs,
+    dataset_fingerprint,
     run_teacher,
+)
+from kdnumba.training.checkpoint import (
+    Checkpoint,
+    fingerprint_differences,
+    load_checkpoint,
+    resolve_checkpoint_path,
+    save_checkpoint,
 )
 from kdnumba.training.protocol import check_student, check_teacher
 
@@ -148,6 +158,60 @@ def _memory_updaters(strategy) -> list[tuple[Callable, str]]:
         if callable(upd) and isinstance(layer, str) and getattr(s, "negatives_sample_size", 1):
             out.append((upd, layer))
     return out
+
+
+class TrainingDivergedError(FloatingPointError):
+    """Training produced a non-finite output, loss or gradient.
+
+    Raised by :meth:`Distiller.fit` before the offending batch updates the
+    student. ``epoch`` and ``batch`` count from 0, like the epochs of
+    :class:`TrainingHistory` and the callback (``batch`` is ``None`` when only
+    the epoch's mean loss overflowed).
+    """
+
+    def __init__(self, message: str, *, epoch: int, batch: int | None = None):
+        super().__init__(message)
+        self.epoch = epoch
+        self.batch = batch
+
+
+def _check_step(value, what: str, where: tuple[int, int, int]) -> None:
+    """``TrainingDivergedError`` if ``value`` (a scalar or an array) is not finite."""
+    if isinstance(value, float):
+        ok = math.isfinite(value)
+    else:
+        ok = bool(np.isfinite(value).all())
+    if ok:
+        return
+    epoch, batch, n_batches = where
+    arr = np.asarray(value)
+    kind = "nan" if np.isnan(arr).any() else "inf"
+    raise TrainingDivergedError(
+        f"training diverged in epoch {epoch}, batch {batch} (of {n_batches}; counting from 0): "
+        f"{what} {'is' if arr.ndim == 0 else 'contains'} {kind}. The student was not updated "
+        "with it; lower the learning rate, or check the data and the strategy's settings",
+        epoch=epoch, batch=batch)
+
+
+def _check_finite(x, name: str) -> None:
+    """``ValueError`` if ``x`` is a float array holding NaN or inf (other inputs
+    are the student's business)."""
+    arr = x if isinstance(x, np.ndarray) else None
+    if arr is None or arr.dtype.kind not in "fc":
+        return
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0]) if arr.ndim else 0
+        raise ValueError(f"{name} contains NaN or inf (first in row {row})")
+
+
+def _declared_outputs(student) -> int | None:
+    """The number of outputs a student declares (``layer_sizes[-1]``, as
+    :class:`MLP` does, or ``n_outputs``), else ``None``."""
+    sizes = getattr(student, "layer_sizes", None)
+    value = sizes[-1] if isinstance(sizes, (tuple, list)) and sizes else getattr(
+        student, "n_outputs", None)
+    return int(value) if isinstance(value, (int, np.integer)) and value > 0 else None
 
 
 class BatchLosses(NamedTuple):
@@ -459,7 +523,9 @@ class Distiller:
         return run_teacher(self.teacher, x, self.teacher_layers)
 
     def fit(self, x, y=None, *, validation: tuple | None = None, epochs: int | None = None,
-            callback: Callable[[int, dict], bool | None] | None = None) -> TrainingHistory:
+            callback: Callable[[int, dict], bool | None] | None = None,
+            checkpoint=None, resume: bool = False, checkpoint_every: int = 1
+            ) -> TrainingHistory:
         """Train for ``epochs`` (default: the constructor's) and return the history.
 
         Args:
@@ -467,24 +533,53 @@ class Distiller:
             y: labels ``(N,)`` integers or ``(N, C)`` targets; ``None`` for
                 label-free distillation (strategies then get ``labels=None``).
             validation: ``(x_val, y_val)`` for validation loss/accuracy.
-            epochs: overrides the constructor's ``epochs``.
+            epochs: overrides the constructor's ``epochs``; the total number of
+                epochs of the run, those of a resumed checkpoint included.
             callback: ``callback(epoch, metrics)`` after each epoch; returning
                 ``True`` stops training.
+            checkpoint: a file path, or a folder (existing, or ending with a
+                separator) for ``distiller-checkpoint.npz`` in it. After every
+                ``checkpoint_every`` epochs -- and after the last one -- the
+                whole training state is written there (student parameters,
+                optimiser state if the student has ``optimizer_state()``, epoch,
+                shuffling RNG, history, early-stopping state), atomically: a
+                process killed at any moment leaves the previous complete
+                checkpoint. The folder is checked for writability before
+                training; a later failed write (full disk) warns, keeps the
+                previous checkpoint and training goes on. Needs
+                ``state_dict()``/``load_state_dict()`` on the student.
+            resume: with ``checkpoint``: if the checkpoint file exists, restore
+                it and continue from the epoch after it (a run that had finished
+                or stopped early returns its history at once); if it does not,
+                start from scratch -- so the same call serves the first run and
+                every restart. The checkpoint must come from the same run
+                (same data, labels, batch size, shuffling, seed, layers and
+                strategy class; ``ValueError`` otherwise); ``epochs`` may be
+                larger, to extend a run. ``resume=False`` starts from scratch
+                and overwrites the checkpoint. Continuing from a checkpoint
+                gives the same parameters and history as a run that never
+                stopped (for strategies without state of their own, e.g. a
+                contrastive memory bank).
+            checkpoint_every: epochs between checkpoints (>= 1).
+
+        Raises:
+            ValueError / TypeError: bad data, labels or validation set (empty,
+                non-finite, a class index >= the number of outputs, ...):
+                all checked before the first epoch.
+            TrainingDivergedError: a non-finite student output, loss or loss
+                gradient; raised before that batch updates the student, naming
+                the epoch and batch. With ``EarlyStopping(restore_best=True)``
+                the best epoch's parameters are restored before any exception
+                leaves ``fit``; :attr:`history` then holds the completed epochs.
         """
         epochs = self.epochs if epochs is None else v.check_int(epochs, "epochs", minimum=0)
-        n = len(x)
-        if n == 0:
-            raise ValueError("x is empty: training needs at least one example")
-        y = self._check_labels(y, n, "y")
-        if self.strategy is None and y is None:
-            raise ValueError("training without a strategy (the label-only baseline) needs labels y")
-        if validation is not None:
-            if len(validation) != 2:
-                raise ValueError("validation must be a pair (x_val, y_val)")
-            xv, yv = validation
-            yv = self._check_labels(yv, len(xv), "validation labels")
-            if yv is None:
-                raise ValueError("validation needs labels (x_val, y_val)")
+        checkpoint_every = v.check_int(checkpoint_every, "checkpoint_every", minimum=1)
+        if resume and checkpoint is None:
+            raise ValueError("resume=True needs checkpoint= (the file or folder to resume from)")
+        x, y, xv, yv = self._check_data(x, y, validation)
+        n_classes = _declared_outputs(self.student)
+        if n_classes is not None:
+            self._check_classes(y, yv, n_classes)
         es = self.early_stopping
         if es is not None and es.monitor.startswith("val_") and validation is None:
             raise ValueError(f"early stopping monitors {es.monitor!r} but no validation data "
@@ -494,19 +589,28 @@ class Distiller:
             warnings.warn("early stopping cannot restore the best epoch: the student has no "
                           "state_dict()/load_state_dict()", stacklevel=2)
             restore = False
+        ckpt_path = saved = None
+        if checkpoint is not None:
+            ckpt_path, saved = self._open_checkpoint(checkpoint, resume, x, y)
 
         history = self.history = TrainingHistory(layers=self.layers)
-        distill = self.strategy is not None
-        t0 = time.perf_counter()
-        cached = self.teacher_outputs(x) if distill and self.offline else None
-        teacher_setup = time.perf_counter() - t0
         rng = np.random.default_rng(self.seed)
-        best, best_state, stale = None, None, 0
-        bar = _progress_bar(epochs, self.progress, "distilling" if distill else "training")
+        best, best_state, stale, start = None, None, 0, 0
+        if saved is not None:
+            best, best_state, stale, start = self._restore(saved, history, rng, restore)
+        distill = self.strategy is not None
+        done = history.stopped_early or start >= epochs
+        t0 = time.perf_counter()
+        cached = self.teacher_outputs(x) if distill and self.offline and not done else None
+        teacher_setup = time.perf_counter() - t0
+        bar = None if done else _progress_bar(epochs - start, self.progress,
+                                              "distilling" if distill else "training")
         try:
-            for epoch in range(epochs):
-                metrics = self._epoch(x, y, rng, cached)
-                if epoch == 0:
+            for epoch in range(start, epochs if not done else start):
+                metrics = self._epoch(x, y, rng, cached, epoch=epoch,
+                                      check_classes=(lambda c: self._check_classes(y, yv, c))
+                                      if epoch == start and n_classes is None else None)
+                if epoch == start:
                     metrics["teacher_seconds"] += teacher_setup
                     metrics["epoch_seconds"] += teacher_setup
                 if validation is not None:
@@ -530,8 +634,18 @@ class Distiller:
                         if stale >= es.patience:
                             history.stopped_early = True
                             stop = True
+                if ckpt_path is not None and (stop or epoch == epochs - 1
+                                              or (epoch + 1) % checkpoint_every == 0):
+                    self._write_checkpoint(ckpt_path, epoch + 1, rng, history, best, stale,
+                                           best_state)
                 if stop:
                     break
+        except BaseException:
+            # Whatever stops training mid-way (a diverging loss, a failing callback,
+            # Ctrl-C), the best parameters seen are not lost.
+            if restore and best_state is not None:
+                self.student.load_state_dict(best_state)
+            raise
         finally:
             if bar is not None:
                 bar.close()
@@ -539,14 +653,132 @@ class Distiller:
             self.student.load_state_dict(best_state)
         return history
 
-    def _epoch(self, x, y, rng, cached: TeacherOutputs | None) -> dict:
+    # -- checks before training -------------------------------------------------------
+    def _check_data(self, x, y, validation):
+        """Every check of the data that can be made before training:
+        ``(x, y, x_val, y_val)`` (the validation pair ``None`` when absent)."""
+        n = len(x)
+        if n == 0:
+            raise ValueError("x is empty: training needs at least one example")
+        _check_finite(x, "x")
+        y = self._check_labels(y, n, "y")
+        if self.strategy is None and y is None:
+            raise ValueError("training without a strategy (the label-only baseline) needs labels y")
+        xv = yv = None
+        if validation is not None:
+            try:
+                xv, yv = validation
+            except (TypeError, ValueError):
+                raise ValueError("validation must be a pair (x_val, y_val)") from None
+            if xv is None or yv is None:
+                raise ValueError("validation needs inputs and labels (x_val, y_val)")
+            if len(xv) == 0:
+                raise ValueError("validation x_val is empty: pass at least one example, or "
+                                 "validation=None")
+            _check_finite(xv, "validation x_val")
+            yv = self._check_labels(yv, len(xv), "validation y_val")
+            if y is not None and (y.ndim == 2) != (yv.ndim == 2):
+                raise ValueError("validation y_val must be of the same kind as y (class "
+                                 f"indices or (N, C) targets), got shapes {y.shape} and "
+                                 f"{yv.shape}")
+            if y is not None and y.ndim == 2 and yv.shape[1] != y.shape[1]:
+                raise ValueError(f"validation y_val has {yv.shape[1]} classes, y has "
+                                 f"{y.shape[1]}")
+        return x, y, xv, yv
+
+    @staticmethod
+    def _check_classes(y, yv, n_classes: int) -> None:
+        """Labels within the student's ``n_classes`` outputs."""
+        for labels, name in ((y, "y"), (yv, "validation y_val")):
+            if labels is None:
+                continue
+            if labels.ndim == 1:
+                top = int(labels.max())
+                if top >= n_classes:
+                    raise ValueError(f"{name} holds class index {top}, but the student has "
+                                     f"{n_classes} outputs (classes 0..{n_classes - 1})")
+            elif labels.shape[1] != n_classes:
+                raise ValueError(f"{name} has {labels.shape[1]} columns, but the student has "
+                                 f"{n_classes} outputs")
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def _fingerprint(self, x, y) -> dict:
+        seed = self.seed
+        return {"data": dataset_fingerprint(x),
+                "labels": None if y is None else dataset_fingerprint(y),
+                "batch_size": self.batch_size, "shuffle": self.shuffle,
+                "seed": int(seed) if isinstance(seed, (int, np.integer)) else None,
+                "layers": list(self.layers), "teacher_layers": list(self.teacher_layers),
+                "strategy": None if self.strategy is None else type(self.strategy).__name__}
+
+    def _open_checkpoint(self, target, resume: bool, x, y):
+        """``(path, Checkpoint to resume from or None)``; checks up front that the
+        student can be saved and the folder written."""
+        if not (callable(getattr(self.student, "state_dict", None))
+                and callable(getattr(self.student, "load_state_dict", None))):
+            raise TypeError("checkpoint= needs a student with state_dict() and "
+                            f"load_state_dict(); {type(self.student).__name__} lacks them")
+        path = resolve_checkpoint_path(target)
+        folder = os.path.dirname(os.path.abspath(path))
+        try:
+            probe_writable(folder)
+        except OSError as exc:
+            raise OSError(exc.errno, f"checkpoint={os.fspath(target)!r}: cannot write in "
+                                     f"{folder!r} ({exc.strerror or exc})") from exc
+        # temporary files of a process killed while writing this checkpoint
+        remove_temp_files(folder, os.path.basename(path))
+        self._fingerprint_now = self._fingerprint(x, y)
+        if not resume or not os.path.exists(path):
+            return path, None
+        saved = load_checkpoint(path)
+        differ = fingerprint_differences(saved.fingerprint, self._fingerprint_now)
+        if differ:
+            raise ValueError(f"checkpoint {path!r} belongs to another run (it differs in: "
+                             f"{', '.join(differ)}); remove it or pass resume=False")
+        return path, saved
+
+    def _restore(self, saved, history: TrainingHistory, rng, restore: bool):
+        """Load ``saved`` into the student, ``history`` and ``rng``; returns
+        ``(best, best_state, stale, first epoch)``."""
+        self.student.load_state_dict(saved.student)
+        load_opt = getattr(self.student, "load_optimizer_state", None)
+        if saved.optimizer is not None and callable(load_opt):
+            load_opt(saved.optimizer)
+        rng.bit_generator.state = saved.rng_state
+        h = saved.history
+        history.epochs = [dict(e) for e in h["epochs"]]
+        history.best_epoch = h["best_epoch"]
+        history.stopped_early = bool(h["stopped_early"])
+        best_state = saved.best_state if restore else None
+        return saved.best_value, best_state, saved.stale, saved.epoch
+
+    def _write_checkpoint(self, path, epoch: int, rng, history, best, stale, best_state):
+        opt = getattr(self.student, "optimizer_state", None)
+        ckpt = Checkpoint(
+            epoch=epoch, student=self.student.state_dict(),
+            optimizer=opt() if callable(opt) else None, rng_state=rng.bit_generator.state,
+            history={"epochs": history.epochs, "best_epoch": history.best_epoch,
+                     "stopped_early": history.stopped_early},
+            best_value=best, stale=stale, best_state=best_state,
+            fingerprint=self._fingerprint_now)
+        try:
+            save_checkpoint(path, ckpt)
+        except OSError as exc:
+            warnings.warn(f"could not write the checkpoint {path!r} after epoch {epoch - 1} "
+                          f"({exc}); training goes on, the previous checkpoint is kept",
+                          stacklevel=3)
+
+    # -- one epoch -----------------------------------------------------------------------
+    def _epoch(self, x, y, rng, cached: TeacherOutputs | None, *, epoch: int = 0,
+               check_classes: Callable[[int], None] | None = None) -> dict:
         start = time.perf_counter()
         n = len(x)
         order = rng.permutation(n) if self.shuffle else np.arange(n)
         sums = np.zeros(3)
         correct, strat_s, teach_s = 0, 0.0, 0.0
         student = self.student
-        for lo in range(0, n, self.batch_size):
+        n_batches = -(-n // self.batch_size)
+        for batch, lo in enumerate(range(0, n, self.batch_size)):
             idx = order[lo:lo + self.batch_size]
             xb = x[idx]
             yb = None if y is None else y[idx]
@@ -559,9 +791,19 @@ class Distiller:
                     t_out, t_acts = self.teacher.forward(xb, collect=self.teacher_layers)
                     teach_s += time.perf_counter() - t1
             s_out, s_acts = student.forward(xb, collect=self.layers)
+            if check_classes is not None:  # before the first update
+                check_classes(np.shape(s_out)[1])
+                check_classes = None
+            where = (epoch, batch, n_batches)
+            _check_step(s_out, "the student's outputs", where)
             t1 = time.perf_counter()
             losses = self.compute_losses(s_out, s_acts, t_out, t_acts, yb)
             strat_s += time.perf_counter() - t1
+            _check_step(losses.output_loss, "the output loss", where)
+            _check_step(losses.intermediate_loss, "the intermediate loss", where)
+            _check_step(losses.output_grad, "the gradient of the output loss", where)
+            for layer, g in losses.intermediate_grads.items():
+                _check_step(g, f"the gradient of the intermediate loss at {layer!r}", where)
             student.backward(losses.output_grad, losses.intermediate_grads)
             student.step()
             for update, layer in self._updaters:
@@ -576,7 +818,8 @@ class Distiller:
                 correct += int(np.sum(pred == (yb if yb.ndim == 1 else np.argmax(yb, axis=1))))
         loss, out_loss, int_loss = (sums / n).tolist()
         if not math.isfinite(loss):
-            raise FloatingPointError(f"the training loss became {loss}; lower the learning rate")
+            raise TrainingDivergedError(f"epoch {epoch}: the mean training loss overflowed to "
+                                        f"{loss}; lower the learning rate", epoch=epoch)
         return {"train_loss": loss, "train_output_loss": out_loss,
                 "train_intermediate_loss": int_loss,
                 "train_accuracy": correct / n if y is not None else math.nan,
@@ -596,10 +839,12 @@ class Distiller:
         if arr.dtype.kind in "iu":
             if arr.ndim != 1 or arr.shape[0] != n:
                 raise ValueError(f"{name} must be class indices of shape ({n},), got {arr.shape}")
-            if arr.min() < 0:
+            if n and arr.min() < 0:
                 raise ValueError(f"{name} must be non-negative class indices")
             return arr.astype(np.int64, copy=False)
         if arr.dtype.kind == "f" and arr.ndim == 2 and arr.shape[0] == n:
+            if not np.isfinite(arr).all():
+                raise ValueError(f"{name} contains NaN or inf")
             return arr
         raise TypeError(f"{name} must be integer class indices (N,) or float targets (N, C); "
                         f"got dtype {arr.dtype.name}, shape {arr.shape}")

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 
 from kdnumba import _validation as v
 from kdnumba.strategies.base import IntermediateActivations
+from kdnumba.training._atomic import atomic_write
 
 _ACTIVATIONS = ("relu", "linear")
 
@@ -217,6 +217,30 @@ class MLP:
                 raise ValueError(f"state[{k!r}] has shape {src.shape}, expected {p.shape}")
             p[...] = src
 
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """Copies of Adam's state (moments and step count): with :meth:`state_dict`,
+        what a :class:`~kdnumba.training.Distiller` checkpoint needs to resume
+        training exactly where it stopped."""
+        state = {"t": np.asarray(self._t, np.int64)}
+        for i, (m, s) in enumerate(zip(self._m, self._v)):
+            state[f"m{i}"], state[f"v{i}"] = m.copy(), s.copy()
+        return state
+
+    def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore :meth:`optimizer_state` output (shapes must match)."""
+        expected = {"t"} | {f"{k}{i}" for i in range(len(self._m)) for k in "mv"}
+        if set(state) != expected:
+            raise ValueError(f"optimizer state has keys {sorted(state)}, expected "
+                             f"{sorted(expected)}")
+        for i, (m, s) in enumerate(zip(self._m, self._v)):
+            for dst, key in ((m, f"m{i}"), (s, f"v{i}")):
+                src = np.asarray(state[key])
+                if src.shape != dst.shape:
+                    raise ValueError(f"optimizer state[{key!r}] has shape {src.shape}, "
+                                     f"expected {dst.shape}")
+                dst[...] = src
+        self._t = int(state["t"])
+
     def fingerprint(self) -> str:
         """SHA-256 of the architecture and weights (keys the teacher cache)."""
         h = hashlib.sha256()
@@ -227,16 +251,14 @@ class MLP:
         return h.hexdigest()
 
     def save(self, path) -> None:
-        """Write architecture and weights to an ``.npz`` file (atomically)."""
+        """Write architecture and weights to an ``.npz`` file (atomically and durably:
+        a crash leaves the previous file, never a partial one)."""
         arrays = {"layer_sizes": np.asarray(self.layer_sizes, np.int64),
                   "layer_names": np.asarray(self.layer_names, dtype=str),
                   "activations": np.asarray(self.activations, dtype=str)}
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             arrays[f"W{i}"], arrays[f"b{i}"] = w, b
-        tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
     def load(cls, path, **kwargs) -> MLP:
