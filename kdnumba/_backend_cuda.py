@@ -1,9 +1,9 @@
-"""Arrays for the CUDA path: adopt GPU arrays without copying, copy host arrays in.
+"""The CUDA backend: the device twin of :mod:`kdnumba._backend_host`.
 
-The functional layer's CUDA branch (see :mod:`kdnumba._cuda_paths`) turns
-every input into a C-contiguous ``numba.cuda`` device array of the compute
-dtype with the helpers here, and turns the gradient into what the caller
-expects back:
+:class:`CudaBackend` implements the host backend's interface on
+``numba.cuda`` device arrays, so a functional body written once runs on
+either device. It turns every input into a C-contiguous device array of the
+compute dtype and the gradient into what the caller expects back:
 
 * an input exposing ``__cuda_array_interface__`` (Numba device arrays, CuPy
   arrays, PyTorch CUDA tensors) is **adopted**: wrapped as a Numba device
@@ -116,7 +116,7 @@ def device_labels(labels, name: str, n_rows: int, n_classes: int, dtype):
     ldt = np.dtype(arr.dtype)
     shape = tuple(arr.shape)
     if ldt.kind in "iu":
-        v._check_index_labels(arr, name, n_rows, "the logits")
+        v.check_index_labels(arr, name, n_rows, "the logits")
         return "index", kernel_layout(arr, np.dtype(np.int64))
     if ldt in v.FLOAT_DTYPES:
         if shape != (n_rows, n_classes):
@@ -217,3 +217,82 @@ def deliver(grad, out, *, on_device: bool):
 def host_copy(arr):
     """A NumPy copy of a kernel-ready device array (error paths only)."""
     return None if arr is None else arr.copy_to_host()
+
+
+# --- the backend ---------------------------------------------------------------------
+
+class CudaBackend:
+    """Device arrays and ``numba.cuda`` kernels (``kdnumba.kernels.cuda``).
+
+    ``on_device``: the student is a GPU array, so the gradient stays on the
+    GPU; otherwise it is copied back into a NumPy array.
+    """
+
+    device = "cuda"
+
+    def __init__(self, *, on_device: bool):
+        self.on_device = on_device
+
+    def kernels(self, family: str):
+        """The CUDA kernel module of ``family`` (``kdnumba.kernels.cuda.<family>``)."""
+        import importlib
+        try:
+            return importlib.import_module(f"kdnumba.kernels.cuda.{family}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"kdnumba.kernels.cuda.{family}":
+                raise
+            raise RuntimeError(f"no CUDA implementation of {family!r} yet") from exc
+
+    # --- inputs ------------------------------------------------------------------------
+    def float_array(self, x, name: str, *, ndim=None, min_ndim=None, dtype=None):
+        return device_float_array(x, name, ndim=ndim, min_ndim=min_ndim, dtype=dtype)
+
+    def labels(self, labels, name: str, n_rows: int, n_classes: int, dtype):
+        return device_labels(labels, name, n_rows, n_classes, dtype)
+
+    def host_object(self, x):
+        """``x`` readable by NumPy: GPU arrays are copied back (small inputs only)."""
+        return adopt(x).copy_to_host() if is_device_array(x) else x
+
+    # --- outputs -----------------------------------------------------------------------
+    def gradient_buffer(self, out, like, inputs=()):
+        """A device array for the gradient: ``out`` adopted (GPU student), or a new
+        one (``deliver`` copies it into a NumPy ``out``). ``inputs`` may mix
+        kernel-side device arrays and the caller's host arrays."""
+        device = tuple(adopt(x) for x in inputs if x is not None and is_device_array(x))
+        host = tuple(x for x in inputs if isinstance(x, np.ndarray))
+        return gradient_buffer(out, like.shape, like.dtype, on_device=self.on_device,
+                               inputs=(like, *device), host_inputs=host)
+
+    def empty(self, shape, dtype):
+        return _cuda().device_array(shape, dtype=dtype)
+
+    def zeros(self, shape, dtype):
+        return _cuda().to_device(np.zeros(shape, dtype=dtype))
+
+    def placeholder(self, ndim: int, dtype):
+        # One element, not zero: some drivers reject zero-size allocations.
+        return _cuda().device_array((1,) * ndim, dtype=dtype)
+
+    def to_device(self, host_array):
+        return _cuda().to_device(np.ascontiguousarray(host_array))
+
+    def to_host(self, arr):
+        return None if arr is None else (arr.copy_to_host() if is_device_array(arr) else arr)
+
+    def deliver(self, grad, out):
+        return deliver(grad, out, on_device=self.on_device)
+
+    # --- running and reducing ------------------------------------------------------------
+    def launch(self, work: int | None = None):
+        from contextlib import nullcontext
+        return nullcontext()
+
+    def total(self, partials) -> float:
+        """Deterministic float64 sum of a device vector (one block, fixed order)."""
+        from kdnumba.kernels.cuda import reduce
+        return reduce.total(partials)
+
+    def check_finite(self, value: float, named_arrays, what: str = "the loss") -> None:
+        if not np.isfinite(value):
+            v.raise_non_finite([(name, self.to_host(arr)) for name, arr in named_arrays], what)

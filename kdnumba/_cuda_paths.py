@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kdnumba import _cuda_arrays as ca
+from kdnumba import _backend_cuda as ca
 from kdnumba import _dispatch
 from kdnumba import _validation as v
 
@@ -57,7 +57,8 @@ def kd_loss(student_logits, teacher_logits, labels=None, *, temperature: float,
 
 def _kd_core(kernels, s, t, kind, y, temperature, alpha, grad) -> float:
     """KD loss of kernel-ready device arrays; writes ``grad``; raises on bad input."""
-    from kdnumba.functional.response import _LABEL_KINDS, kernel_weights
+    from kdnumba._constants import LABEL_CODES as _LABEL_KINDS
+    from kdnumba.functional.response import kernel_weights
     cuda = ca._cuda()
     n_rows, n_cols = s.shape
     dtype = np.dtype(s.dtype)

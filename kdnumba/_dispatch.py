@@ -1,17 +1,21 @@
-"""Choose where a computation runs and which kernel family implements it.
+"""Choose where a computation runs: the backend of one call.
 
 ``device`` is one of ``"cpu"``, ``"cuda"``, ``"auto"``. ``"auto"`` picks CUDA
 when any input exposes ``__cuda_array_interface__`` (Numba device arrays, CuPy,
-PyTorch CUDA tensors), else CPU. Kernel families are modules named alike under
-``kdnumba.kernels.cpu`` and ``kdnumba.kernels.cuda``; CUDA modules are imported
-only when a CUDA computation is requested, so the CPU path never imports
-``numba.cuda``.
+PyTorch CUDA tensors), else CPU. :func:`backend` returns the object a
+functional body runs on (:class:`kdnumba._backend_host.HostBackend` or
+:class:`kdnumba._backend_cuda.CudaBackend`, one interface); kernel families
+are modules named alike under ``kdnumba.kernels.cpu`` and
+``kdnumba.kernels.cuda``. CUDA modules are imported only when a CUDA
+computation is requested, so the CPU path never imports ``numba.cuda``.
 """
 
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
+
+from kdnumba._backend_host import HOST
 
 DEVICES = ("cpu", "cuda", "auto")
 
@@ -64,3 +68,19 @@ def kernels(family: str, device: str) -> ModuleType:
         except ModuleNotFoundError as exc:
             raise RuntimeError(f"no CUDA implementation of {family!r} yet") from exc
     raise ValueError(f"device must be 'cpu' or 'cuda' here, got {device!r}")
+
+
+def backend(device: str, *arrays):
+    """The backend one call runs on, for its ``device`` argument and its array
+    arguments (student first: a GPU student gets its gradient on the GPU).
+
+    ``"cuda"`` without a usable GPU raises ``RuntimeError`` saying why, before
+    anything is copied.
+    """
+    if resolve_device(device, *arrays) == "cpu":
+        return HOST
+    reason = cuda_unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(reason)
+    from kdnumba._backend_cuda import CudaBackend  # imports numba.cuda lazily
+    return CudaBackend(on_device=is_cuda_array(arrays[0]))

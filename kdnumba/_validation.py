@@ -26,6 +26,7 @@ def as_float_array(x, name: str, *, ndim: int | None = None, min_ndim: int | Non
     for a float32 student). Integer, bool, float16, complex and object input
     raise ``TypeError``; wrong rank or an empty batch raise ``ValueError``.
     """
+    reject_masked(x, name)
     if hasattr(x, "__cuda_array_interface__") and not hasattr(x, "__array__"):
         raise TypeError(
             f"{name} is a GPU array; pass device='cuda' (or 'auto') to run on the GPU, "
@@ -38,6 +39,16 @@ def as_float_array(x, name: str, *, ndim: int | None = None, min_ndim: int | Non
     if dtype is not None and arr.dtype != dtype:
         arr = arr.astype(dtype)
     return np.ascontiguousarray(arr)
+
+
+def reject_masked(x, name: str) -> None:
+    """``TypeError`` for a NumPy masked array: ``np.asarray`` would silently drop
+    its mask and compute with the hidden values."""
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(
+            f"{name} is a masked array; kdnumba does not interpret masks. Pass "
+            f"{name}.filled(value) with the value masked entries should take, or drop "
+            "the masked rows")
 
 
 def check_float_meta(dtype, shape, name: str, *, ndim: int | None = None,
@@ -165,13 +176,14 @@ def parse_choice(value, choices: type[enum.Enum], name: str, aliases=None):
 
 
 def _labels_array(labels, name: str) -> np.ndarray:
+    reject_masked(labels, name)
     try:
         return np.asarray(labels)
     except Exception as exc:
         raise TypeError(f"{name} could not be converted to a NumPy array: {exc}") from exc
 
 
-def _check_index_labels(arr: np.ndarray, name: str, n_rows: int, rows_of: str) -> None:
+def check_index_labels(arr: np.ndarray, name: str, n_rows: int, rows_of: str) -> None:
     """Shape checks shared by every kind of integer class-index labels."""
     if arr.ndim != 1:
         raise ValueError(
@@ -192,7 +204,7 @@ def as_labels(labels, name: str, n_rows: int, n_classes: int, dtype) -> tuple[st
         return "none", None
     arr = _labels_array(labels, name)
     if arr.dtype.kind in "iu":
-        _check_index_labels(arr, name, n_rows, "the logits")
+        check_index_labels(arr, name, n_rows, "the logits")
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi >= n_classes:
             bad = lo if lo < 0 else hi
@@ -247,6 +259,8 @@ def check_out(out, shape, dtype, inputs=()) -> None:
         raise ValueError(
             f"out must be a C-contiguous {dtype.name} array of shape {shape}, "
             f"got {out.dtype.name} {out.shape}")
+    if not out.flags.writeable:
+        raise ValueError("out must be a writeable array, got a read-only one")
     for array in inputs:
         if isinstance(array, np.ndarray) and np.shares_memory(out, array):
             raise ValueError("out must not share memory with the inputs")
@@ -263,7 +277,7 @@ def as_class_labels(labels, name: str, n_rows: int) -> np.ndarray:
         raise ValueError(f"{name} are required (integer class indices of shape ({n_rows},))")
     arr = _labels_array(labels, name)
     if arr.dtype.kind in "iu":
-        _check_index_labels(arr, name, n_rows, "the embeddings")
+        check_index_labels(arr, name, n_rows, "the embeddings")
         if arr.size and int(arr.min()) < 0:
             raise ValueError(f"{name} must be non-negative class indices, found {int(arr.min())}")
         return np.ascontiguousarray(arr, dtype=np.int64)

@@ -39,6 +39,14 @@ from kdnumba.functional.selectivity import (
     selectivity_statistics,
 )
 
+from kdnumba import registry as _registry
+
+
+def specs():
+    """Every registered loss (:class:`kdnumba.registry.LossSpec`), in order."""
+    return _registry.specs()
+
+
 __all__ = [
     "SelectivityMetric",
     "SelectivityStatistics",
@@ -51,6 +59,7 @@ __all__ = [
     "rkd_loss",
     "selectivity_loss",
     "selectivity_statistics",
+    "specs",
     "supervised_contrastive",
     "triplet_loss",
 ]

@@ -9,7 +9,7 @@ import numpy as np
 
 from kdnumba import _dispatch, _policy
 from kdnumba import _validation as v
-from kdnumba.functional.feature import _mse
+from kdnumba.functional.feature import squared_error_into
 from kdnumba.functional.response import kd_loss
 from kdnumba.kernels.cpu.reductions import ordered_sum
 
@@ -227,7 +227,10 @@ def attention_map_loss(student_attn, teacher_attn, *, kind="mse", inputs="probs"
     t = v.as_float_array(teacher_attn, "teacher_attn", min_ndim=2, dtype=s.dtype)
     v.check_same_shape(s, t, "student_attn", "teacher_attn")
     if kind == "mse":
-        return _mse(s, t, target, ("student_attn", "teacher_attn"))
+        grad = np.empty_like(s)
+        loss = squared_error_into(_dispatch.backend("cpu"), s, t, grad,
+                                  ("student_attn", "teacher_attn"))
+        return loss, grad
     n_cols = s.shape[-1]
     s2 = s.reshape(-1, n_cols)
     t2 = t.reshape(-1, n_cols)

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from kdnumba import _dispatch, _policy
+from kdnumba import _dispatch
 from kdnumba import _validation as v
-from kdnumba.kernels.cpu.reductions import ordered_sum
-
-_LABEL_KINDS = {"none": 0, "index": 1, "dense": 2}
-_NO_INDEX = np.zeros(0, dtype=np.int64)
+from kdnumba._constants import LABEL_CODES
+from kdnumba.registry import BadInput, LossSpec, Variant, Workload, register
 
 
 def kd_loss(student_logits, teacher_logits, labels=None, *, temperature=3.0, alpha=0.3,
@@ -56,35 +54,31 @@ def kd_loss(student_logits, teacher_logits, labels=None, *, temperature=3.0, alp
     """
     temperature = v.check_positive(temperature, "temperature")
     alpha = v.check_unit_interval(alpha, "alpha")
-    target = _dispatch.resolve_device(device, student_logits, teacher_logits, labels)
-    if target == "cuda":
-        from kdnumba import _cuda_paths  # imports numba.cuda: CUDA path only
-        return _cuda_paths.kd_loss(student_logits, teacher_logits, labels,
-                                   temperature=temperature, alpha=alpha, out=out)
-    s = v.as_float_array(student_logits, "student_logits", ndim=2)
-    t = v.as_float_array(teacher_logits, "teacher_logits", ndim=2, dtype=s.dtype)
+    be = _dispatch.backend(device, student_logits, teacher_logits, labels)
+    s = be.float_array(student_logits, "student_logits", ndim=2)
+    t = be.float_array(teacher_logits, "teacher_logits", ndim=2, dtype=s.dtype)
     v.check_same_shape(s, t, "student_logits", "teacher_logits")
     n_rows, n_cols = s.shape
-    kind, y = v.as_labels(labels, "labels", n_rows, n_cols, s.dtype)
-    grad = v.gradient_buffer(out, s, (student_logits, teacher_logits, labels))
-
-    kernels = _dispatch.kernels("softmax_kl", target)
-    row_loss = np.empty(n_rows, dtype=np.float64)
-    scalar = s.dtype.type
-    with _policy.kernel_launch(s.size):
-        kernels.kd_rows(
+    dtype = np.dtype(s.dtype)
+    kind, y = be.labels(labels, "labels", n_rows, n_cols, dtype)
+    grad = be.gradient_buffer(out, s, (student_logits, teacher_logits, labels, t, y))
+    row_loss = be.empty(n_rows, np.float64)
+    with be.launch(n_rows * n_cols):
+        be.kernels("softmax_kl").kd_rows(
             s, t,
-            y if kind == "index" else _NO_INDEX,
-            y if kind == "dense" else np.zeros((0, 0), dtype=s.dtype),
-            _LABEL_KINDS[kind],
-            scalar(1.0 / temperature),
+            y if kind == "index" else be.placeholder(1, np.int64),
+            y if kind == "dense" else be.placeholder(2, dtype),
+            LABEL_CODES[kind],
+            dtype.type(1.0 / temperature),
             *kernel_weights(kind, temperature, alpha, n_rows),
             grad, row_loss)
-    loss = ordered_sum(row_loss)
+    loss = be.total(row_loss)
     if not np.isfinite(loss):
-        v.raise_non_finite([("student_logits", s), ("teacher_logits", t),
-                            ("labels", y if kind == "dense" else None)])
-    return float(loss), grad
+        if kind != "none":  # GPU labels are range-checked by the kernel only
+            v.as_labels(be.to_host(y), "labels", n_rows, n_cols, dtype)
+        be.check_finite(loss, [("student_logits", s), ("teacher_logits", t),
+                               ("labels", y if kind == "dense" else None)])
+    return loss, be.deliver(grad, out)
 
 
 def kernel_weights(kind: str, temperature: float, alpha: float, n_rows: int) -> tuple:
@@ -96,3 +90,70 @@ def kernel_weights(kind: str, temperature: float, alpha: float, n_rows: int) -> 
         alpha = 0.0
     return ((1.0 - alpha) * temperature * temperature / n_rows, alpha / n_rows,
             (1.0 - alpha) * temperature / n_rows, alpha / n_rows)
+
+
+# --- registry entry ------------------------------------------------------------------
+
+def _kd_inputs(rng, dtype, *, rows=6, classes=5, labels="index") -> dict:
+    """Related student and teacher logits (teacher = student + noise, as in
+    training) and labels of kind ``"none"``, ``"index"`` or ``"dense"``."""
+    student = (2.0 * rng.standard_normal((rows, classes))).astype(dtype)
+    teacher = (student + rng.standard_normal((rows, classes))).astype(dtype)
+    if labels == "index":
+        y = rng.integers(0, classes, rows, dtype=np.int64)
+    elif labels == "dense":
+        y = (rng.random((rows, classes)) + 0.1).astype(dtype)
+        y /= y.sum(axis=1, keepdims=True)
+    else:
+        y = None
+    return {"student_logits": student, "teacher_logits": teacher, "labels": y}
+
+
+def _with(arguments: dict, **changes) -> dict:
+    return {**arguments, **changes}
+
+
+register(LossSpec(
+    name="kd_loss",
+    function=kd_loss,
+    family="response",
+    make_inputs=_kd_inputs,
+    reference="response:kd_loss",
+    torch="response:kd_loss_torch",
+    variants=(
+        Variant("no labels, T=2", {"temperature": 2.0}, {"labels": "none"}),
+        Variant("index labels, T=3, alpha=0.3", {"temperature": 3.0, "alpha": 0.3}),
+        Variant("dense labels, T=1, alpha=0.5", {"temperature": 1.0, "alpha": 0.5},
+                {"labels": "dense"}),
+    ),
+    medium={"rows": 64, "classes": 1000},
+    zero_when_equal=False,  # the hard term stays
+    bad_inputs=(
+        BadInput("temperature 0", lambda a: _with(a, temperature=0.0), ValueError,
+                 "temperature"),
+        BadInput("alpha > 1", lambda a: _with(a, alpha=1.5), ValueError, "alpha"),
+        BadInput("label out of range",
+                 lambda a: _with(a, labels=np.full(a["student_logits"].shape[0], 99)),
+                 ValueError, "labels"),
+        BadInput("labels of the wrong length",
+                 lambda a: _with(a, labels=np.zeros(a["student_logits"].shape[0] + 1, int)),
+                 ValueError, "labels"),
+        BadInput("soft labels not summing to 1",
+                 lambda a: _with(a, labels=np.full(a["student_logits"].shape, 0.5)),
+                 ValueError, "labels"),
+        BadInput("string labels", lambda a: _with(a, labels=np.array(["a"] * 6)), TypeError,
+                 "labels"),
+    ),
+    workloads=(
+        Workload("B4096_C1000", {"rows": 4096, "classes": 1000},
+                 options={"temperature": 3.0, "alpha": 0.3}, quick=True,
+                 notes="headline: loss+grad, int labels, T=3, alpha=0.3"),
+        Workload("B4096_C1000", {"rows": 4096, "classes": 1000}, dtype="float64",
+                 options={"temperature": 3.0, "alpha": 0.3}, notes="float64"),
+        Workload("B256_C10", {"rows": 256, "classes": 10},
+                 options={"temperature": 3.0, "alpha": 0.3}, quick=True,
+                 notes="small call: per-call overhead"),
+        Workload("B64_C32000", {"rows": 64, "classes": 32_000},
+                 options={"temperature": 3.0, "alpha": 0.3}, notes="LLM-sized vocabulary"),
+    ),
+))

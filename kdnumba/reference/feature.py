@@ -12,3 +12,10 @@ def feature_loss(student_feats, teacher_feats):
     diff = s - t
     loss = np.mean(diff.astype(np.float64) ** 2)
     return float(loss), (2 * diff / s.dtype.type(s.size)).astype(s.dtype, copy=False)
+
+
+def feature_loss_torch(student_feats, teacher_feats):
+    """``F.mse_loss(s, t)`` (RepDistiller ``HintLoss``), on tensors."""
+    import torch.nn.functional as F
+
+    return F.mse_loss(student_feats, teacher_feats)

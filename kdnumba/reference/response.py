@@ -40,3 +40,24 @@ def kd_loss(student_logits, teacher_logits, labels=None, *, temperature=3.0, alp
     loss = alpha * hard + (1 - alpha) * soft
     grad = alpha * hard_grad + (1 - alpha) * soft_grad
     return float(loss), grad.astype(s.dtype, copy=False)
+
+
+def kd_loss_torch(student_logits, teacher_logits, labels=None, *, temperature=3.0, alpha=0.3):
+    """The same loss as a PyTorch expression (tensors in, 0-d tensor out), the way
+    PyTorch users write it::
+
+        T^2 KL(softmax(t/T) || softmax(s/T)) (batchmean), times (1 - alpha),
+        plus alpha * F.cross_entropy(s, y)       (labels given)
+
+    ``labels``: ``None``, int64 class indices or float target rows. Imports
+    torch only when called (benchmarks and bridge tests).
+    """
+    import torch.nn.functional as F
+
+    s, t = student_logits, teacher_logits
+    T = temperature
+    soft = F.kl_div(F.log_softmax(s / T, dim=1), F.log_softmax(t / T, dim=1),
+                    log_target=True, reduction="batchmean") * (T * T)
+    if labels is None:
+        return soft
+    return alpha * F.cross_entropy(s, labels) + (1.0 - alpha) * soft

@@ -1,0 +1,91 @@
+"""The host (CPU) backend: how a functional body allocates, validates, launches
+and reduces when its kernels run on the CPU.
+
+Every functional loss is written once against the interface below; its CUDA
+twin, :class:`kdnumba._backend_cuda.CudaBackend`, implements the same methods
+on device arrays. :func:`kdnumba._dispatch.backend` picks one per call.
+Kernel modules of a family (``kernels/cpu/<family>.py`` and
+``kernels/cuda/<family>.py``) export the same launch functions with the same
+arguments, writing into outputs the body allocated here, so the body never
+asks which device it is on.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import numpy as np
+
+from kdnumba import _policy
+from kdnumba import _validation as v
+from kdnumba.kernels.cpu.reductions import ordered_sum
+
+
+class HostBackend:
+    """NumPy arrays and ``@njit`` kernels (``kdnumba.kernels.cpu``)."""
+
+    device = "cpu"
+
+    def kernels(self, family: str) -> ModuleType:
+        """The CPU kernel module of ``family`` (``kdnumba.kernels.cpu.<family>``)."""
+        return importlib.import_module(f"kdnumba.kernels.cpu.{family}")
+
+    # --- inputs ------------------------------------------------------------------------
+    def float_array(self, x, name: str, *, ndim=None, min_ndim=None, dtype=None) -> np.ndarray:
+        """``x`` validated and kernel-ready (see ``_validation.as_float_array``)."""
+        return v.as_float_array(x, name, ndim=ndim, min_ndim=min_ndim, dtype=dtype)
+
+    def labels(self, labels, name: str, n_rows: int, n_classes: int, dtype):
+        """``(kind, array or None)`` as ``_validation.as_labels``."""
+        return v.as_labels(labels, name, n_rows, n_classes, dtype)
+
+    def host_object(self, x):
+        """``x`` readable by NumPy: itself on the host (small integer inputs such
+        as class labels, whose bookkeeping is host work on any device)."""
+        return x
+
+    # --- outputs -----------------------------------------------------------------------
+    def gradient_buffer(self, out, like: np.ndarray, inputs=()) -> np.ndarray:
+        """``out`` checked, or a new array like ``like``; ``inputs`` are the caller's
+        arrays ``out`` must not overlap."""
+        return v.gradient_buffer(out, like, inputs)
+
+    def empty(self, shape, dtype) -> np.ndarray:
+        return np.empty(shape, dtype=dtype)
+
+    def zeros(self, shape, dtype) -> np.ndarray:
+        return np.zeros(shape, dtype=dtype)
+
+    def placeholder(self, ndim: int, dtype) -> np.ndarray:
+        """A typed stand-in for a kernel argument the call does not read."""
+        return np.zeros((0,) * ndim, dtype=dtype)
+
+    def to_device(self, host_array: np.ndarray) -> np.ndarray:
+        return host_array
+
+    def to_host(self, arr):
+        """A NumPy view or copy of a kernel-side array (``None`` stays ``None``)."""
+        return arr
+
+    def deliver(self, grad, out):
+        """The gradient as the caller gets it (``out`` when given)."""
+        return grad if out is None else out
+
+    # --- running and reducing ------------------------------------------------------------
+    def launch(self, work: int | None = None):
+        """Context around a kernel launch (see ``_policy.kernel_launch``)."""
+        return _policy.kernel_launch(work)
+
+    def total(self, partials) -> float:
+        """Sum of a float64 vector of partials in index order (deterministic)."""
+        return float(ordered_sum(partials))
+
+    def check_finite(self, value: float, named_arrays, what: str = "the loss") -> None:
+        """Raise ``ValueError`` naming the first non-finite input when ``value``
+        (a kernel's total) is not finite; inputs are only read on that path."""
+        if not np.isfinite(value):
+            v.raise_non_finite([(name, self.to_host(arr)) for name, arr in named_arrays], what)
+
+
+HOST = HostBackend()

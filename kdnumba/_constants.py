@@ -1,0 +1,25 @@
+"""Numbers and codes shared by several layers: one home each.
+
+A leaf module (it imports nothing from kdnumba), so kernels, validation,
+the functional layer and the references can all read it without creating an
+import cycle.
+"""
+
+#: Norm clamp of every L2 normalisation, as ``torch.nn.functional.normalize``:
+#: ``x / max(||x||, NORM_EPS)``; also the distance floor of RKD.
+NORM_EPS = 1e-12
+
+#: Tolerance on ``sum(row) == 1`` for rows that must be probability vectors
+#: (soft labels, attention maps given as probabilities).
+ROW_SUM_TOL = 1e-3
+
+#: Denominator epsilon of the peak-to-average selectivity statistic.
+SELECTIVITY_EPS = 1e-8
+
+#: ``labels_kind`` codes understood by the response kernels (CPU and CUDA).
+LABELS_NONE = 0
+LABELS_INDEX = 1
+LABELS_DENSE = 2
+
+#: ``_validation.as_labels`` kind name -> kernel code.
+LABEL_CODES = {"none": LABELS_NONE, "index": LABELS_INDEX, "dense": LABELS_DENSE}
