@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from testkit import central_difference
@@ -607,3 +609,163 @@ def test_progress_bar_shows_with_tqdm_and_falls_back_silently_without(rng, capsy
     monkeypatch.setitem(__import__("sys").modules, "tqdm.auto", None)  # import fails
     hist = Distiller(tiny_mlp(), epochs=3, batch_size=8, progress=True).fit(x, y)
     assert len(hist) == 3 and capsys.readouterr().err == ""
+
+
+# -- nothing lost: divergence, checks before training, checkpoints ---------------------------
+class NaNAt(FeatureMSE):
+    """FeatureMSE whose output gradient turns NaN at one (epoch, batch)."""
+
+    def __init__(self, epoch, batch, n_batches, layer_names=("h2",)):
+        super().__init__(layer_names)
+        self.when, self.n_batches, self.calls = epoch * n_batches + batch, n_batches, 0
+
+    def loss_and_gradient(self, s, t, labels=None):
+        loss, grad = super().loss_and_gradient(s, t, labels)
+        self.calls += 1
+        if self.calls - 1 == self.when:
+            grad = grad.copy()
+            grad[0, 0] = np.nan
+        return loss, grad
+
+
+def test_nan_mid_training_stops_naming_epoch_and_batch_and_restores_the_best(rng):
+    x, y = blobs(rng, n=24)
+    teacher = tiny_mlp(seed=9)
+    student = tiny_mlp(seed=1)
+    states = []
+    d = Distiller(student, teacher, NaNAt(epoch=3, batch=1, n_batches=3), epochs=6,
+                  batch_size=8, early_stopping=EarlyStopping("val_loss", patience=5))
+    with pytest.raises(FloatingPointError, match=r"epoch 3, batch 1 .*gradient.* nan") as err:
+        d.fit(x, y, validation=(x, y), callback=lambda e, m: states.append(student.state_dict()))
+    assert (err.value.epoch, err.value.batch) == (3, 1)
+    hist = d.history  # the completed epochs, consistent with the restored weights
+    assert len(hist) == 3 and hist.best_epoch == int(np.argmin(hist["val_loss"]))
+    for k, p in student.parameters.items():
+        assert np.isfinite(p).all(), k
+        np.testing.assert_array_equal(p, states[hist.best_epoch][k], err_msg=k)
+
+
+def test_nan_loss_stops_before_updating_the_student(rng):
+    x, y = blobs(rng, n=16)
+
+    class NaNLoss(FeatureMSE):
+        def intermediate_loss_and_gradient(self, s_acts, t_acts):
+            loss, grads = super().intermediate_loss_and_gradient(s_acts, t_acts)
+            return float("nan"), grads
+
+    student = tiny_mlp(seed=1)
+    before = student.state_dict()
+    with pytest.raises(FloatingPointError, match=r"epoch 0, batch 0 .*intermediate loss is nan"):
+        Distiller(student, tiny_mlp(seed=9), NaNLoss(["h2"]), epochs=3, batch_size=8).fit(x, y)
+    for k, p in student.parameters.items():
+        np.testing.assert_array_equal(p, before[k], err_msg=k)
+
+
+def test_label_and_validation_checks_happen_before_training(rng):
+    x, y = blobs(rng, n=24)  # 3 classes
+    epochs_run = []
+
+    def fit(student=None, **kw):
+        student = student if student is not None else tiny_mlp(seed=1)
+        d = Distiller(student, epochs=50, batch_size=8)
+        return d.fit(x, kw.pop("y", y), callback=lambda e, m: epochs_run.append(e), **kw)
+
+    cases = [
+        (dict(validation=(x, y + 5)), r"validation y_val holds class index 7.* 3 outputs"),
+        (dict(validation=(x[:0], y[:0])), r"validation x_val is empty"),
+        (dict(validation=(x, y[:-1])), r"validation y_val must be class indices of shape"),
+        (dict(validation=(x, -y - 1)), r"validation y_val must be non-negative"),
+        (dict(y=np.where(y == 0, 3, y)), r"^y holds class index 3"),
+        (dict(validation=(np.full_like(x, np.nan), y)), r"validation x_val contains NaN"),
+        (dict(validation=(x, np.eye(4)[y])), r"same kind as y"),
+    ]
+    for kw, message in cases:
+        with pytest.raises(ValueError, match=message):
+            fit(**kw)
+    x_bad = x.copy()
+    x_bad[5, 2] = np.inf
+    with pytest.raises(ValueError, match=r"^x contains NaN or inf \(first in row 5\)"):
+        Distiller(tiny_mlp()).fit(x_bad, y)
+    # a student that does not declare its outputs: checked on the first forward, before
+    # the first update
+    stub = StubStudent()  # 2 outputs
+    stub.step = lambda: epochs_run.append("step")
+    with pytest.raises(ValueError, match=r"validation y_val holds class index 2.* 2 outputs"):
+        fit(stub, y=np.zeros(24, np.int64), validation=(x, y))
+    assert epochs_run == []
+
+
+def _resumable(student, **kw):
+    return Distiller(student, tiny_mlp(seed=9), FeatureMSE(["h2"]), batch_size=8, seed=4,
+                     progress=False, **kw)
+
+
+def test_checkpoint_resume_continues_exactly(tmp_path, rng):
+    x, y = blobs(rng, n=30)
+    es = dict(early_stopping=EarlyStopping("val_accuracy", patience=20))
+    whole_student = tiny_mlp(seed=1)
+    whole = _resumable(whole_student, **es).fit(x, y, validation=(x, y), epochs=5)
+    ckpt = tmp_path / "runs" / "a.npz"  # the folder is created
+    first = _resumable(tiny_mlp(seed=1), **es).fit(x, y, validation=(x, y), epochs=2,
+                                                    checkpoint=ckpt)
+    assert len(first) == 2 and ckpt.exists()
+    student = tiny_mlp(seed=5)
+    hist = _resumable(student, **es).fit(x, y, validation=(x, y), epochs=5, checkpoint=ckpt,
+                                         resume=True)
+    assert len(hist) == 5 and hist.best_epoch == whole.best_epoch
+    for metric in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+        assert hist[metric] == whole[metric], metric
+    for k, p in whole_student.parameters.items():
+        np.testing.assert_array_equal(student.parameters[k], p, err_msg=k)
+    np.testing.assert_array_equal(student._m[0], whole_student._m[0])  # Adam state too
+    # a finished run resumes to its history at once, without training
+    again = tiny_mlp(seed=6)
+    done = _resumable(again).fit(x, y, validation=(x, y), epochs=5, checkpoint=ckpt,
+                                 resume=True, callback=lambda e, m: pytest.fail("trained"))
+    assert done["train_loss"] == whole["train_loss"]
+    # resume=True without a checkpoint file: a fresh start
+    folder = str(tmp_path / "dir") + os.sep  # a trailing separator names a folder
+    fresh = _resumable(tiny_mlp(seed=1)).fit(x, y, epochs=1, checkpoint=folder, resume=True)
+    assert len(fresh) == 1 and (tmp_path / "dir" / "distiller-checkpoint.npz").exists()
+
+
+def test_checkpoint_errors_are_clear(tmp_path, rng):
+    x, y = blobs(rng, n=16)
+    ckpt = tmp_path / "c.npz"
+    _resumable(tiny_mlp(seed=1)).fit(x, y, epochs=1, checkpoint=ckpt)
+    with pytest.raises(ValueError, match=r"belongs to another run .*data, labels"):
+        _resumable(tiny_mlp()).fit(x[::-1], y[::-1], epochs=2, checkpoint=ckpt, resume=True)
+    with pytest.raises(ValueError, match=r"belongs to another run .*batch_size"):
+        Distiller(tiny_mlp(), tiny_mlp(seed=9), FeatureMSE(["h2"]), batch_size=4,
+                  seed=4).fit(x, y, epochs=2, checkpoint=ckpt, resume=True)
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    with pytest.raises(ValueError, match="unreadable"):
+        _resumable(tiny_mlp()).fit(x, y, epochs=2, checkpoint=ckpt, resume=True)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError, match="cannot write"):
+        _resumable(tiny_mlp()).fit(x, y, epochs=2, checkpoint=tmp_path / "file" / "c.npz")
+    with pytest.raises(ValueError, match="resume=True needs checkpoint"):
+        _resumable(tiny_mlp()).fit(x, y, resume=True)
+    with pytest.raises(TypeError, match="state_dict"):
+        Distiller(StubStudent(), epochs=1).fit(x, np.zeros(16, np.int64), checkpoint=ckpt)
+
+
+def test_failed_checkpoint_write_warns_and_keeps_the_previous(tmp_path, rng, monkeypatch):
+    from kdnumba.training import _atomic
+    x, y = blobs(rng, n=16)
+    ckpt = tmp_path / "c.npz"
+    real, calls = _atomic.atomic_write, []
+
+    def full_disk_after_two(path, write):
+        calls.append(path)
+        if len(calls) > 2:
+            raise OSError(28, "No space left on device")
+        return real(path, write)
+
+    monkeypatch.setattr(_atomic, "atomic_write", full_disk_after_two)
+    with pytest.warns(UserWarning, match=r"could not write the checkpoint") as record:
+        hist = _resumable(tiny_mlp(seed=1)).fit(x, y, epochs=4, checkpoint=ckpt)
+    assert len(hist) == 4
+    assert ["after epoch 2" in str(w.message) for w in record] == [True, False]
+    from kdnumba.training.checkpoint import load_checkpoint
+    assert load_checkpoint(ckpt).epoch == 2
