@@ -529,8 +529,8 @@ def config_from_args(args) -> DemoConfig:
             raise DemoError(f"--train-size must be >= 0, got {args.train_size}")
         updates["train_size"] = args.train_size or None
     if getattr(args, "temperature", None) is not None:
-        if not args.temperature > 0:
-            raise DemoError(f"--temperature must be > 0, got {args.temperature}")
+        if not (math.isfinite(args.temperature) and args.temperature > 0):
+            raise DemoError(f"--temperature must be a finite number > 0, got {args.temperature}")
         updates["temperature"] = args.temperature
     if getattr(args, "alpha", None) is not None:
         if not 0.0 <= args.alpha <= 1.0:
@@ -539,12 +539,26 @@ def config_from_args(args) -> DemoConfig:
     return replace(cfg, **updates)
 
 
+def check_out(out: str | None) -> None:
+    """``DemoError`` unless ``--out`` is (or can be made) a folder we can write in:
+    probed before any work, so a bad path fails in a second, not after the run."""
+    if out is None:
+        return
+    from kdnumba.training._atomic import probe_writable
+    try:
+        probe_writable(out)
+    except OSError as exc:
+        raise DemoError(f"--out {out!r} is not a writable folder: "
+                        f"{exc.strerror or exc}") from None
+
+
 def run(args) -> int:
     """Run the demo from parsed arguments; returns the exit code (0 ok, 1 a strategy
     failed, 2 bad data or options)."""
     try:
         cfg = config_from_args(args)
         strategies = parse_strategies(getattr(args, "strategy", None))
+        check_out(getattr(args, "out", "kdnumba-demo"))
         report = run_demo(cfg, strategies, data=getattr(args, "data", None),
                           out=getattr(args, "out", "kdnumba-demo"),
                           plot=not getattr(args, "no_plot", False),

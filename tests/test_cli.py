@@ -61,13 +61,19 @@ def test_bench_load_renders_without_measuring(bench_run, capsys):
     (None, "cannot read"),
     ("not json", "cannot read"),
     ('{"schema": "other"}', "is not a 'kdnumba bench --save' file"),
+    ('{"schema": "kdnumba.bench/1", "cases": [1, 2', "cannot read"),  # truncated
+    ('{"schema": "kdnumba.bench/1"}', "damaged or incomplete"),
+    ('{"schema": "kdnumba.bench/1", "machine": {}, "cases": 5}', "damaged or incomplete"),
+    ('{"schema": "kdnumba.bench/1", "machine": {"cpu": 1}, "settings": {}, "bounds": {},'
+     ' "cases": [{"name": "x"}]}', "damaged or incomplete"),
 ])
 def test_bench_load_errors(tmp_path, capsys, content, message):
     path = tmp_path / "saved.json"
     if content is not None:
         path.write_text(content)
     assert cli.main(["bench", "--load", str(path)]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
 
 
 def test_bench_json_top_level(bench_json):
@@ -244,3 +250,59 @@ def test_time_interleaved_reports_each_implementation():
         assert 0 < t.min_s <= t.median_s
         # first call + calibration + one untimed call per round + the samples
         assert calls[label] == 2 + policy.rounds + t.repeats * t.number
+
+
+@pytest.fixture
+def no_demo_work(monkeypatch):
+    """The demo's argument checks only: doing any work fails the test."""
+    pytest.importorskip("kdnumba.demo")
+    from kdnumba import demo
+
+    def work(*args, **kwargs):
+        raise AssertionError("the demo started working before rejecting its arguments")
+
+    monkeypatch.setattr(demo, "run_demo", work)
+
+
+@pytest.mark.parametrize("make_out", [
+    lambda tmp: tmp / "a-file" / "out",           # under a file
+    lambda tmp: tmp / "a-file",                   # a file, not a folder
+    lambda tmp: "/proc/kdnumba-no-such-dir/out",  # a place nothing can be created
+])
+@pytest.mark.parametrize("extra", [[], ["--no-cache"]])
+def test_demo_unusable_out_fails_before_any_work(tmp_path, capsys, no_demo_work, make_out,
+                                                 extra):
+    (tmp_path / "a-file").write_text("")
+    out = str(make_out(tmp_path))
+    assert cli.main(["demo", "--quick", "--out", out, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kdnumba demo: error: --out") and err.count("\n") == 1, err
+    assert out in err
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "0", "-1"])
+def test_demo_rejects_a_non_finite_or_non_positive_temperature(capsys, no_demo_work, value):
+    assert cli.main(["demo", "--quick", f"--temperature={value}"]) == 2
+    err = capsys.readouterr().err
+    assert "--temperature must be a finite number > 0" in err and err.count("\n") == 1, err
+
+
+def test_demo_bad_out_in_a_real_process_is_one_line_on_stderr(tmp_path):
+    pytest.importorskip("kdnumba.demo")
+    (tmp_path / "f").write_text("")
+    proc = subprocess.run([sys.executable, "-m", "kdnumba.cli", "demo", "--no-cache",
+                           "--out", str(tmp_path / "f" / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_an_os_error_while_running_is_one_line(monkeypatch, capsys):
+    from kdnumba.benchmarking import runner
+
+    def disk_full(args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runner, "run_from_args", disk_full)
+    assert cli.main(["bench", "--quick"]) == 1
+    assert capsys.readouterr().err == "kdnumba bench: error: [Errno 28] No space left on device\n"

@@ -410,7 +410,11 @@ def run_from_args(args: argparse.Namespace) -> int:
         if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
             return fail(f"--load {args.load!r} is not a 'kdnumba bench --save' file "
                         f"(expected schema {SCHEMA!r})")
-        _emit(doc, args)
+        try:
+            _emit(doc, args)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            return fail(f"--load {args.load!r} is damaged or incomplete "
+                        f"({type(exc).__name__}: {exc})")
         return 0
 
     if args.threads is not None:
