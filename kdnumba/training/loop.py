@@ -238,8 +238,10 @@ class EarlyStopping:
         patience: epochs without improvement before stopping (>= 1).
         min_delta: smallest change that counts as an improvement (>= 0).
         mode: ``"min"``, ``"max"`` or ``"auto"`` (``max`` for accuracies).
-        restore_best: put the best epoch's parameters back at the end (needs
-            ``state_dict``/``load_state_dict`` on the student; warns otherwise).
+        restore_best: put the best epoch's parameters back at the end, and
+            before any exception (a diverging loss, a failing callback, Ctrl-C)
+            leaves :meth:`Distiller.fit` (needs ``state_dict``/``load_state_dict``
+            on the student; warns otherwise).
     """
 
     monitor: str = "val_loss"
@@ -600,12 +602,14 @@ class Distiller:
             best, best_state, stale, start = self._restore(saved, history, rng, restore)
         distill = self.strategy is not None
         done = history.stopped_early or start >= epochs
-        t0 = time.perf_counter()
-        cached = self.teacher_outputs(x) if distill and self.offline and not done else None
-        teacher_setup = time.perf_counter() - t0
-        bar = None if done else _progress_bar(epochs - start, self.progress,
-                                              "distilling" if distill else "training")
+        bar = None
         try:
+            t0 = time.perf_counter()
+            cached = self.teacher_outputs(x) if distill and self.offline and not done else None
+            teacher_setup = time.perf_counter() - t0
+            if not done:
+                bar = _progress_bar(epochs - start, self.progress,
+                                    "distilling" if distill else "training")
             for epoch in range(start, epochs if not done else start):
                 metrics = self._epoch(x, y, rng, cached, epoch=epoch,
                                       check_classes=(lambda c: self._check_classes(y, yv, c))

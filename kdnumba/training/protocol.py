@@ -36,8 +36,12 @@ Rules:
 * Neither method modifies the arrays it is given.
 * Optional extras the trainer uses when present:
   ``state_dict()``/``load_state_dict(state)`` (early stopping restores the best
-  epoch), ``fingerprint()`` (a string identifying the weights, so the teacher
-  cache notices a retrained teacher) and ``layer_names`` (checked up front).
+  epoch; ``Distiller.fit(checkpoint=...)`` saves them),
+  ``optimizer_state()``/``load_optimizer_state(state)`` (dicts of arrays: a
+  checkpoint then resumes the optimiser exactly), ``fingerprint()`` (a string
+  identifying the weights, so the teacher cache notices a retrained teacher),
+  ``layer_names`` (checked up front) and ``layer_sizes``/``n_outputs`` (labels
+  are checked against the number of outputs before training).
 
 :class:`kdnumba.training.MLP` implements this protocol in ~200 lines of NumPy
 and is the template for a user's own model.
