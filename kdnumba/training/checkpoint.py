@@ -78,6 +78,15 @@ def _get(arrays: dict, prefix: str, keys: list[str] | None) -> dict | None:
     return {k: arrays[f"{prefix}{i}"] for i, k in enumerate(keys)}
 
 
+def _jsonable(obj):
+    """NumPy scalars as numbers; anything else a callback put in the metrics as
+    its ``repr`` (a checkpoint never fails over a metric)."""
+    try:
+        return obj.item() if isinstance(obj, np.generic) else float(obj)
+    except (TypeError, ValueError):
+        return repr(obj)
+
+
 def save_checkpoint(path, ckpt: Checkpoint) -> str:
     """Write ``ckpt`` to ``path`` atomically; returns ``path``."""
     arrays: dict = {}
@@ -89,7 +98,7 @@ def save_checkpoint(path, ckpt: Checkpoint) -> str:
         "optimizer_keys": _put(arrays, "optimizer.", ckpt.optimizer),
         "best_keys": _put(arrays, "best.", ckpt.best_state),
     }
-    arrays["meta"] = np.asarray(json.dumps(meta, default=float))
+    arrays["meta"] = np.asarray(json.dumps(meta, default=_jsonable))
     return write_npz(path, arrays)
 
 
