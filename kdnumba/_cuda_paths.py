@@ -87,85 +87,11 @@ def _diagnose_kd(s, t, kind, y, n_rows, n_cols, dtype):
                         ("labels", y_host if kind == "dense" else None)])
 
 
-# --- selectivity ----------------------------------------------------------------------
-
-def _device_batch(x, name: str, dtype=None):
-    """``x`` as a C-contiguous device array of rank >= 2 (one row per sample);
-    the checks and messages of ``functional.selectivity._as_batch``."""
-    arr = ca.device_float_array(x, name, dtype=dtype)
-    if len(arr.shape) < 2:
-        raise ValueError(
-            f"{name} must have shape (B, N) or (B, ...) with one row per sample, got shape "
-            f"{tuple(arr.shape)}; reshape to (B, 1) for a single neuron or (1, N) for a "
-            "single sample")
-    return arr
-
+# --- selectivity: gone (one body in functional/selectivity.py) -----------------------
 
 def _rows(x):
     """A C-contiguous device array viewed as ``(B, N)``."""
     return x.reshape(x.shape[0], int(np.prod(x.shape[1:])))
-
-
-def selectivity_statistics(acts, *, threshold: float, sharpness: float, eps: float):
-    """CUDA branch of :func:`kdnumba.functional.selectivity_statistics`.
-
-    Parameters are already validated by the wrapper. The statistics (small,
-    one value per neuron) are returned as NumPy arrays whatever the input.
-    """
-    from kdnumba.functional.selectivity import SelectivityStatistics
-    kernels = _dispatch.kernels("selectivity", "cuda")
-    x = _device_batch(acts, "acts")
-    flags = kernels.WANT_VARIANCE | kernels.WANT_SPARSITY | kernels.WANT_PEAK
-    st = kernels.column_stats(_rows(x), flags, threshold, sharpness, eps)
-    host = {name: getattr(st, name).copy_to_host().reshape(tuple(x.shape[1:]))
-            for name in ("mean", "var", "hard", "soft", "ratio", "peak", "argmax", "mean_abs")}
-    if not (np.isfinite(host["var"]).all() and np.isfinite(host["mean_abs"]).all()):
-        v.raise_non_finite([("acts", ca.host_copy(x))], what="the statistics")
-    return SelectivityStatistics(
-        mean=host["mean"], variance=host["var"], sparsity=host["hard"],
-        sparsity_relaxed=host["soft"], peak_to_average=host["ratio"], peak=host["peak"],
-        argmax=host["argmax"], mean_abs=host["mean_abs"])
-
-
-def selectivity_loss(student_acts, teacher_acts, *, metric, threshold: float,
-                     sharpness: float, eps: float, weight: float, out=None):
-    """CUDA branch of :func:`kdnumba.functional.selectivity_loss` (same contract).
-
-    ``metric`` is a parsed ``SelectivityMetric``; the other parameters are
-    already validated by the wrapper.
-    """
-    from kdnumba.functional.selectivity import SelectivityMetric, _check_pair
-    kernels = _dispatch.kernels("selectivity", "cuda")
-    on_device = ca.is_device_array(student_acts)
-    s = _device_batch(student_acts, "student_acts")
-    t = _device_batch(teacher_acts, "teacher_acts", dtype=s.dtype)
-    _check_pair(s, t)
-    dtype = np.dtype(s.dtype)
-    grad = ca.gradient_buffer(out, s.shape, dtype, on_device=on_device, inputs=(s, t),
-                              host_inputs=(student_acts, teacher_acts))
-    s2, t2, g2 = _rows(s), _rows(t), _rows(grad)
-    n_rows = s2.shape[0]
-    code, flags, sel = {
-        SelectivityMetric.VARIANCE: (kernels.VARIANCE, kernels.WANT_VARIANCE, "var"),
-        SelectivityMetric.SPARSITY: (kernels.SPARSITY, kernels.WANT_SPARSITY, "soft"),
-        SelectivityMetric.PEAK_TO_AVERAGE: (kernels.PEAK_TO_AVERAGE, kernels.WANT_PEAK,
-                                            "ratio"),
-    }[SelectivityMetric.parse(metric)]
-    st_t = kernels.column_stats(t2, flags, threshold, sharpness, eps)
-    st_s = kernels.column_stats(s2, flags, threshold, sharpness, eps)
-    k = sharpness / threshold
-    sq, coef_a, coef_b, coef_c = kernels.coefficients(
-        code, getattr(st_s, sel), getattr(st_t, sel), st_s, st_t, weight, eps, n_rows, k)
-    loss = _total(sq)
-    if not np.isfinite(loss):
-        v.raise_non_finite([("student_acts", ca.host_copy(s)),
-                            ("teacher_acts", ca.host_copy(t))])
-    flag = kernels.gradient_rows(s2, code, sharpness, k, coef_a, coef_b, coef_c,
-                                 st_s.argmax, g2)
-    if flag.copy_to_host()[0]:
-        v.raise_non_finite([("student_acts", ca.host_copy(s)),
-                            ("teacher_acts", ca.host_copy(t))], what="the gradient")
-    return loss, ca.deliver(grad, out, on_device=on_device)
 
 
 # --- contrastive -----------------------------------------------------------------------

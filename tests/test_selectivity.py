@@ -456,7 +456,7 @@ def test_column_blocking_does_not_change_any_bit(rng, dtype):
     for col_block in (45, 16, 7, 1):
         stats = np.empty((2, kern.N_STATS, 45))
         argmax = np.empty((2, 45), np.int64)
-        kern.column_stats(x, y, 2, flags, 0.01, scalar(10.0), scalar(1000.0), 1e-8,
+        kern.column_stats_grid(x, y, 2, flags, 0.01, scalar(10.0), scalar(1000.0), 1e-8,
                           col_block, rows, np.empty((2, n_ch, kern.N_PARTIALS, 45)),
                           np.empty((2, n_ch, 45), dtype), np.empty((2, n_ch, 45), np.int32),
                           stats, argmax)
@@ -467,7 +467,7 @@ def test_column_blocking_does_not_change_any_bit(rng, dtype):
     # The teacher's statistics do not depend on being computed with the student's.
     stats = np.empty((1, kern.N_STATS, 45))
     argmax = np.empty((1, 45), np.int64)
-    kern.column_stats(y, y, 1, flags, 0.01, scalar(10.0), scalar(1000.0), 1e-8,
+    kern.column_stats_grid(y, y, 1, flags, 0.01, scalar(10.0), scalar(1000.0), 1e-8,
                       16, rows, np.empty((1, n_ch, kern.N_PARTIALS, 45)),
                       np.empty((1, n_ch, 45), dtype), np.empty((1, n_ch, 45), np.int32),
                       stats, argmax)

@@ -30,14 +30,14 @@ Gradients (``c_j = 2/N (sel_j(s) - sel_j(t))``, ``sign(0) = 0``)::
 from __future__ import annotations
 
 import enum
-import math
 from typing import NamedTuple
 
 import numpy as np
 
-from kdnumba import _dispatch, _policy
+from kdnumba import _dispatch
 from kdnumba import _validation as v
-from kdnumba.kernels.cpu.reductions import ordered_sum
+from kdnumba._constants import SELECTIVITY_EPS
+from kdnumba.registry import BadInput, LossSpec, Variant, Workload, register
 
 #: Default threshold of "near zero" (AiDotNet's 0.01).
 DEFAULT_THRESHOLD = 0.01
@@ -45,7 +45,7 @@ DEFAULT_THRESHOLD = 0.01
 #: slope is ``sharpness / threshold``).
 DEFAULT_SHARPNESS = 10.0
 #: Default epsilon of the peak-to-average denominator.
-DEFAULT_EPS = 1e-8
+DEFAULT_EPS = SELECTIVITY_EPS
 
 
 class SelectivityMetric(enum.StrEnum):
@@ -98,68 +98,55 @@ class SelectivityStatistics(NamedTuple):
     mean_abs: np.ndarray
 
 
-def _as_batch(x, name: str, dtype=None) -> np.ndarray:
-    """``x`` as a C-contiguous float array of rank >= 2 (one row per sample)."""
-    arr = v.as_float_array(x, name, dtype=dtype)
-    if arr.ndim < 2:
+def as_batch(be, x, name: str, dtype=None):
+    """``x`` as a kernel-ready array of rank >= 2 (one row per sample) on
+    backend ``be``."""
+    arr = be.float_array(x, name, dtype=dtype)
+    if len(arr.shape) < 2:
         raise ValueError(
             f"{name} must have shape (B, N) or (B, ...) with one row per sample, got shape "
-            f"{arr.shape}; reshape to (B, 1) for a single neuron or (1, N) for a single sample")
+            f"{tuple(arr.shape)}; reshape to (B, 1) for a single neuron or (1, N) for a "
+            "single sample")
     return arr
 
 
-def _check_pair(s: np.ndarray, t: np.ndarray) -> None:
+def check_pair(s, t) -> None:
+    """Student and teacher activations describe the same samples and neurons,
+    laid out alike (``ValueError`` saying how to fix it otherwise)."""
     if s.shape[0] != t.shape[0]:
         raise ValueError(
             f"batch size mismatch: student_acts has {s.shape[0]} rows, teacher_acts has "
             f"{t.shape[0]}; both must hold the activations of the same samples")
-    n_s = s.size // s.shape[0]
-    n_t = t.size // t.shape[0]
+    n_s = _per_sample(s)
+    n_t = _per_sample(t)
     if n_s != n_t:
         raise ValueError(
             f"neuron count mismatch: student_acts has {n_s} neurons per sample (shape "
-            f"{s.shape}), teacher_acts has {n_t} (shape {t.shape}); selectivity is compared "
-            "neuron by neuron, so project the activations to a common width first (e.g. a "
-            "learned linear map on the student's side) or choose layers with the same "
-            "number of units")
-    if s.shape[1:] != t.shape[1:]:
+            f"{tuple(s.shape)}), teacher_acts has {n_t} (shape {tuple(t.shape)}); "
+            "selectivity is compared neuron by neuron, so project the activations to a "
+            "common width first (e.g. a learned linear map on the student's side) or "
+            "choose layers with the same number of units")
+    if tuple(s.shape[1:]) != tuple(t.shape[1:]):
         raise ValueError(
-            f"layout mismatch: student_acts has per-sample shape {s.shape[1:]}, teacher_acts "
-            f"{t.shape[1:]}; neurons are matched by position after flattening, so reshape "
-            "(or transpose) one of them explicitly to the other's layout")
+            f"layout mismatch: student_acts has per-sample shape {tuple(s.shape[1:])}, "
+            f"teacher_acts {tuple(t.shape[1:])}; neurons are matched by position after "
+            "flattening, so reshape (or transpose) one of them explicitly to the other's "
+            "layout")
+
+
+def _per_sample(x) -> int:
+    return int(np.prod(x.shape[1:]))
+
+
+def _rows(x):
+    """A C-contiguous (host or device) array viewed as ``(B, N)``."""
+    return x.reshape(x.shape[0], _per_sample(x))
 
 
 def _check_relaxation(threshold, sharpness, eps) -> tuple[float, float, float]:
     return (v.check_positive(threshold, "threshold"),
             v.check_positive(sharpness, "sharpness"),
             v.check_positive(eps, "eps"))
-
-
-def _column_stats(kernels, a: np.ndarray, b: np.ndarray | None, flags: int,
-                  threshold: float, sharpness: float, eps: float):
-    """``(stats, argmax)`` of ``a`` (and ``b``): ``(M, N_STATS, N)`` float64 and
-    ``(M, N)`` int64, ``M`` = 1 or 2 (one parallel launch for both)."""
-    n_rows, n_cols = a.shape
-    n_mats = 1 if b is None else 2
-    col_block, rows = kernels.plan(n_rows, n_cols)
-    n_ch = kernels.n_chunks(n_rows, rows)
-    # Scratch of statistics not requested is never written, so np.empty costs
-    # no memory traffic (its pages are never touched).
-    part = np.empty((n_mats, n_ch, kernels.N_PARTIALS, n_cols), np.float64)
-    p_max = np.empty((n_mats, n_ch, n_cols), a.dtype)
-    p_arg = np.empty((n_mats, n_ch, n_cols), np.int32)  # offsets within a chunk
-    stats = np.empty((n_mats, kernels.N_STATS, n_cols), np.float64)
-    argmax = np.empty((n_mats, n_cols), np.int64)
-    scalar = a.dtype.type
-    # ``work`` for the serial-below threshold, in kd_loss-element units: the
-    # variance and peak statistics cost a fraction of kd_loss's exps per
-    # element, the relaxed sparsity about the same.
-    work = a.size * (n_mats if flags & kernels.WANT_SPARSITY else 1)
-    with _policy.kernel_launch(work):
-        kernels.column_stats(a, a if b is None else b, n_mats, flags, float(threshold),
-                             scalar(sharpness), scalar(sharpness / threshold), eps,
-                             col_block, rows, part, p_max, p_arg, stats, argmax)
-    return stats, argmax
 
 
 def selectivity_statistics(acts, *, threshold=DEFAULT_THRESHOLD, sharpness=DEFAULT_SHARPNESS,
@@ -178,7 +165,8 @@ def selectivity_statistics(acts, *, threshold=DEFAULT_THRESHOLD, sharpness=DEFAU
         peak_to_average_j  = peak_j / (mean_abs_j + eps)
 
     Sums are accumulated in float64 and the results are float64, shaped like
-    one sample (``acts.shape[1:]``).
+    one sample (``acts.shape[1:]``). The statistics (one value per neuron)
+    are NumPy arrays on every device.
 
     Args:
         acts: ``(B, ...)`` float32/float64 array, ``B >= 1``.
@@ -195,22 +183,24 @@ def selectivity_statistics(acts, *, threshold=DEFAULT_THRESHOLD, sharpness=DEFAU
         NaN/inf, bad parameters.
     """
     threshold, sharpness, eps = _check_relaxation(threshold, sharpness, eps)
-    target = _dispatch.resolve_device(device, acts)
-    if target == "cuda":
-        from kdnumba import _cuda_paths  # imports numba.cuda: CUDA path only
-        return _cuda_paths.selectivity_statistics(acts, threshold=threshold,
-                                                  sharpness=sharpness, eps=eps)
-    x = _as_batch(acts, "acts")
-    x2 = x.reshape(x.shape[0], -1)
-    kernels = _dispatch.kernels("selectivity", target)
+    be = _dispatch.backend(device, acts)
+    x = as_batch(be, acts, "acts")
+    x2 = _rows(x)
+    n_cols = x2.shape[1]
+    scalar = np.dtype(x.dtype).type
+    kernels = be.kernels("selectivity")
     flags = (kernels.WANT_VARIANCE | kernels.WANT_SPARSITY | kernels.WANT_PEAK
              | kernels.WANT_HARD)
-    stats, argmax = _column_stats(kernels, x2, None, flags, threshold, sharpness, eps)
-    stats, argmax = stats[0], argmax[0]
+    stats = be.empty((1, kernels.N_STATS, n_cols), np.float64)
+    argmax = be.empty((1, n_cols), np.int64)
+    with be.launch(x2.size):
+        kernels.column_stats(x2, x2, 1, flags, threshold, scalar(sharpness),
+                             scalar(sharpness / threshold), eps, stats, argmax)
+    stats, argmax = be.to_host(stats)[0], be.to_host(argmax)[0]
     if not (np.isfinite(stats[kernels.ST_VAR]).all()
             and np.isfinite(stats[kernels.ST_MEAN_ABS]).all()):
-        v.raise_non_finite([("acts", x)], what="the statistics")
-    shape = x.shape[1:]
+        v.raise_non_finite([("acts", be.to_host(x))], what="the statistics")
+    shape = tuple(x.shape[1:])
     return SelectivityStatistics(
         mean=stats[kernels.ST_MEAN].reshape(shape),
         variance=stats[kernels.ST_VAR].reshape(shape),
@@ -263,7 +253,7 @@ def selectivity_loss(student_acts, teacher_acts, *, metric="variance",
             folded into the per-neuron coefficients).
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         out: optional C-contiguous array of the student's shape and dtype to
-            receive the gradient.
+            receive the gradient (saves an allocation in training loops).
 
     Returns:
         ``(loss, grad)``: a Python float and an array shaped like ``student_acts``.
@@ -271,93 +261,49 @@ def selectivity_loss(student_acts, teacher_acts, *, metric="variance",
     Raises:
         TypeError: non-float input, bad ``metric`` type.
         ValueError: batch or neuron-count mismatch, rank < 2, empty batch,
-            NaN/inf, bad parameters.
+            NaN/inf, bad parameters, a gradient that overflows the dtype.
     """
     metric = SelectivityMetric.parse(metric)
     threshold, sharpness, eps = _check_relaxation(threshold, sharpness, eps)
     weight = v.check_non_negative(weight, "weight")
-    target = _dispatch.resolve_device(device, student_acts, teacher_acts)
-    if target == "cuda":
-        from kdnumba import _cuda_paths  # imports numba.cuda: CUDA path only
-        return _cuda_paths.selectivity_loss(student_acts, teacher_acts, metric=metric,
-                                            threshold=threshold, sharpness=sharpness,
-                                            eps=eps, weight=weight, out=out)
-    s = _as_batch(student_acts, "student_acts")
-    t = _as_batch(teacher_acts, "teacher_acts", dtype=s.dtype)
-    _check_pair(s, t)
-    grad = v.gradient_buffer(out, s, (t, student_acts, teacher_acts))
-    s2 = s.reshape(s.shape[0], -1)
-    t2 = t.reshape(t.shape[0], -1)
+    be = _dispatch.backend(device, student_acts, teacher_acts)
+    s = as_batch(be, student_acts, "student_acts")
+    t = as_batch(be, teacher_acts, "teacher_acts", dtype=s.dtype)
+    check_pair(s, t)
+    grad = be.gradient_buffer(out, s, (student_acts, teacher_acts, t))
+    s2, t2, g2 = _rows(s), _rows(t), _rows(grad)
     n_rows, n_cols = s2.shape
-    kernels = _dispatch.kernels("selectivity", target)
-    code, flags, row = {
-        SelectivityMetric.VARIANCE: (kernels.VARIANCE, kernels.WANT_VARIANCE, kernels.ST_VAR),
-        SelectivityMetric.SPARSITY: (kernels.SPARSITY, kernels.WANT_SPARSITY, kernels.ST_SOFT),
-        SelectivityMetric.PEAK_TO_AVERAGE: (kernels.PEAK_TO_AVERAGE, kernels.WANT_PEAK,
-                                            kernels.ST_RATIO),
+    scalar = np.dtype(s.dtype).type
+    k = sharpness / threshold
+    kernels = be.kernels("selectivity")
+    code, flags = {
+        SelectivityMetric.VARIANCE: (kernels.VARIANCE, kernels.WANT_VARIANCE),
+        SelectivityMetric.SPARSITY: (kernels.SPARSITY, kernels.WANT_SPARSITY),
+        SelectivityMetric.PEAK_TO_AVERAGE: (kernels.PEAK_TO_AVERAGE, kernels.WANT_PEAK),
     }[metric]
+    named = [("student_acts", s), ("teacher_acts", t)]
 
     # Teacher first: the student, read last, is then the likelier to still be
     # in cache when the gradient pass reads it again.
-    stats, argmax = _column_stats(kernels, t2, s2, flags, threshold, sharpness, eps)
-    st_s = stats[1]
-    diff = st_s[row] - stats[0, row]
-    loss = weight * ordered_sum(diff * diff) / n_cols
-    finite = np.isfinite(loss)
-    if metric != SelectivityMetric.VARIANCE:
-        # sigmoid hides inf and the max skips NaN; sum |a| sees both.
-        finite = finite and np.isfinite(stats[:, kernels.ST_MEAN_ABS]).all()
-    if not finite:
-        v.raise_non_finite([("student_acts", s), ("teacher_acts", t)])
+    stats = be.empty((2, kernels.N_STATS, n_cols), np.float64)
+    argmax = be.empty((2, n_cols), np.int64)
+    # ``work`` for the serial-below threshold, in kd_loss-element units: the
+    # variance and peak statistics cost a fraction of kd_loss's exps per
+    # element, the relaxed sparsity about the same.
+    with be.launch(s2.size * (2 if flags & kernels.WANT_SPARSITY else 1)):
+        kernels.column_stats(t2, s2, 2, flags, threshold, scalar(sharpness), scalar(k), eps,
+                             stats, argmax)
+    sq = be.empty(n_cols, np.float64)
+    coef = be.empty((kernels.N_COEFS, n_cols), np.float64)
+    with be.launch():
+        kernels.coefficients(code, stats, weight, eps, k, n_rows, sq, coef)
+    loss = weight * be.total(sq) / n_cols
+    be.check_finite(loss, named)
 
-    c = (2.0 * weight / n_cols) * diff  # d loss / d sel_s
-    g2 = grad.reshape(n_rows, n_cols)
-    scalar = s.dtype.type
-    empty64 = np.zeros(0, np.float64)
-    mean64 = coef64 = peak_coef64 = empty64
-    coef = np.zeros(0, s.dtype)
-    arg = np.zeros(0, np.int64)
-    with np.errstate(over="ignore"):  # an overflow is reported by _gradient_fits
-        if metric == SelectivityMetric.VARIANCE:
-            mean64 = st_s[kernels.ST_MEAN]
-            coef64 = c * (2.0 / n_rows)
-        elif metric == SelectivityMetric.SPARSITY:
-            coef = (c * (-(sharpness / threshold) / n_rows)).astype(s.dtype)
-        else:
-            d = st_s[kernels.ST_MEAN_ABS] + eps
-            coef64 = -c * st_s[kernels.ST_PEAK] / (n_rows * d * d)
-            coef = coef64.astype(s.dtype)
-            peak_coef64 = c / d
-            arg = argmax[1]
-    with _policy.kernel_launch(s2.size):
-        kernels.gradient_rows(s2, code, scalar(sharpness),
-                              scalar(sharpness / threshold), mean64, coef64, coef, arg,
-                              peak_coef64, g2)
-    if not _gradient_fits(metric, kernels, g2, st_s, coef64, coef, arg):
-        v.raise_non_finite([("student_acts", s), ("teacher_acts", t)], what="the gradient")
-    return float(loss), grad
-
-
-def _gradient_fits(metric, kernels, g2, st_s, coef64, coef, arg) -> bool:
-    """Whether no gradient element overflowed (finite inputs can still give a
-    float32 gradient beyond 3.4e38).
-
-    Per-column bounds settle it in O(N): ``|s_ij - mean_j| <= sqrt(B var_j)``
-    (variance), ``sigmoid' <= 1/4`` (sparsity), ``|sign| <= 1`` (peak, whose
-    maximal entries are checked directly). Only if a bound exceeds the dtype's
-    range is the gradient itself scanned.
-    """
-    big = float(np.finfo(g2.dtype).max)
-    if metric == SelectivityMetric.VARIANCE:
-        bound = (float(np.abs(coef64).max())
-                 * math.sqrt(g2.shape[0] * float(st_s[kernels.ST_VAR].max())))
-    elif metric == SelectivityMetric.SPARSITY:
-        bound = 0.25 * float(np.abs(coef).max())
-    else:
-        if not np.isfinite(g2[arg, np.arange(g2.shape[1])]).all():
-            return False
-        bound = float(np.abs(coef).max())
-    if bound <= big:  # False for inf and NaN
-        return True
-    return bool(np.isfinite(g2).all())
-
+    flag = be.zeros(1, np.int32)
+    with be.launch(s2.size):
+        kernels.gradient_rows(s2, code, scalar(sharpness), scalar(k), coef, argmax[1], g2,
+                              flag)
+    if be.to_host(flag)[0]:
+        v.raise_non_finite([(name, be.to_host(a)) for name, a in named], what="the gradient")
+    return loss, be.deliver(grad, out)

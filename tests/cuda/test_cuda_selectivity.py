@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from cuda_support import assert_matches_cpu, device, foreign, to_host
 
-from kdnumba import _cuda_paths
 from kdnumba.functional import selectivity_loss, selectivity_statistics
 
 DTYPES = [np.float32, np.float64]
@@ -26,7 +25,7 @@ def _acts(rng, dtype, shape=(6, 3, 3)):
 
 
 def _cuda(s, t, metric, out=None):
-    return _cuda_paths.selectivity_loss(s, t, metric=metric, out=out, **PARAMS)
+    return selectivity_loss(s, t, metric=metric, out=out, device="cuda", **PARAMS)
 
 
 def _cpu(s, t, metric):
@@ -78,14 +77,23 @@ def test_single_sample_and_constant_columns(rng):
 
 def test_statistics_match_cpu(rng):
     s, _ = _acts(rng, np.float32)
-    got = _cuda_paths.selectivity_statistics(foreign(s), threshold=0.3, sharpness=4.0,
-                                             eps=1e-8)
+    got = selectivity_statistics(foreign(s), threshold=0.3, sharpness=4.0, eps=1e-8,
+                                 device="cuda")
     ref = selectivity_statistics(s, threshold=0.3, sharpness=4.0, eps=1e-8, device="cpu")
     for name in ref._fields:
         a, b = getattr(got, name), getattr(ref, name)
         assert isinstance(a, np.ndarray) and a.shape == b.shape, name
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9, err_msg=name)
     np.testing.assert_array_equal(got.argmax, ref.argmax)
+    np.testing.assert_array_equal(got.sparsity, ref.sparsity)  # counts are exact
+
+
+def test_hard_sparsity_compares_float32_values_exactly():
+    # float32(0.01) < 0.01: counted on both devices (threshold compared in float64).
+    x = np.array([[np.float32(0.01)], [np.nextafter(np.float32(0.01), np.float32(1))],
+                  [-np.float32(0.01)], [0.0]], np.float32)
+    got = selectivity_statistics(device(x), device="cuda")
+    assert got.sparsity[0] == 0.75 == selectivity_statistics(x, device="cpu").sparsity[0]
 
 
 def test_out_buffer_on_device(rng):

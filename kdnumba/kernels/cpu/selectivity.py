@@ -45,6 +45,13 @@ a function of the element itself (``d stat_j / d x_ij`` depends on column
 ``j``'s statistics only), so :func:`gradient_rows` writes it in one row-major
 pass; the peak-to-average metric then adds one extra term per column at the
 row of the column maximum.
+
+The launch functions -- :func:`column_stats`, :func:`coefficients`,
+:func:`gradient_rows` -- are the interface shared with
+``kernels.cuda.selectivity`` (same names, arguments and output
+conventions: every result goes into an output the caller allocated; scratch
+is the launcher's own business). The codes and row indices below are the
+home of both modules'.
 """
 
 from __future__ import annotations
@@ -238,7 +245,7 @@ def _peak_row(r0, i0, pmax, parg):
             parg[j] = i0
 
 
-#: Rows of the ``part`` buffer of :func:`column_stats` (per matrix).
+#: Rows of the ``part`` buffer of :func:`column_stats_grid` (per matrix).
 P_S1, P_S2, P_HARD, P_SOFT, P_ABS = 0, 1, 2, 3, 4
 N_PARTIALS = 5
 #: Rows of the ``stats`` output of :func:`column_stats` (per matrix).
@@ -368,10 +375,40 @@ def _combine(shift, n_rows, rows_per_chunk, flags, eps, part, p_max, p_arg, stat
             stats[ST_RATIO, j] = m / (stats[ST_MEAN_ABS, j] + eps)
 
 
+def column_stats(a, b, n_mats, flags, threshold, sharpness, k, eps, stats, argmax):
+    """Per-column statistics of ``a`` (and of ``b`` when ``n_mats == 2``) into
+    ``stats`` and ``argmax`` (see :func:`column_stats_grid` for the formulas).
+
+    Parameters (``F`` is the dtype of ``a``; the same on both devices):
+        a, b: ``(B, N)`` F, C-contiguous (``b`` is ignored when ``n_mats == 1``).
+        n_mats: 1 or 2.
+        flags: bit set of ``WANT_VARIANCE | WANT_SPARSITY | WANT_PEAK | WANT_HARD``.
+        threshold: float64, bound of the hard count (compared exactly).
+        sharpness, k: F scalars of the relaxation (``k = sharpness / threshold``).
+        eps: float64, denominator epsilon of ``ST_RATIO``.
+        stats: ``(n_mats, N_STATS, N)`` float64 output (rows ``ST_*``; only the
+            rows ``flags`` asks for are written).
+        argmax: ``(n_mats, N)`` int64 output (written with ``WANT_PEAK``).
+
+    The task grid is :func:`plan`'s and the scratch is allocated here.
+    """
+    n_rows, n_cols = a.shape
+    col_block, rows = plan(n_rows, n_cols)
+    n_ch = n_chunks(n_rows, rows)
+    # Scratch of statistics not requested is never written, so np.empty costs
+    # no memory traffic (its pages are never touched).
+    part = np.empty((n_mats, n_ch, N_PARTIALS, n_cols), np.float64)
+    p_max = np.empty((n_mats, n_ch, n_cols), a.dtype)
+    p_arg = np.empty((n_mats, n_ch, n_cols), np.int32)  # offsets within a chunk
+    column_stats_grid(a, b, n_mats, flags, float(threshold), sharpness, k, float(eps),
+                      col_block, rows, part, p_max, p_arg, stats, argmax)
+
+
 @parallel_jit
-def column_stats(a, b, n_mats, flags, threshold, sharpness, k, eps, col_block,
-                 rows_per_chunk, part, p_max, p_arg, stats, argmax):
-    """Per-column statistics of ``a`` (and of ``b`` when ``n_mats == 2``).
+def column_stats_grid(a, b, n_mats, flags, threshold, sharpness, k, eps, col_block,
+                      rows_per_chunk, part, p_max, p_arg, stats, argmax):
+    """Per-column statistics of ``a`` (and of ``b`` when ``n_mats == 2``) on an
+    explicit task grid (:func:`column_stats` chooses it with :func:`plan`).
 
     One parallel loop over the tasks ``(matrix, row chunk, column block)``
     writes partials; then, serially, the chunks of every column are combined
@@ -424,6 +461,100 @@ def column_stats(a, b, n_mats, flags, threshold, sharpness, k, eps, col_block,
                  stats[m], argmax[m])
 
 
+# --- loss terms and gradient coefficients ----------------------------------------
+
+#: Rows of the ``coef`` output of :func:`coefficients`.
+CF_A, CF_B, CF_C, CF_BOUND = 0, 1, 2, 3
+N_COEFS = 4
+
+# No fast-math: the coefficients are exactly the IEEE float64 expressions below
+# (no FMA contraction), whatever the device.
+@jit(fastmath=False)
+def coefficients(metric, stats, weight, eps, k, n_rows, sq, coef):
+    """Per-column loss terms and gradient coefficients.
+
+    Parameters (the same on both devices):
+        metric: ``VARIANCE``, ``SPARSITY`` or ``PEAK_TO_AVERAGE``.
+        stats: ``(2, N_STATS, N)`` float64 from :func:`column_stats` of the
+            teacher (``stats[0]``) and the student (``stats[1]``).
+        weight, eps, k: float64 (``k = sharpness / threshold``); n_rows: ``B``.
+        sq: ``(N,)`` float64 output, ``(sel_s - sel_t)_j**2`` (NaN where a mean
+            magnitude is not finite and ``metric != VARIANCE``: inf/NaN input
+            that the sigmoid or the maximum hide); the loss is
+            ``weight * sum_j sq_j / N``.
+        coef: ``(N_COEFS, N)`` float64 output. With ``c = 2 weight / N (sel_s -
+            sel_t)``: variance ``A = mean_s, B = 2c/B``; sparsity ``B = -k c / B``;
+            peak ``B = -c M / (B D**2), C = c / D`` (``D = mean_abs_s + eps``,
+            ``M`` the peak); ``BOUND`` is a bound of ``|grad_ij|`` over the column
+            (off the peak's row: ``|s_ij - mean_j| <= sqrt(B var_j)``,
+            ``sigmoid' <= 1/4``, ``|sign| <= 1``).
+    """
+    n_cols = sq.shape[0]
+    row = ST_VAR if metric == VARIANCE else (ST_SOFT if metric == SPARSITY else ST_RATIO)
+    scale = 2.0 * weight / n_cols
+    for j in range(n_cols):
+        diff = stats[1, row, j] - stats[0, row, j]
+        term = diff * diff
+        if metric != VARIANCE and not (np.isfinite(stats[0, ST_MEAN_ABS, j])
+                                       and np.isfinite(stats[1, ST_MEAN_ABS, j])):
+            term = np.nan
+        sq[j] = term
+        c = scale * diff
+        a = 0.0
+        cc = 0.0
+        if metric == VARIANCE:
+            a = stats[1, ST_MEAN, j]
+            b = c * (2.0 / n_rows)
+            bound = abs(b) * np.sqrt(n_rows * stats[1, ST_VAR, j])
+        elif metric == SPARSITY:
+            b = c * (-k / n_rows)
+            bound = 0.25 * abs(b)
+        else:
+            d = stats[1, ST_MEAN_ABS, j] + eps
+            b = -c * stats[1, ST_PEAK, j] / (n_rows * d * d)
+            cc = c / d
+            bound = abs(b)
+        coef[CF_A, j] = a
+        coef[CF_B, j] = b
+        coef[CF_C, j] = cc
+        coef[CF_BOUND, j] = bound
+
+
+def gradient_rows(x, metric, sharpness, k, coef, argmax, grad, flag):
+    """Write ``grad = d loss / d x``; ``flag[0] = 1`` when some element of it is
+    not finite (finite inputs can still overflow a float32 gradient).
+
+    Parameters (``F`` is the dtype of ``x``; the same on both devices):
+        x, grad: ``(B, N)`` F, C-contiguous.
+        metric: ``VARIANCE``, ``SPARSITY`` or ``PEAK_TO_AVERAGE``.
+        sharpness, k: F, the sparsity relaxation (as in :func:`column_stats`).
+        coef: ``(N_COEFS, N)`` float64 from :func:`coefficients`.
+        argmax: ``(N,)`` int64, the student's first maximal rows.
+        flag: ``(1,)`` int32, zeroed by the caller.
+
+    Overflow is ruled out from ``coef[CF_BOUND]`` in O(N); only when a bound
+    exceeds the dtype's range is the gradient itself scanned.
+    """
+    with np.errstate(over="ignore"):  # an overflow is reported through ``flag``
+        coef_f = (np.empty(0, x.dtype) if metric == VARIANCE
+                  else coef[CF_B].astype(x.dtype))
+    _gradient_grid(x, metric, sharpness, k, coef[CF_A], coef[CF_B], coef_f, argmax,
+                   coef[CF_C], grad)
+    if not _gradient_fits(metric, grad, coef, argmax):
+        flag[0] = 1
+
+
+def _gradient_fits(metric, grad, coef, argmax) -> bool:
+    """Whether no gradient element overflowed (``coef[CF_BOUND]`` bounds every
+    element except the peak's own, which are checked directly)."""
+    if metric == PEAK_TO_AVERAGE:
+        if not np.isfinite(grad[argmax, np.arange(grad.shape[1])]).all():
+            return False
+    if float(coef[CF_BOUND].max()) <= float(np.finfo(grad.dtype).max):  # False for NaN
+        return True
+    return bool(np.isfinite(grad).all())
+
+
 # --- gradient ------------------------------------------------------------------
 # No reduction in these loops (the policy grants no ``reassoc``, so a scalar
 # accumulator would keep LLVM from vectorising them): overflow of the gradient
@@ -463,8 +594,8 @@ def _grad_sign_row(row, coef, g):
 
 
 @parallel_jit
-def gradient_rows(x, metric, sharpness, k, mean64, coef64, coef, argmax, peak_coef64, grad):
-    """Write ``grad = d loss / d x`` row by row.
+def _gradient_grid(x, metric, sharpness, k, mean64, coef64, coef, argmax, peak_coef64, grad):
+    """Write ``grad = d loss / d x`` row by row (:func:`gradient_rows`' kernel).
 
     Parameters (``F`` is the dtype of ``x``):
         x, grad: ``(B, N)`` F, C-contiguous.

@@ -1,30 +1,35 @@
 """Per-neuron selectivity statistics and their gradient on the GPU.
 
-The CUDA twin of ``kernels.cpu.selectivity`` (same statistics, same tie rule,
-same ``sign(0) = 0``), in four launches on ``(B, N)`` activations:
+The CUDA twin of ``kernels.cpu.selectivity``: the same launch functions
+(:func:`column_stats`, :func:`coefficients`, :func:`gradient_rows`) with the
+same arguments and outputs, the same codes (imported from there), the same
+statistics, tie rule and ``sign(0) = 0``. On ``(B, N)`` activations:
 
-1. :func:`column_stats`, first launch -- column-blocked partial statistics.
-   A block is a tile of ``TILE`` consecutive columns (``threadIdx.x``,
-   coalesced loads) by ``LANES`` row lanes (``threadIdx.y``) over one chunk
-   of rows (``blockIdx.y``); lane ``l`` takes rows ``r0 + l, r0 + l + LANES,
-   ...``. Per column and thread, in float64::
+1. :func:`column_stats`, first launch per matrix -- column-blocked partial
+   statistics. A block is a tile of ``TILE`` consecutive columns
+   (``threadIdx.x``, coalesced loads) by ``LANES`` row lanes
+   (``threadIdx.y``) over one chunk of rows (``blockIdx.y``); lane ``l``
+   takes rows ``r0 + l, r0 + l + LANES, ...``. Per column and thread, in
+   float64::
 
        S1 = sum d, S2 = sum d**2 (d = x - x[0, j])        variance
-       H = #{|x| < threshold}, R = sum sigmoid(z)         sparsity
+       H = #{|x| < threshold}                              hard sparsity
+       R = sum sigmoid(z)                                  relaxed sparsity
        A = sum |x|                                         sparsity, peak
        M = max x with its first row                        peak
 
    The lanes are combined by a shared-memory tree (fixed order; the maximum
    keeps the smaller row on ties, so the *first* maximal row wins, as on the
    CPU), and one partial per (chunk, column) is written.
-2. :func:`column_stats`, second launch -- one thread per column adds the
-   chunks in chunk order: ``mean = x0 + S1/B``,
-   ``var = max(S2/B - (S1/B)**2, 0)``, ``hard = H/B``, ``soft = R/B``,
-   ``mean_abs = A/B``, ``peak``, ``argmax``, ``ratio = peak / (mean_abs + eps)``.
+2. :func:`column_stats`, second launch per matrix -- one thread per column
+   adds the chunks in chunk order into ``stats[m, ST_*, j]``:
+   ``mean = x0 + S1/B``, ``var = max(S2/B - (S1/B)**2, 0)``, ``hard = H/B``,
+   ``soft = R/B``, ``mean_abs = A/B``, ``peak``, ``argmax``,
+   ``ratio = peak / (mean_abs + eps)``.
 3. :func:`coefficients` -- one thread per column: the loss term
-   ``weight (sel_s - sel_t)**2 / N`` (NaN when a mean magnitude is not
-   finite, which reveals inf/NaN input that ``sigmoid`` or ``max`` hide) and
-   the gradient coefficients of the metric.
+   ``(sel_s - sel_t)**2`` (NaN when a mean magnitude is not finite, which
+   reveals inf/NaN input that ``sigmoid`` or ``max`` hide) and the gradient
+   coefficients of the metric.
 4. :func:`gradient_rows` -- elementwise gradient (``grad_ij`` depends on
    ``x_ij`` and column ``j``'s coefficients only); any non-finite element
    sets ``flag[0] = 1`` (a plain store: all writers store the same value).
@@ -36,22 +41,33 @@ deterministic. ``z = sharpness - k |x|`` with ``k = sharpness / threshold``.
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 from numba import cuda, types
 
+from kdnumba.kernels.cpu.selectivity import (  # noqa: F401  (the shared interface)
+    CF_A,
+    CF_B,
+    CF_BOUND,
+    CF_C,
+    N_COEFS,
+    N_STATS,
+    PEAK_TO_AVERAGE,
+    SPARSITY,
+    ST_HARD,
+    ST_MEAN,
+    ST_MEAN_ABS,
+    ST_PEAK,
+    ST_RATIO,
+    ST_SOFT,
+    ST_VAR,
+    VARIANCE,
+    WANT_HARD,
+    WANT_PEAK,
+    WANT_SPARSITY,
+    WANT_VARIANCE,
+)
 from kdnumba.kernels.cuda import compile_kernel, grid_size, is_simulator
-
-#: ``metric`` codes (same as the CPU kernel module).
-VARIANCE = 0
-SPARSITY = 1
-PEAK_TO_AVERAGE = 2
-
-#: ``flags`` bits (same as the CPU kernel module).
-WANT_VARIANCE = 1
-WANT_SPARSITY = 2
-WANT_PEAK = 4
 
 #: Columns per block (one warp: a row segment is one coalesced load; fewer
 #: under the simulator, where every thread is a Python thread).
@@ -94,7 +110,7 @@ def _sigmoid(z):
     return r if z >= 0 else e * r
 
 
-_PARTIALS_SIG = ("void({F}[:, ::1], int64, {F}, {F}, {F}, int64, float64[:, ::1], "
+_PARTIALS_SIG = ("void({F}[:, ::1], int64, float64, {F}, {F}, int64, float64[:, ::1], "
                  "float64[:, ::1], float64[:, ::1], float64[:, ::1], float64[:, ::1], "
                  "float64[:, ::1], int64[:, ::1])")
 
@@ -116,6 +132,7 @@ def _partials_kernel(x, flags, threshold, sharpness, k, rows_per_chunk,
     want_var = (flags & WANT_VARIANCE) != 0
     want_sparsity = (flags & WANT_SPARSITY) != 0
     want_peak = (flags & WANT_PEAK) != 0
+    want_hard = (flags & WANT_HARD) != 0
     want_abs = want_sparsity or want_peak
 
     s1 = 0.0
@@ -137,9 +154,11 @@ def _partials_kernel(x, flags, threshold, sharpness, k, rows_per_chunk,
                 d = np.float64(v) - shift
                 s1 += d
                 s2 += d * d
-            if want_sparsity:
-                if abs(v) < threshold:
+            if want_hard:
+                # float64 ``threshold``, compared exactly (as on the CPU).
+                if abs(np.float64(v)) < threshold:
                     hard += 1.0
+            if want_sparsity:
                 soft += _sigmoid(sharpness - k * abs(v))
             if want_abs:
                 asum += abs(np.float64(v))
@@ -181,8 +200,9 @@ def _partials_kernel(x, flags, threshold, sharpness, k, rows_per_chunk,
         if want_var:
             p_s1[ch, j] = sh[tx]
             p_s2[ch, j] = sh[per + tx]
-        if want_sparsity:
+        if want_hard:
             p_hard[ch, j] = sh[2 * per + tx]
+        if want_sparsity:
             p_soft[ch, j] = sh[3 * per + tx]
         if want_abs:
             p_abs[ch, j] = sh[4 * per + tx]
@@ -200,88 +220,97 @@ def _chunk_sum(partials, j, n_ch):
     return total
 
 
-_COMBINE_SIG = ("void({F}[:, ::1], int64, float64, int64, float64[:, ::1], float64[:, ::1], "
+_COMBINE_SIG = ("void({F}[:, ::1], int64, int64, float64, int64, float64[:, ::1], "
                 "float64[:, ::1], float64[:, ::1], float64[:, ::1], float64[:, ::1], "
-                "int64[:, ::1], float64[::1], float64[::1], float64[::1], float64[::1], "
-                "float64[::1], float64[::1], int64[::1], float64[::1])")
+                "float64[:, ::1], int64[:, ::1], float64[:, :, ::1], int64[:, ::1])")
 
 
-def _combine_kernel(x, flags, eps, n_ch, p_s1, p_s2, p_hard, p_soft, p_abs, p_max, p_arg,
-                    mean, var, hard, soft, mean_abs, peak, argmax, ratio):
+def _combine_kernel(x, m, flags, eps, n_ch, p_s1, p_s2, p_hard, p_soft, p_abs, p_max, p_arg,
+                    stats, argmax):
     j = cuda.grid(1)
     n_rows, n_cols = x.shape
     if j >= n_cols:
         return
     inv_b = 1.0 / n_rows
     if (flags & WANT_VARIANCE) != 0:
-        m = _chunk_sum(p_s1, j, n_ch) * inv_b
-        v = _chunk_sum(p_s2, j, n_ch) * inv_b - m * m
+        mu = _chunk_sum(p_s1, j, n_ch) * inv_b
+        v = _chunk_sum(p_s2, j, n_ch) * inv_b - mu * mu
         if v < 0.0:  # a rounding residue; NaN fails the test and is kept
             v = 0.0
-        mean[j] = np.float64(x[0, j]) + m
-        var[j] = v
+        stats[m, ST_MEAN, j] = np.float64(x[0, j]) + mu
+        stats[m, ST_VAR, j] = v
+    if (flags & WANT_HARD) != 0:
+        stats[m, ST_HARD, j] = _chunk_sum(p_hard, j, n_ch) * inv_b
     if (flags & WANT_SPARSITY) != 0:
-        hard[j] = _chunk_sum(p_hard, j, n_ch) * inv_b
-        soft[j] = _chunk_sum(p_soft, j, n_ch) * inv_b
+        stats[m, ST_SOFT, j] = _chunk_sum(p_soft, j, n_ch) * inv_b
     if (flags & (WANT_SPARSITY | WANT_PEAK)) != 0:
-        mean_abs[j] = _chunk_sum(p_abs, j, n_ch) * inv_b
+        stats[m, ST_MEAN_ABS, j] = _chunk_sum(p_abs, j, n_ch) * inv_b
     if (flags & WANT_PEAK) != 0:
-        m = p_max[0, j]
+        top = p_max[0, j]
         arg = p_arg[0, j]
         for ch in range(1, n_ch):
-            if p_max[ch, j] > m:
-                m = p_max[ch, j]
+            if p_max[ch, j] > top:
+                top = p_max[ch, j]
                 arg = p_arg[ch, j]
-        peak[j] = m
-        argmax[j] = arg
-        ratio[j] = m / (mean_abs[j] + eps)
+        stats[m, ST_PEAK, j] = top
+        argmax[m, j] = arg
+        stats[m, ST_RATIO, j] = top / (stats[m, ST_MEAN_ABS, j] + eps)
 
 
-_COEF_SIG = ("void(int64, float64[::1], float64[::1], float64[::1], float64[::1], "
-             "float64[::1], float64[::1], float64, float64, int64, float64, "
-             "float64[::1], float64[::1], float64[::1], float64[::1])")
+_COEF_SIG = ("void(int64, float64[:, :, ::1], float64, float64, float64, int64, "
+             "float64[::1], float64[:, ::1])")
 
 
-def _coefficients_kernel(metric, sel_s, sel_t, mean_abs_s, mean_abs_t, peak_s, mean_s,
-                         weight, eps, n_rows, k, sq, coef_a, coef_b, coef_c):
+def _coefficients_kernel(metric, stats, weight, eps, k, n_rows, sq, coef):
     j = cuda.grid(1)
-    n_cols = sel_s.shape[0]
+    n_cols = sq.shape[0]
     if j >= n_cols:
         return
-    diff = sel_s[j] - sel_t[j]
-    term = weight * diff * diff / n_cols
-    if metric != VARIANCE and not (math.isfinite(mean_abs_s[j])
-                                   and math.isfinite(mean_abs_t[j])):
+    row = ST_VAR if metric == VARIANCE else (ST_SOFT if metric == SPARSITY else ST_RATIO)
+    diff = stats[1, row, j] - stats[0, row, j]
+    term = diff * diff
+    if metric != VARIANCE and not (math.isfinite(stats[0, ST_MEAN_ABS, j])
+                                   and math.isfinite(stats[1, ST_MEAN_ABS, j])):
         term = math.nan
     sq[j] = term
     c = 2.0 * weight / n_cols * diff
+    a = 0.0
+    cc = 0.0
     if metric == VARIANCE:
-        coef_a[j] = mean_s[j]
-        coef_b[j] = c * (2.0 / n_rows)
+        a = stats[1, ST_MEAN, j]
+        b = c * (2.0 / n_rows)
+        bound = abs(b) * math.sqrt(n_rows * stats[1, ST_VAR, j])
     elif metric == SPARSITY:
-        coef_b[j] = c * (-k / n_rows)
+        b = c * (-k / n_rows)
+        bound = 0.25 * abs(b)
     else:
-        d = mean_abs_s[j] + eps
-        coef_b[j] = -c * peak_s[j] / (n_rows * d * d)
-        coef_c[j] = c / d
+        d = stats[1, ST_MEAN_ABS, j] + eps
+        b = -c * stats[1, ST_PEAK, j] / (n_rows * d * d)
+        cc = c / d
+        bound = abs(b)
+    coef[CF_A, j] = a
+    coef[CF_B, j] = b
+    coef[CF_C, j] = cc
+    coef[CF_BOUND, j] = bound
 
 
-_GRAD_SIG = ("void({F}[:, ::1], int64, {F}, {F}, float64[::1], float64[::1], "
-             "float64[::1], int64[::1], {F}[:, ::1], int32[::1])")
+_GRAD_SIG = ("void({F}[:, ::1], int64, {F}, {F}, float64[:, ::1], int64[::1], {F}[:, ::1], "
+             "int32[::1])")
 
 
-def _gradient_kernel(x, metric, sharpness, k, coef_a, coef_b, coef_c, argmax, grad, flag):
+def _gradient_kernel(x, metric, sharpness, k, coef, argmax, grad, flag):
     n_rows, n_cols = x.shape
     j = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     if j >= n_cols:
         return
-    b = coef_b[j]
+    a = coef[CF_A, j]
+    b = coef[CF_B, j]
     for i in range(cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y, n_rows,
                    cuda.gridDim.y * cuda.blockDim.y):
         v = x[i, j]
         sgn = 1.0 if v > 0 else (-1.0 if v < 0 else 0.0)
         if metric == VARIANCE:
-            g = (np.float64(v) - coef_a[j]) * b
+            g = (np.float64(v) - a) * b
         elif metric == SPARSITY:
             # sigmoid'(z) = e / (1 + e)**2 with e = exp(-|z|): no overflow.
             e = math.exp(-abs(np.float64(sharpness - k * abs(v))))
@@ -290,7 +319,7 @@ def _gradient_kernel(x, metric, sharpness, k, coef_a, coef_b, coef_c, argmax, gr
         else:
             g = b * sgn
             if i == argmax[j]:
-                g += coef_c[j]
+                g += coef[CF_C, j]
         gf = grad.dtype.type(g)
         grad[i, j] = gf
         if not math.isfinite(gf):
@@ -305,72 +334,62 @@ def _empty2(shape, dtype, wanted):
     return cuda.device_array(shape if wanted else (1, 1), dtype=dtype)
 
 
-def column_stats(x, flags, threshold, sharpness, eps):
-    """Per-column statistics of a ``(B, N)`` C-contiguous device array.
+def column_stats(a, b, n_mats, flags, threshold, sharpness, k, eps, stats, argmax):
+    """Per-column statistics of ``a`` (and of ``b`` when ``n_mats == 2``) into
+    ``stats`` and ``argmax`` (device arrays): the interface and outputs of
+    ``kernels.cpu.selectivity.column_stats``.
 
-    Returns a namespace of ``(N,)`` device arrays ``mean, var, hard, soft,
-    mean_abs, peak, argmax, ratio`` (float64; ``argmax`` int64), filled for
-    the metrics in ``flags`` (the others hold garbage).
+    ``a``, ``b``: ``(B, N)`` C-contiguous device arrays of one float dtype
+    ``F``; ``threshold``, ``eps``: float64; ``sharpness``, ``k``: F scalars;
+    ``stats``: ``(n_mats, N_STATS, N)`` float64; ``argmax``: ``(n_mats, N)``
+    int64. Rows not asked for by ``flags`` are left unwritten.
     """
-    n_rows, n_cols = x.shape
-    dtype = np.dtype(x.dtype)
+    n_rows, n_cols = a.shape
+    dtype = np.dtype(a.dtype)
     rows = plan(n_rows, n_cols)
     n_ch = n_chunks(n_rows, rows)
     want_var = bool(flags & WANT_VARIANCE)
     want_sp = bool(flags & WANT_SPARSITY)
     want_pk = bool(flags & WANT_PEAK)
     shape = (n_ch, n_cols)
+    # Scratch, reused by both matrices (launches run in order on one stream).
     p_s1 = _empty2(shape, np.float64, want_var)
     p_s2 = _empty2(shape, np.float64, want_var)
-    p_hard = _empty2(shape, np.float64, want_sp)
+    p_hard = _empty2(shape, np.float64, bool(flags & WANT_HARD))
     p_soft = _empty2(shape, np.float64, want_sp)
     p_abs = _empty2(shape, np.float64, want_sp or want_pk)
     p_max = _empty2(shape, np.float64, want_pk)
     p_arg = _empty2(shape, np.int64, want_pk)
     lanes = _lanes()
-    scalar = dtype.type
-    compile_kernel(_partials_kernel, _PARTIALS_SIG, dtype)[
-        (-(-n_cols // TILE), n_ch), (TILE, lanes), 0, _N_SLOTS * TILE * lanes * 8](
-        x, int(flags), scalar(threshold), scalar(sharpness), scalar(sharpness / threshold),
-        rows, p_s1, p_s2, p_hard, p_soft, p_abs, p_max, p_arg)
-    st = SimpleNamespace(**{name: cuda.device_array(n_cols, dtype=np.float64)
-                            for name in ("mean", "var", "hard", "soft", "mean_abs", "peak",
-                                         "ratio")})
-    st.argmax = cuda.device_array(n_cols, dtype=np.int64)
     threads = TILE * lanes
-    compile_kernel(_combine_kernel, _COMBINE_SIG, dtype)[-(-n_cols // threads), threads](
-        x, int(flags), float(eps), n_ch, p_s1, p_s2, p_hard, p_soft, p_abs, p_max, p_arg,
-        st.mean, st.var, st.hard, st.soft, st.mean_abs, st.peak, st.argmax, st.ratio)
-    return st
+    partials = compile_kernel(_partials_kernel, _PARTIALS_SIG, dtype)
+    combine = compile_kernel(_combine_kernel, _COMBINE_SIG, dtype)
+    for m in range(n_mats):
+        x = a if m == 0 else b
+        partials[(-(-n_cols // TILE), n_ch), (TILE, lanes), 0, _N_SLOTS * TILE * lanes * 8](
+            x, int(flags), float(threshold), dtype.type(sharpness), dtype.type(k), rows,
+            p_s1, p_s2, p_hard, p_soft, p_abs, p_max, p_arg)
+        combine[-(-n_cols // threads), threads](
+            x, m, int(flags), float(eps), n_ch, p_s1, p_s2, p_hard, p_soft, p_abs, p_max,
+            p_arg, stats, argmax)
 
 
-def coefficients(metric, sel_s, sel_t, st_s, st_t, weight, eps, n_rows, k):
-    """Per-column loss terms and gradient coefficients (device arrays).
-
-    Returns ``(sq, coef_a, coef_b, coef_c)``: ``sq_j = weight (sel_s - sel_t)_j**2 / N``
-    (NaN for a non-finite mean magnitude unless ``metric == VARIANCE``), and
-    with ``c = 2 weight / N (sel_s - sel_t)``:
-    variance ``a = mean_s, b = 2c/B``; sparsity ``b = -k c / B``;
-    peak ``b = -c M / (B D**2), c' = c / D`` (``D = mean_abs_s + eps``).
-    """
-    n_cols = sel_s.shape[0]
-    sq, a, b, c = (cuda.device_array(n_cols, dtype=np.float64) for _ in range(4))
+def coefficients(metric, stats, weight, eps, k, n_rows, sq, coef):
+    """Per-column loss terms ``sq`` and gradient coefficients ``coef`` (device
+    arrays): the interface and outputs of ``kernels.cpu.selectivity.coefficients``."""
+    n_cols = sq.shape[0]
     threads = TILE * _lanes()
     compile_kernel(_coefficients_kernel, _COEF_SIG)[-(-n_cols // threads), threads](
-        int(metric), sel_s, sel_t, st_s.mean_abs, st_t.mean_abs, st_s.peak, st_s.mean,
-        float(weight), float(eps), int(n_rows), float(k), sq, a, b, c)
-    return sq, a, b, c
+        int(metric), stats, float(weight), float(eps), float(k), int(n_rows), sq, coef)
 
 
-def gradient_rows(x, metric, sharpness, k, coef_a, coef_b, coef_c, argmax, grad):
-    """Write ``grad = d loss / d x``; returns a 1-element int32 device flag that
-    is nonzero when some gradient element is not finite."""
+def gradient_rows(x, metric, sharpness, k, coef, argmax, grad, flag):
+    """Write ``grad = d loss / d x``; ``flag[0] = 1`` when some element is not
+    finite (``flag``: a zeroed ``(1,)`` int32 device array): the interface of
+    ``kernels.cpu.selectivity.gradient_rows``."""
     n_rows, n_cols = x.shape
     dtype = np.dtype(x.dtype)
-    flag = cuda.to_device(np.zeros(1, dtype=np.int32))
     lanes = _lanes()
     grid = (-(-n_cols // TILE), grid_size(min(MAX_GRID_ROWS, -(-n_rows // lanes))))
     compile_kernel(_gradient_kernel, _GRAD_SIG, dtype)[grid, (TILE, lanes)](
-        x, int(metric), dtype.type(sharpness), dtype.type(k), coef_a, coef_b, coef_c, argmax,
-        grad, flag)
-    return flag
+        x, int(metric), dtype.type(sharpness), dtype.type(k), coef, argmax, grad, flag)
