@@ -16,18 +16,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from testkit import (
-    assert_inputs_untouched,
-    assert_loss_grad_close,
-    assert_same_loss_and_grad,
-    central_difference,
-    one_and_two_threads,
-)
+from testkit import assert_loss_grad_close, central_difference
 
 import kdnumba
 from kdnumba import reference
 from kdnumba.functional import kd_loss, rkd_loss
-from kdnumba.kernels.cpu import relational as kern
 from kdnumba.strategies import RelationalDistillationStrategy
 
 F32 = np.dtype(np.float32)
@@ -43,20 +36,20 @@ def assert_matches(loss, grad, ref_loss, ref_grad, dtype):
 
 
 def torch_rkd(s, t, w_d=25.0, w_a=50.0):
-    """RepDistiller ``RKDLoss.forward`` (the benchmark's PyTorch port), autograd on the student."""
+    """RepDistiller ``RKDLoss.forward`` (``reference.relational.rkd_loss_torch``),
+    autograd on the student."""
     torch = pytest.importorskip("torch")
-    from kdnumba.benchmarking.cases_relational import repdistiller_rkd
+    from kdnumba.reference.relational import rkd_loss_torch
 
     f_s = torch.tensor(s, requires_grad=True)
-    student = f_s.view(f_s.shape[0], -1)
-    teacher = torch.tensor(t).view(len(t), -1)
-    loss = repdistiller_rkd(student, teacher, w_d, w_a)
+    loss = rkd_loss_torch(f_s, torch.tensor(t), distance_weight=w_d, angle_weight=w_a)
     loss.backward()
     return loss.item(), f_s.grad.numpy()
 
 
-SHAPES = [((2, 3), (2, 3)), ((3, 4), (3, 7)), ((5, 2, 3), (5, 4)), ((9, 6), (9, 6)),
-          ((21, 5), (21, 3))]  # 21 rows: three kernel tasks, the last one partial
+# The contract suite (tests/test_contract.py) checks the registry's inputs; these add
+# B = 2, a 3-D student, and 21 rows: three kernel tasks, the last one partial.
+SHAPES = [((2, 3), (2, 3)), ((3, 4), (3, 7)), ((5, 2, 3), (5, 4)), ((21, 5), (21, 3))]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -76,15 +69,6 @@ def test_rkd_matches_repdistiller_torch(rng, s_shape, t_shape):
     ref_loss, ref_grad = torch_rkd(s, t)
     loss, grad = rkd_loss(s, t)
     assert_matches(loss, grad, ref_loss, ref_grad, F64)
-
-
-@pytest.mark.parametrize("n_rows", [2, 3, 5, 10])
-def test_rkd_gradient_is_the_derivative(rng, n_rows):
-    s = rng.standard_normal((n_rows, 3))
-    t = rng.standard_normal((n_rows, 4))
-    _, grad = rkd_loss(s, t)
-    numeric = central_difference(lambda x: rkd_loss(x, t)[0], s.copy())
-    np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-8)
 
 
 def test_rkd_gradient_is_exact_per_row(rng):
@@ -165,43 +149,6 @@ def test_rkd_property_matches_reference(n_rows, d_s, d_t, seed, scale):
     assert_matches(*rkd_loss(s, t), *reference.rkd_loss(s, t), F64)
 
 
-def test_rkd_deterministic_across_thread_counts(rng):
-    s = rng.standard_normal((45, 6)).astype(np.float32)
-    t = rng.standard_normal((45, 8)).astype(np.float32)
-    assert 45 > 2 * kern.ROWS_PER_TASK  # several tasks
-    assert_same_loss_and_grad(*one_and_two_threads(lambda: rkd_loss(s, t)))
-
-
-def test_rkd_does_not_modify_inputs(rng):
-    s = rng.standard_normal((5, 3)).astype(np.float32)
-    t = rng.standard_normal((5, 4))
-    assert_inputs_untouched(lambda: rkd_loss(s, t), s, t)
-
-
-def test_rkd_teacher_is_cast_to_student_dtype(rng):
-    s = rng.standard_normal((5, 3)).astype(np.float32)
-    t = rng.standard_normal((5, 4))
-    assert rkd_loss(s, t)[0] == rkd_loss(s, t.astype(np.float32))[0]
-
-
-@pytest.mark.parametrize("s, t, kwargs, exc, match", [
-    (np.ones((3, 2)), np.ones((4, 2)), {}, ValueError, "batch size mismatch"),
-    (np.ones((0, 2)), np.ones((0, 2)), {}, ValueError, "empty"),
-    (np.ones((3, 2), np.int64), np.ones((3, 2)), {}, TypeError, "student_emb"),
-    (np.ones((3, 2)), np.ones((3, 2), np.float16), {}, TypeError, "teacher_emb"),
-    (np.array([[np.nan, 1.0], [0, 1]]), np.ones((2, 2)), {}, ValueError,
-     "student_emb contains NaN"),
-    (np.ones((2, 2)), np.array([[np.inf, 1.0], [0, 1]]), {}, ValueError,
-     "teacher_emb contains NaN"),
-    (np.ones((2, 2)), np.ones((2, 2)), dict(distance_weight=-1), ValueError, "distance_weight"),
-    (np.ones((2, 2)), np.ones((2, 2)), dict(angle_weight="50"), TypeError, "angle_weight"),
-    (np.ones((2, 2)), np.ones((2, 2)), dict(angle_weight=np.nan), ValueError, "angle_weight"),
-])
-def test_rkd_rejects_bad_input(s, t, kwargs, exc, match):
-    with pytest.raises(exc, match=match):
-        rkd_loss(s, t, **kwargs)
-
-
 # --- strategy ----------------------------------------------------------------------
 
 def test_strategy_intermediate_and_output(rng):
@@ -239,15 +186,14 @@ def test_strategy_defaults_and_errors(rng):
 
 
 def test_benchmark_cases_are_well_formed():
-    from kdnumba.benchmarking import BenchCase, all_cases
+    from kdnumba.benchmarking import all_cases
 
-    families = ("feature", "attention", "relational")
-    cases = all_cases(families)
+    cases = all_cases(("relational",))
     assert len({c.name for c in cases}) == len(cases)
-    assert all(isinstance(c, BenchCase) and c.family in families for c in cases)
-    quick = {c.name for c in cases if c.quick}
-    assert any(n.startswith("rkd_loss/B512_D128/") for n in quick)
-    assert any(n.startswith("attention_transfer/256x256x16x16/") for n in quick)
+    assert "rkd_loss/B512_D128/float32" in {c.name for c in cases if c.quick}
+    # the large case has no reference column (it would need 32 GiB)
+    (large,) = [c for c in cases if c.name == "rkd_loss/B2048_D128/float32"]
+    assert large.numpy is None and large.torch is None
     # the small relational case: kdnumba agrees with the NumPy reference on its inputs
     (small,) = [c for c in cases if c.name == "rkd_loss/B128_D64/float64"]
     inputs = small.make_inputs(np.random.default_rng(0))

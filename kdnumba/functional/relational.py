@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from kdnumba import _dispatch, _policy
+from kdnumba import _dispatch
 from kdnumba import _validation as v
-from kdnumba.kernels.cpu.reductions import ordered_sum
-
-#: RepDistiller's ``pdist`` clamp of squared distances and ``F.normalize``'s clamp of norms.
-EPS = 1e-12
+from kdnumba._constants import NORM_EPS
+from kdnumba.registry import BadInput, LossSpec, Variant, Workload, register
 
 
 def rkd_loss(student_emb, teacher_emb, *, distance_weight=25.0, angle_weight=50.0,
-             device="auto"):
+             device="auto", out=None):
     r"""Relational KD (Park et al. 2019), RepDistiller ``RKDLoss``, with its exact gradient.
 
     Rows are flattened to ``(B, D)`` (``D_s`` and ``D_t`` may differ: only
@@ -43,7 +41,7 @@ def rkd_loss(student_emb, teacher_emb, *, distance_weight=25.0, angle_weight=50.
     * ``B = 1``: no pairs; RepDistiller's mean of an empty set is NaN, here
       the loss is 0 with a zero gradient.
 
-    Computed in float64 for both input dtypes, from squared distances of
+    Computed in float64 for both input dtypes (on either device), from squared distances of
     the rows (``Q_ij``, summed from differences) and the polarisation
     identity ``(e_b - e_a).(e_c - e_a) = (Q_ab + Q_ac - Q_bc) / 2``; the
     gradient is returned in the student's dtype.
@@ -55,6 +53,8 @@ def rkd_loss(student_emb, teacher_emb, *, distance_weight=25.0, angle_weight=50.
         angle_weight: ``>= 0``, RepDistiller's ``w_a`` (50). 0 skips the
             O(B^3) angle computation.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        out: optional C-contiguous array of the student's shape and dtype to
+            receive the gradient.
 
     Returns:
         ``(loss, grad)``, ``grad`` of the student's shape and dtype.
@@ -65,65 +65,124 @@ def rkd_loss(student_emb, teacher_emb, *, distance_weight=25.0, angle_weight=50.
     """
     w_d = v.check_non_negative(distance_weight, "distance_weight")
     w_a = v.check_non_negative(angle_weight, "angle_weight")
-    target = _dispatch.resolve_device(device, student_emb, teacher_emb)
-    if target == "cuda":
-        from kdnumba import _cuda_paths  # imports numba.cuda: CUDA path only
-        return _cuda_paths.rkd_loss(student_emb, teacher_emb, distance_weight=w_d,
-                                    angle_weight=w_a)
-    s_in = v.as_float_array(student_emb, "student_emb")
-    t_in = v.as_float_array(teacher_emb, "teacher_emb", dtype=s_in.dtype)
+    be = _dispatch.backend(device, student_emb, teacher_emb)
+    s_in = be.float_array(student_emb, "student_emb")
+    t_in = be.float_array(teacher_emb, "teacher_emb", dtype=s_in.dtype)
     v.check_same_batch(s_in, t_in, "student_emb", "teacher_emb")
-    s = s_in.reshape(s_in.shape[0], -1)
-    t = t_in.reshape(t_in.shape[0], -1)
-    # Checked up front: the clamps (max with eps) would hide a NaN.
-    bad = v.first_non_finite([("student_emb", s), ("teacher_emb", t)])
-    if bad is not None:
-        raise ValueError(f"{bad} contains NaN or inf values")
-
-    kernels = _dispatch.kernels("relational", target)
+    grad_in = be.gradient_buffer(out, s_in, (student_emb, teacher_emb, t_in))
+    s, t, grad = _rows(s_in), _rows(t_in), _rows(grad_in)
     n = s.shape[0]
-    with _policy.kernel_launch():
-        q_s, ins, mu_s = _geometry(kernels, s)
-        q_t, int_, mu_t = _geometry(kernels, t)
+    kernels = be.kernels("relational")
+    inputs = [("student_emb", s), ("teacher_emb", t)]
 
-        loss_d = 0.0
-        k_mean = 0.0
-        if n > 1 and w_d != 0.0:
-            row_loss = np.empty(n)
-            row_hd = np.empty(n)
-            kernels.distance_rows(q_s, q_t, EPS, 1.0 / mu_s, 1.0 / mu_t, row_loss, row_hd)
-            loss_d = ordered_sum(row_loss) / (n * n)
-            k_mean = ordered_sum(row_hd) / (mu_s * mu_s * n * (n - 1))
+    # Q and iota of both embeddings, and their rows' distance sums (float64).
+    q_s, ins, q_t, int_ = (be.empty((n, n), np.float64) for _ in range(4))
+    sum_s, sum_t = be.empty(n, np.float64), be.empty(n, np.float64)
+    with be.launch():
+        kernels.geometry(s, NORM_EPS, q_s, ins, sum_s)
+        kernels.geometry(t, NORM_EPS, q_t, int_, sum_t)
+    # A NaN/inf input makes its rows' distance sums NaN (the clamps would hide it).
+    total_s, total_t = be.total(sum_s), be.total(sum_t)
+    be.check_finite(total_s + total_t, inputs)
+    mu_s = total_s / (n * (n - 1)) if n > 1 else 1.0
+    mu_t = total_t / (n * (n - 1)) if n > 1 else 1.0
 
-        loss_a = 0.0
-        r = np.zeros((n, n))
-        if n > 1 and w_a != 0.0:
-            row_loss = np.empty(n)
+    loss_d = 0.0
+    k_mean = 0.0
+    if n > 1 and w_d != 0.0:
+        row_loss, row_hd = be.empty(n, np.float64), be.empty(n, np.float64)
+        with be.launch():
+            kernels.distance_rows(q_s, q_t, NORM_EPS, 1.0 / mu_s, 1.0 / mu_t, row_loss, row_hd)
+        loss_d = be.total(row_loss) / (n * n)
+        k_mean = be.total(row_hd) / (mu_s * mu_s * n * (n - 1))
+
+    loss_a = 0.0
+    w_a_mean = 0.0  # the angle weight of the gradient; 0: r is not read
+    r = be.placeholder(2, np.float64)
+    if n > 1 and w_a != 0.0:
+        r, row_loss = be.empty((n, n), np.float64), be.empty(n, np.float64)
+        with be.launch():
             kernels.angle_rows(q_s, ins, q_t, int_, r, row_loss)
-            loss_a = ordered_sum(row_loss) / float(n) ** 3
-        m = ins  # dead after the angle term: reuse its memory
-        del ins, int_
-        kernels.assemble(r, w_a / float(n) ** 3, q_s, q_t, EPS, 1.0 / mu_s, 1.0 / mu_t,
-                         k_mean, w_d / (n * n), m)
+        loss_a = be.total(row_loss) / float(n) ** 3
+        w_a_mean = w_a / float(n) ** 3
+    m = ins  # dead after the angle term: reuse its memory
+    del ins, int_
+    ec = be.empty(s.shape, np.float64)
+    with be.launch():
+        kernels.assemble(r, w_a_mean, q_s, q_t, NORM_EPS, 1.0 / mu_s, 1.0 / mu_t, k_mean,
+                         w_d / (n * n), m)
         del r, q_s, q_t
         # m has zero row sums, so m @ e = m @ (e - mean): the centred rows keep
         # a large common offset out of the product.
-        ec = np.empty(s.shape, dtype=np.float64)
         kernels.center(s, ec)
-        grad = np.empty(s.shape, dtype=s.dtype)
         kernels.matmul_rows(m, ec, grad)
     loss = w_d * loss_d + w_a * loss_a
-    if not np.isfinite(loss):  # finite inputs, but squared distances beyond 1e308
-        v.raise_non_finite([("student_emb", s), ("teacher_emb", t)])
-    return float(loss), grad.reshape(s_in.shape)
+    be.check_finite(loss, inputs)  # finite inputs, but squared distances beyond 1e308
+    return float(loss), be.deliver(grad_in, out)
 
 
-def _geometry(kernels, e):
-    """Squared distances ``Q``, ``iota`` and the mean off-diagonal distance of rows ``e``."""
-    n = e.shape[0]
-    q = np.empty((n, n))
-    inv_norm = np.empty((n, n))
-    dist_row_sum = np.empty(n)
-    kernels.geometry(e, EPS, q, inv_norm, dist_row_sum)
-    mu = ordered_sum(dist_row_sum) / (n * (n - 1)) if n > 1 else 1.0
-    return q, inv_norm, mu
+def _rows(x):
+    """A C-contiguous ``(B, ...)`` array viewed as ``(B, D)``."""
+    return x.reshape(x.shape[0], int(np.prod(x.shape[1:])))
+
+
+# --- registry entry ------------------------------------------------------------------
+
+def _rkd_inputs(rng, dtype, *, rows=7, student_dim=4, teacher_dim=None) -> dict:
+    """A student ``(rows, student_dim)`` and a related teacher: the student plus
+    noise, or (``teacher_dim`` given) a random projection of it to that width
+    plus noise."""
+    student = rng.standard_normal((rows, student_dim))
+    if teacher_dim is None:
+        teacher = student + 0.5 * rng.standard_normal(student.shape)
+    else:
+        proj = rng.standard_normal((student_dim, teacher_dim)) / np.sqrt(student_dim)
+        teacher = student @ proj + 0.5 * rng.standard_normal((rows, teacher_dim))
+    return {"student_emb": student.astype(dtype), "teacher_emb": teacher.astype(dtype)}
+
+
+def _with(arguments: dict, **changes) -> dict:
+    return {**arguments, **changes}
+
+
+def _rkd_flops(inputs) -> int:
+    """The matrix-product-like part: both ``B x B`` distance tables (3 flops per
+    difference) and the final ``(B, B) @ (B, D_s)`` product; the ``B^3``
+    angle term (about 20 flops per entry) comes on top."""
+    s, t = inputs["student_emb"], inputs["teacher_emb"]
+    n = s.shape[0]
+    d_s, d_t = s.size // n, t.size // n
+    return int(3 * n * n * (d_s + d_t) + 2 * n * n * d_s)
+
+
+register(LossSpec(
+    name="rkd_loss",
+    function=rkd_loss,
+    family="relational",
+    make_inputs=_rkd_inputs,
+    reference="relational:rkd_loss",
+    torch="relational:rkd_loss_torch",
+    variants=(
+        Variant("RepDistiller weights (25, 50)"),
+        Variant("wider teacher, weights (1, 2)", {"distance_weight": 1.0, "angle_weight": 2.0},
+                {"teacher_dim": 9}),
+        Variant("distance term only", {"angle_weight": 0.0}),
+        Variant("angle term only", {"distance_weight": 0.0}),
+    ),
+    medium={"rows": 256, "student_dim": 128},
+    bad_inputs=(
+        BadInput("negative distance_weight", lambda a: _with(a, distance_weight=-1.0),
+                 ValueError, "distance_weight"),
+        BadInput("string angle_weight", lambda a: _with(a, angle_weight="50"), TypeError,
+                 "angle_weight"),
+        BadInput("NaN angle_weight", lambda a: _with(a, angle_weight=float("nan")),
+                 ValueError, "angle_weight"),
+    ),
+    workloads=(
+        Workload("B512_D128", {"rows": 512, "student_dim": 128}, quick=True,
+                 notes="headline: RepDistiller RKD, w_d=25, w_a=50"),
+        Workload("B128_D64", {"rows": 128, "student_dim": 64, "teacher_dim": 256},
+                 dtype="float64", notes="small batch, teacher 4x wider"),
+    ),
+    flops=_rkd_flops,
+))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-EPS = 1e-12
+from kdnumba._constants import NORM_EPS as EPS
 
 
 def _smooth_l1(x):
@@ -89,3 +89,40 @@ def rkd_loss(student_emb, teacher_emb, *, distance_weight=25.0, angle_weight=50.
     # diff[a, b] = e_b - e_a
     grad += g_diff.sum(axis=0) - g_diff.sum(axis=1)
     return float(loss), grad.astype(dtype, copy=False).reshape(s_in.shape)
+
+
+def rkd_loss_torch(student_emb, teacher_emb, *, distance_weight=25.0, angle_weight=50.0):
+    """RepDistiller's ``RKDLoss.forward``, verbatim in formula, on tensors.
+
+    Rows are flattened to ``(B, D)``; the teacher terms are computed without
+    gradient, as in RepDistiller (``pdist`` through the Gram expansion,
+    ``F.normalize``, ``torch.bmm``, ``F.smooth_l1_loss``). Returns the loss
+    tensor. Imports torch only when called (benchmarks and tests).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    def pdist(e, eps=EPS):
+        e_square = e.pow(2).sum(dim=1)
+        prod = e @ e.t()
+        res = (e_square.unsqueeze(1) + e_square.unsqueeze(0) - 2 * prod).clamp(min=eps).sqrt()
+        res = res.clone()
+        res[range(len(e)), range(len(e))] = 0
+        return res
+
+    student = student_emb.reshape(student_emb.shape[0], -1)
+    teacher = teacher_emb.reshape(teacher_emb.shape[0], -1).to(student.dtype)
+    with torch.no_grad():
+        t_d = pdist(teacher)
+        t_d = t_d / t_d[t_d > 0].mean()
+    dist = pdist(student)
+    dist = dist / dist[dist > 0].mean()
+    loss_d = F.smooth_l1_loss(dist, t_d)
+    with torch.no_grad():
+        td = teacher.unsqueeze(0) - teacher.unsqueeze(1)
+        norm_td = F.normalize(td, p=2, dim=2)
+        t_angle = torch.bmm(norm_td, norm_td.transpose(1, 2)).view(-1)
+    sd = student.unsqueeze(0) - student.unsqueeze(1)
+    norm_sd = F.normalize(sd, p=2, dim=2)
+    s_angle = torch.bmm(norm_sd, norm_sd.transpose(1, 2)).view(-1)
+    return distance_weight * loss_d + angle_weight * F.smooth_l1_loss(s_angle, t_angle)

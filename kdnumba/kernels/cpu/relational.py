@@ -47,6 +47,9 @@ from kdnumba._policy import jit, parallel_jit
 #: grouping does not change any sum, so results do not depend on it).
 ROWS_PER_TASK = 16
 
+#: Largest finite float64 (``x <= MAX_FLOAT64`` is False for NaN and inf).
+MAX_FLOAT64 = float(np.finfo(np.float64).max)
+
 
 @jit
 def center(e, ec):
@@ -70,6 +73,10 @@ def geometry(e, eps, q, inv_norm, dist_row_sum):
 
     Entry ``(i, j)`` and ``(j, i)`` square the same differences in the same
     order, so ``q`` is exactly symmetric, with an exactly zero diagonal.
+    ``dist_row_sum[i]`` is NaN when row ``i`` of ``q`` holds NaN or inf (a
+    NaN/inf input, or squared distances beyond the float64 range): the
+    ``max(Q, eps)`` clamp and ``iota``'s test would otherwise hide it, so the
+    caller checks the total of ``dist_row_sum`` only.
     """
     n, dim = e.shape
     for i in prange(n):
@@ -77,6 +84,7 @@ def geometry(e, eps, q, inv_norm, dist_row_sum):
         q_row = q[i]
         inv_row = inv_norm[i]
         total = 0.0
+        finite = True
         for j in range(n):
             y = e[j]
             acc = 0.0
@@ -84,13 +92,15 @@ def geometry(e, eps, q, inv_norm, dist_row_sum):
                 diff = np.float64(x[k]) - np.float64(y[k])
                 acc += diff * diff
             q_row[j] = acc
+            if not acc <= MAX_FLOAT64:  # NaN or inf
+                finite = False
             norm = math.sqrt(acc)
             if j == i:
                 inv_row[j] = 0.0
             else:
                 inv_row[j] = 1.0 / norm if norm > eps else 0.0
                 total += math.sqrt(max(acc, eps))
-        dist_row_sum[i] = total
+        dist_row_sum[i] = total if finite else math.nan
 
 
 @jit
@@ -162,7 +172,7 @@ def angle_rows(qs, ins, qt, int_, r, row_loss):
 
     Parameters (all float64):
         qs, ins: ``(B, B)`` student ``Q`` and ``iota``; qt, int_: the teacher's.
-        r: ``(B, B)`` output, zero on entry: ``-2 S`` of the angle term,
+        r: ``(B, B)`` output (overwritten): ``-2 S`` of the angle term,
             i.e. ``sum_a A^a_bc`` at ``(b, c)`` plus ``2 (beta^a_b - alpha^a_b)``
             at ``(b, a)``.
         row_loss: ``(B,)`` output, ``sum_{a,c} smooth_l1(K^a_bc - T^a_bc)``.
@@ -179,6 +189,10 @@ def angle_rows(qs, ins, qt, int_, r, row_loss):
         alpha = np.zeros((nb, n))
         hk = np.zeros((nb, n))
         loss = np.zeros(nb)
+        for bi in range(nb):
+            r_b = r[b0 + bi]
+            for c in range(n):
+                r_b[c] = 0.0
         for a in range(n):
             qs_a = qs[a]
             ins_a = ins[a]
@@ -213,11 +227,11 @@ def assemble(r, w_a, qs, qt, eps, inv_mu_s, inv_mu_t, k_mean, w_d, out):
         C_ij = dL_d/dd_ij / (2 d_ij)  where Q_ij >= eps (else the clamp is flat: 0)
 
     (``w_d`` already holds the ``1/B^2`` of the mean; ``w_a`` the ``1/B^3``.)
+    ``r`` is not read when ``w_a == 0`` (pass any float64 2-D array).
     ``out`` must not alias any input.
     """
-    n = r.shape[0]
+    n = qs.shape[0]
     for i in prange(n):
-        r_row = r[i]
         qs_row = qs[i]
         qt_row = qt[i]
         o_row = out[i]
@@ -230,7 +244,9 @@ def assemble(r, w_a, qs, qt, eps, inv_mu_s, inv_mu_t, k_mean, w_d, out):
             if w_d != 0.0 and qs_row[j] >= eps:  # else the clamp is flat: c = 0
                 x, d_s = _distance_residual(qs_row[j], qt_row[j], eps, inv_mu_s, inv_mu_t)
                 c = (_clip1(x) * inv_mu_s - k_mean) / (2.0 * d_s)
-            rr = r_row[j] + r[j, i]
+            rr = 0.0
+            if w_a != 0.0:  # r is not written when the angle term is skipped
+                rr = r[i, j] + r[j, i]
             o_row[j] = w_a * rr - 4.0 * w_d * c
             c_sum += c
             r_sum += rr

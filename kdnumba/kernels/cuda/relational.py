@@ -12,12 +12,14 @@ order; there is no atomic and no cross-thread reduction. Per-row float64
 partials are added by :mod:`kdnumba.kernels.cuda.reduce` (fixed order).
 Kernels grid-stride over their items, so any grid covers the problem.
 
-Thread mapping (B rows of D features):
+The launch functions are those of ``kernels.cpu.relational``, with the same
+arguments, writing into the caller's outputs (``angle_rows`` allocates two
+``(B, B)`` scratch arrays on the device). Thread mapping (B rows of D features):
 
-* :func:`pairs`: one thread per ``(i, j)`` -- ``Q_ij`` from differences, ``iota_ij``;
-* :func:`row_sums`: one thread per row -- ``sum_j d_ij`` of both embeddings,
-  NaN when the row's ``Q`` is not finite (the ``max(Q, eps)`` clamp would
-  otherwise hide a NaN input);
+* :func:`geometry`: one thread per ``(i, j)`` -- ``Q_ij`` from differences,
+  ``iota_ij``; then one thread per row -- ``sum_j d_ij``, NaN when the row's
+  ``Q`` is not finite (the ``max(Q, eps)`` clamp would otherwise hide a NaN
+  input);
 * :func:`distance_rows`, :func:`angle_rows`, :func:`assemble`: one thread per row;
   the angle term's O(B^3) work is B threads of O(B^2) each (fine for B up
   to a few thousand);
@@ -37,7 +39,7 @@ from numba import cuda
 from kdnumba.kernels.cuda import compile_kernel, item_launch
 
 _PAIRS_SIG = "void({F}[:, ::1], float64, float64[:, ::1], float64[:, ::1])"
-_ROW_SUMS_SIG = "void(float64[:, ::1], float64[:, ::1], float64, float64[::1], float64[::1])"
+_ROW_SUMS_SIG = "void(float64[:, ::1], float64, float64[::1])"
 _DISTANCE_SIG = ("void(float64[:, ::1], float64[:, ::1], float64, float64, float64, "
                  "float64[::1], float64[::1])")
 _ANGLE_SIG = ("void(float64[:, ::1], float64[:, ::1], float64[:, ::1], float64[:, ::1], "
@@ -98,25 +100,18 @@ def _pairs_kernel(e, eps, q, inv):
             inv[i, j] = 0.0
 
 
-def _row_sums_kernel(qs, qt, eps, sum_s, sum_t):
-    n = qs.shape[0]
+def _row_sums_kernel(q, eps, row_sum):
+    n = q.shape[0]
     for i in range(cuda.grid(1), n, cuda.gridsize(1)):
-        for side in range(2):
-            q = qs if side == 0 else qt
-            total = 0.0
-            finite = True
-            for j in range(n):
-                x = q[i, j]
-                if not (x <= 1.7976931348623157e308):  # NaN or inf
-                    finite = False
-                if j != i:
-                    total += _distance(x, eps)
-            if not finite:
-                total = math.nan
-            if side == 0:
-                sum_s[i] = total
-            else:
-                sum_t[i] = total
+        total = 0.0
+        finite = True
+        for j in range(n):
+            x = q[i, j]
+            if not (x <= 1.7976931348623157e308):  # NaN or inf
+                finite = False
+            if j != i:
+                total += _distance(x, eps)
+        row_sum[i] = total if finite else math.nan
 
 
 def _distance_kernel(qs, qt, eps, inv_mu_s, inv_mu_t, row_loss, row_hd):
@@ -172,7 +167,7 @@ def _angle_kernel(qs, ins, qt, int_, r, alpha, hk, row_loss):
 
 
 def _assemble_kernel(r, w_a, qs, qt, eps, inv_mu_s, inv_mu_t, k_mean, w_d, out):
-    n = r.shape[0]
+    n = qs.shape[0]
     for i in range(cuda.grid(1), n, cuda.gridsize(1)):
         c_sum = 0.0
         r_sum = 0.0
@@ -231,67 +226,46 @@ def _launch(pyfunc, signature, n_items, dtype=None):
     return compile_kernel(pyfunc, signature, dtype)[item_launch(n_items)]
 
 
-def pairs(e, eps):
-    """``(Q, iota)`` float64 ``(B, B)`` device arrays of the rows of ``e`` (B, D)."""
+# --- the launch functions: the interface of ``kernels.cpu.relational`` ----------------
+
+def geometry(e, eps, q, inv_norm, dist_row_sum):
+    """``Q``, ``iota`` (float64 ``(B, B)``) and per row ``sum_{j != i} d_ij`` of the
+    rows of ``e`` (B, D), NaN for a row whose ``Q`` holds NaN or inf (CPU twin)."""
     n = e.shape[0]
-    q = cuda.device_array((n, n), dtype=np.float64)
-    inv = cuda.device_array((n, n), dtype=np.float64)
-    _launch(_pairs_kernel, _PAIRS_SIG, n * n, e.dtype)(e, eps, q, inv)
-    return q, inv
+    _launch(_pairs_kernel, _PAIRS_SIG, n * n, e.dtype)(e, eps, q, inv_norm)
+    _launch(_row_sums_kernel, _ROW_SUMS_SIG, n)(q, eps, dist_row_sum)
 
 
-def row_sums(qs, qt, eps):
-    """Per row ``sum_{j != i} sqrt(max(Q_ij, eps))`` of both matrices (NaN for a
-    row whose ``Q`` holds NaN or inf)."""
-    n = qs.shape[0]
-    sum_s = cuda.device_array(n, dtype=np.float64)
-    sum_t = cuda.device_array(n, dtype=np.float64)
-    _launch(_row_sums_kernel, _ROW_SUMS_SIG, n)(qs, qt, eps, sum_s, sum_t)
-    return sum_s, sum_t
-
-
-def distance_rows(qs, qt, eps, inv_mu_s, inv_mu_t):
+def distance_rows(qs, qt, eps, inv_mu_s, inv_mu_t, row_loss, row_hd):
     """Per row ``sum_j smooth_l1(x_ij)`` and ``sum_j clip(x_ij) d^s_ij`` (CPU twin)."""
     n = qs.shape[0]
-    row_loss = cuda.device_array(n, dtype=np.float64)
-    row_hd = cuda.device_array(n, dtype=np.float64)
     _launch(_distance_kernel, _DISTANCE_SIG, n)(qs, qt, eps, inv_mu_s, inv_mu_t,
                                                 row_loss, row_hd)
-    return row_loss, row_hd
 
 
-def angle_rows(qs, ins, qt, int_):
-    """``(row_loss, r)``: the angle term's per-row loss and ``r = -2 dL/dQ``
-    (unscaled). See ``kernels.cpu.relational.angle_rows``."""
+def angle_rows(qs, ins, qt, int_, r, row_loss):
+    """The angle term's per-row loss and ``r = -2 dL/dQ`` (unscaled, overwritten);
+    see ``kernels.cpu.relational.angle_rows``. Scratch: two ``(B, B)`` arrays."""
     n = qs.shape[0]
-    r = cuda.device_array((n, n), dtype=np.float64)
     alpha = cuda.device_array((n, n), dtype=np.float64)
     hk = cuda.device_array((n, n), dtype=np.float64)
-    row_loss = cuda.device_array(n, dtype=np.float64)
     _launch(_angle_kernel, _ANGLE_SIG, n)(qs, ins, qt, int_, r, alpha, hk, row_loss)
-    return row_loss, r
 
 
-def assemble(r, w_a, qs, qt, eps, inv_mu_s, inv_mu_t, k_mean, w_d):
-    """The symmetric ``(B, B)`` factor ``M`` of ``dL/dE = M E`` (CPU twin);
-    ``r`` is not read when ``w_a == 0``."""
-    n = r.shape[0]
-    out = cuda.device_array((n, n), dtype=np.float64)
+def assemble(r, w_a, qs, qt, eps, inv_mu_s, inv_mu_t, k_mean, w_d, out):
+    """The symmetric ``(B, B)`` factor ``M`` of ``dL/dE = M E`` into ``out`` (CPU
+    twin); ``r`` is not read when ``w_a == 0``."""
+    n = qs.shape[0]
     _launch(_assemble_kernel, _ASSEMBLE_SIG, n)(r, w_a, qs, qt, eps, inv_mu_s, inv_mu_t,
                                                 k_mean, w_d, out)
-    return out
 
 
-def center(e):
-    """``e - mean_rows(e)`` as a float64 device array (mean summed in row order)."""
-    ec = cuda.device_array(tuple(e.shape), dtype=np.float64)
+def center(e, ec):
+    """``ec = e - mean_rows(e)`` in float64 (mean summed in row order)."""
     _launch(_center_kernel, _CENTER_SIG, e.shape[1], e.dtype)(e, ec)
-    return ec
 
 
-def matmul_rows(m, ec, dtype):
-    """``m @ ec`` (float64 accumulation in ``k`` order) as a device array of ``dtype``."""
+def matmul_rows(m, ec, grad):
+    """``grad = m @ ec`` (float64 accumulation in ``k`` order, written in ``grad``'s dtype)."""
     n, dim = ec.shape
-    grad = cuda.device_array((n, dim), dtype=dtype)
-    _launch(_matmul_kernel, _MATMUL_SIG, n * dim, dtype)(m, ec, grad)
-    return grad
+    _launch(_matmul_kernel, _MATMUL_SIG, n * dim, grad.dtype)(m, ec, grad)
