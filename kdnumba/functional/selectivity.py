@@ -214,7 +214,7 @@ def selectivity_statistics(acts, *, threshold=DEFAULT_THRESHOLD, sharpness=DEFAU
 
 def selectivity_loss(student_acts, teacher_acts, *, metric="variance",
                      threshold=DEFAULT_THRESHOLD, sharpness=DEFAULT_SHARPNESS, eps=DEFAULT_EPS,
-                     weight=1.0, device="auto", out=None) -> tuple[float, np.ndarray]:
+                     weight=1.0, device="auto", out=None):
     r"""Selectivity-matching loss and its exact gradient w.r.t. the student.
 
     With ``sel_j`` the chosen per-neuron statistic over the batch (``N``
@@ -307,3 +307,80 @@ def selectivity_loss(student_acts, teacher_acts, *, metric="variance",
     if be.to_host(flag)[0]:
         v.raise_non_finite([(name, be.to_host(a)) for name, a in named], what="the gradient")
     return loss, be.deliver(grad, out)
+
+
+# --- registry entry ------------------------------------------------------------------
+
+def _selectivity_inputs(rng, dtype, *, shape=(6, 6), scale=1.0) -> dict:
+    """Student activations ``scale * N(0, 1)`` and a teacher that is the student
+    plus noise (as in training). ``scale=0.02`` puts them on the default
+    sparsity threshold's scale (0.01), as the benchmarks do."""
+    student = (scale * rng.standard_normal(shape)).astype(dtype)
+    teacher = (student + 0.5 * scale * rng.standard_normal(shape)).astype(dtype)
+    return {"student_acts": student, "teacher_acts": teacher}
+
+
+def _with(arguments: dict, **changes) -> dict:
+    return {**arguments, **changes}
+
+
+def _reshaped(arguments: dict, student_shape, teacher_shape) -> dict:
+    s, t = arguments["student_acts"], arguments["teacher_acts"]
+    return _with(arguments, student_acts=s.reshape(s.shape[0], *student_shape),
+                 teacher_acts=t.reshape(t.shape[0], *teacher_shape))
+
+
+def _workload(metric: str, rows: int, neurons: int, *, dtype="float32", quick=False,
+              notes="") -> Workload:
+    return Workload(f"{metric}/B{rows}_N{neurons}", {"shape": (rows, neurons), "scale": 0.02},
+                    dtype=dtype, options={"metric": metric}, quick=quick, notes=notes)
+
+
+register(LossSpec(
+    name="selectivity_loss",
+    function=selectivity_loss,
+    family="selectivity",
+    make_inputs=_selectivity_inputs,
+    reference="selectivity:selectivity_loss",
+    torch="selectivity:selectivity_loss_torch",
+    variants=(
+        Variant("variance", {"metric": "variance"}),
+        Variant("variance, (B, C, H, W) input, weight 0.5", {"metric": "variance", "weight": 0.5},
+                {"shape": (6, 2, 3, 2)}),
+        Variant("sparsity, threshold 0.5, sharpness 3",
+                {"metric": "sparsity", "threshold": 0.5, "sharpness": 3.0}),
+        Variant("peak_to_average", {"metric": "peak_to_average"}),
+        Variant("peak_to_average, eps 0.1", {"metric": "peak_to_average", "eps": 0.1}),
+    ),
+    medium={"shape": (300, 1100)},  # 2 column blocks x 5 row chunks on the CPU
+    bad_inputs=(
+        BadInput("unknown metric", lambda a: _with(a, metric="entropy"), ValueError,
+                 "metric must be one of"),
+        BadInput("metric of the wrong type", lambda a: _with(a, metric=3), TypeError, "metric"),
+        BadInput("threshold 0", lambda a: _with(a, threshold=0.0), ValueError, "threshold"),
+        BadInput("sharpness < 0", lambda a: _with(a, sharpness=-1.0), ValueError, "sharpness"),
+        BadInput("eps NaN", lambda a: _with(a, eps=float("nan")), ValueError, "eps"),
+        BadInput("weight < 0", lambda a: _with(a, weight=-0.1), ValueError, "weight"),
+        BadInput("weight a bool", lambda a: _with(a, weight=True), TypeError, "weight"),
+        BadInput("neuron count mismatch",
+                 lambda a: _with(a, teacher_acts=a["teacher_acts"][:, :-1]), ValueError,
+                 "neuron count mismatch.*project"),
+        BadInput("same width, other layout", lambda a: _reshaped(a, (2, 3), (3, 2)),
+                 ValueError, "layout mismatch"),
+        BadInput("one value per sample (rank 1)",
+                 lambda a: _with(a, student_acts=a["student_acts"][:, 0],
+                                 teacher_acts=a["teacher_acts"][:, 0]),
+                 ValueError, r"\(B, 1\)"),
+    ),
+    workloads=(
+        _workload("variance", 4096, 2048, quick=True,
+                  notes="headline: population-variance matching, loss+grad"),
+        _workload("sparsity", 4096, 2048,
+                  notes="sigmoid-relaxed fraction |a| < 0.01, sharpness 10 "
+                        "(3 exp per element pair)"),
+        _workload("peak_to_average", 4096, 2048,
+                  notes="max / (mean|a| + 1e-8), first-max tie rule"),
+        _workload("variance", 4096, 2048, dtype="float64", notes="float64"),
+        _workload("variance", 256, 64, quick=True, notes="small call: per-call overhead"),
+    ),
+))

@@ -38,8 +38,8 @@ def selectivity_statistics(acts, *, threshold=0.01, sharpness=10.0, eps=1e-8) ->
 
 
 def selectivity_loss(student_acts, teacher_acts, *, metric="variance", threshold=0.01,
-                     sharpness=10.0, eps=1e-8):
-    """``(loss, grad)``: ``mean_j (sel_j(s) - sel_j(t))**2`` and its gradient.
+                     sharpness=10.0, eps=1e-8, weight=1.0):
+    """``(loss, grad)``: ``weight * mean_j (sel_j(s) - sel_j(t))**2`` and its gradient.
 
     ``metric`` is ``"variance"``, ``"sparsity"`` (sigmoid relaxation) or
     ``"peak_to_average"``; see :func:`kdnumba.functional.selectivity_loss`.
@@ -73,6 +73,37 @@ def selectivity_loss(student_acts, teacher_acts, *, metric="variance", threshold
         raise ValueError(f"unknown metric {metric!r}")
 
     diff = sel(s) - sel(t)
-    loss = np.mean(diff * diff)
-    grad = (2 / N) * diff * dsel
+    loss = weight * np.mean(diff * diff)
+    grad = (weight * 2 / N) * diff * dsel
     return float(loss), grad.astype(s.dtype, copy=False).reshape(s_in.shape)
+
+
+def selectivity_loss_torch(student_acts, teacher_acts, *, metric="variance", threshold=0.01,
+                           sharpness=10.0, eps=1e-8, weight=1.0):
+    """The same loss as a PyTorch expression (tensors in, 0-d tensor out), the way
+    PyTorch users write it (``(B, ...)`` flattened to ``(B, N)``)::
+
+        variance:        sel(a) = a.var(0, unbiased=False)
+        sparsity:        sel(a) = sigmoid(sharpness * (1 - a.abs() / threshold)).mean(0)
+        peak_to_average: sel(a) = a.max(0).values / (a.abs().mean(0) + eps)
+        loss = weight * ((sel(s) - sel(t))**2).mean()
+
+    Imports torch only when called (benchmarks and bridge tests).
+    """
+    import torch
+
+    s = student_acts.reshape(student_acts.shape[0], -1)
+    t = teacher_acts.reshape(teacher_acts.shape[0], -1).to(s.dtype)
+    metric = str(metric)
+    if metric == "variance":
+        def sel(a):
+            return a.var(0, unbiased=False)
+    elif metric == "sparsity":
+        def sel(a):
+            return torch.sigmoid(sharpness * (1 - a.abs() / threshold)).mean(0)
+    elif metric == "peak_to_average":
+        def sel(a):
+            return a.max(0).values / (a.abs().mean(0) + eps)
+    else:
+        raise ValueError(f"unknown metric {metric!r}")
+    return weight * ((sel(s) - sel(t)) ** 2).mean()
