@@ -87,13 +87,6 @@ def _diagnose_kd(s, t, kind, y, n_rows, n_cols, dtype):
                         ("labels", y_host if kind == "dense" else None)])
 
 
-# --- selectivity: gone (one body in functional/selectivity.py) -----------------------
-
-def _rows(x):
-    """A C-contiguous device array viewed as ``(B, N)``."""
-    return x.reshape(x.shape[0], int(np.prod(x.shape[1:])))
-
-
 # --- contrastive -----------------------------------------------------------------------
 
 def _finite_norms(kernels, x, name: str):
