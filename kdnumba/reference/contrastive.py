@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from kdnumba._constants import NORM_EPS as EPS
 from kdnumba.reference.response import log_softmax
-
-EPS = 1e-12
 
 
 def _normalize(x: np.ndarray):
@@ -64,14 +63,14 @@ def _student_anchored(s, t, positives, negatives, temperature):
     return float(loss), grad.astype(s.dtype)
 
 
-def nt_xent(student_emb, teacher_emb, *, temperature=0.07, negatives=None):
+def nt_xent(student_emb, teacher_emb, negatives=None, *, temperature=0.07):
     """Dense NT-Xent: ``mean_i[-cos(s_i,t_i)/tau + log sum_c exp(cos(s_i,c)/tau)]``."""
     n = np.asarray(student_emb).shape[0]
     return _student_anchored(student_emb, teacher_emb, np.eye(n), negatives, temperature)
 
 
-def supervised_contrastive(student_emb, teacher_emb, labels, *, temperature=0.07,
-                           negatives=None):
+def supervised_contrastive(student_emb, teacher_emb, labels, negatives=None, *,
+                           temperature=0.07):
     """Dense supervised contrastive loss; positives ``P(i) = {j: y_j = y_i}``."""
     y = _hard_labels(labels)
     same = (y[:, None] == y[None, :]).astype(np.float64)
@@ -79,7 +78,7 @@ def supervised_contrastive(student_emb, teacher_emb, labels, *, temperature=0.07
     return _student_anchored(student_emb, teacher_emb, positives, negatives, temperature)
 
 
-def info_nce(student_emb, teacher_emb, *, temperature=0.07, negatives=None):
+def info_nce(student_emb, teacher_emb, negatives=None, *, temperature=0.07):
     """Dense teacher-anchored InfoNCE:
     ``mean_i[-cos(t_i,s_i)/tau + log sum_c exp(cos(t_i,c)/tau)]``, candidates
     ``c`` = student rows then ``negatives`` (constants)."""
@@ -137,3 +136,77 @@ def _hard_labels(labels) -> np.ndarray:
     if y.ndim == 2:
         y = y.argmax(axis=1)
     return y.astype(np.int64)
+
+
+# --- the same losses as PyTorch expressions (benchmarks, bridge tests) ------------------
+#
+# Tensors in, a 0-d tensor out; the dense formulation a PyTorch user writes
+# (``B x (B + K)`` logits, autograd). torch is imported only when called.
+
+def _torch_candidates(first, negatives):
+    import torch
+    import torch.nn.functional as F
+
+    c = F.normalize(first, dim=1)
+    if negatives is None or negatives.shape[0] == 0:
+        return c
+    return torch.cat([c, F.normalize(negatives.to(first.dtype), dim=1)])
+
+
+def nt_xent_torch(student_emb, teacher_emb, negatives=None, *, temperature=0.07):
+    """``F.cross_entropy(normalize(s) @ cat(normalize(t), normalize(q)).T / tau, arange(B))``."""
+    import torch
+    import torch.nn.functional as F
+
+    s = F.normalize(student_emb, dim=1)
+    logits = s @ _torch_candidates(teacher_emb.to(s.dtype), negatives).T / temperature
+    return F.cross_entropy(logits, torch.arange(s.shape[0]))
+
+
+def info_nce_torch(student_emb, teacher_emb, negatives=None, *, temperature=0.07):
+    """``F.cross_entropy(normalize(t) @ cat(normalize(s), normalize(q)).T / tau, arange(B))``."""
+    import torch
+    import torch.nn.functional as F
+
+    t = F.normalize(teacher_emb.to(student_emb.dtype), dim=1)
+    logits = t @ _torch_candidates(student_emb, negatives).T / temperature
+    return F.cross_entropy(logits, torch.arange(t.shape[0]))
+
+
+def supervised_contrastive_torch(student_emb, teacher_emb, labels, negatives=None, *,
+                                 temperature=0.07):
+    """``-mean_i mean_{j in P(i)} log_softmax(normalize(s) @ C.T / tau)_ij`` (SupCon
+    with teacher candidates; queued negatives are never positives)."""
+    import torch
+    import torch.nn.functional as F
+
+    s = F.normalize(student_emb, dim=1)
+    cand = _torch_candidates(teacher_emb.to(s.dtype), negatives)
+    y = labels.argmax(dim=1) if labels.ndim == 2 else labels
+    same = (y[:, None] == y[None, :]).to(s.dtype)
+    extra = cand.shape[0] - s.shape[0]
+    if extra:
+        same = torch.cat([same, same.new_zeros(s.shape[0], extra)], dim=1)
+    log_p = F.log_softmax(s @ cand.T / temperature, dim=1)
+    return -((same * log_p).sum(1) / same.sum(1)).mean()
+
+
+def triplet_loss_torch(student_emb, labels, *, margin=0.1):
+    """Batch-hard triplet on ``torch.cdist``: masked max/min, ``relu`` over the
+    anchors that have a positive and a negative (0 when there are none)."""
+    import torch
+    import torch.nn.functional as F
+
+    s = student_emb
+    y = labels.argmax(dim=1) if labels.ndim == 2 else labels
+    n = s.shape[0]
+    same = y[:, None] == y[None, :]
+    pos = same & ~torch.eye(n, dtype=torch.bool)
+    neg = ~same
+    keep = pos.any(1) & neg.any(1)
+    dist = torch.cdist(s, s)
+    d_p = dist.masked_fill(~pos, float("-inf")).max(1).values
+    d_n = dist.masked_fill(~neg, float("inf")).min(1).values
+    if not keep.any():
+        return (s * 0.0).sum()
+    return F.relu(d_p - d_n + margin)[keep].mean()

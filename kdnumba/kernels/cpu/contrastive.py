@@ -50,13 +50,12 @@ import math
 
 import numpy as np
 
+from kdnumba._constants import NORM_EPS as EPS  # cos(a, b) = a.b / (max(||a||, EPS) ...)
 from kdnumba._policy import jit
 from kdnumba.kernels.cpu.dtypes import cast_like
 from kdnumba.kernels.cpu.fastexp import exp_nonpos
-from kdnumba.kernels.cpu.reductions import lane_dot, lane_max, lane_sum, ordered_sum
+from kdnumba.kernels.cpu.reductions import lane_dot, lane_max, lane_sum
 
-#: SPEC's norm clamp: ``cos(a, b) = a.b / (max(||a||, EPS) max(||b||, EPS))``.
-EPS = 1e-12
 
 #: Fewest anchor rows per tile that :func:`default_tile_rows` picks (unless B is smaller).
 TILE_ROWS = 256
@@ -137,13 +136,17 @@ def _class_sums(t, t_norms, labels, sums, counts):
             sums[c, k] += np.float64(t[i, k]) * inv
 
 
-def class_means(t, t_norms, labels, n_classes):
-    """``mu_c = mean_{i: y_i = c} t_hat_i`` (summed in float64 in row order),
-    returned in ``t``'s dtype; ``labels`` are ``0 .. n_classes-1``."""
+def class_means(t, t_norms, members, starts, out):
+    """``out_c = mean_{i in class c} t_hat_i`` (summed in float64 in row order),
+    stored in ``out``'s dtype. ``members``: row indices grouped by class (row
+    order inside a class), ``starts``: CSR offsets (``(n_classes + 1,)``)."""
+    n_classes = out.shape[0]
+    labels = np.empty(t.shape[0], dtype=np.int64)
+    labels[members] = np.repeat(np.arange(n_classes, dtype=np.int64), np.diff(starts))
     sums = np.zeros((n_classes, t.shape[1]), dtype=np.float64)
     counts = np.zeros(n_classes, dtype=np.int64)
     _class_sums(t, t_norms, labels, sums, counts)
-    return (sums / counts[:, None]).astype(t.dtype)
+    out[...] = sums / counts[:, None]
 
 
 # --- the exp pass over one tile ------------------------------------------------------
@@ -160,27 +163,56 @@ def _exp_in_place(row, shift, lo):
 
 
 @jit
-def softmax_rows(block, bounds, use_bound, neg_range, row0, lse, inv_sum):
-    """Exp pass over a tile of logits, in place, and its per-row statistics.
+def softmax_rows(block, bounds, use_bound, neg_range, row0, pos_class, members, starts,
+                 inv_sum, row_loss):
+    """Exp pass over a tile of logits, in place, and each row's loss.
 
-    For every row ``r`` of ``block`` (anchor ``row0 + r``): the shift is the
-    anchor's bound ``bounds[row0 + r]`` (``use_bound``) or the row maximum;
+    For every row ``r`` of ``block`` (anchor ``i = row0 + r``): the shift is the
+    anchor's bound ``bounds[i]`` (``use_bound``) or the row maximum;
     ``block[r, j] <- exp(block[r, j] - shift)`` (0 below ``neg_range``); then
-    ``S_r = sum_j block[r, j]`` by ``reductions.lane_sum`` (explicit SIMD
-    lanes in a fixed order, float64 block totals) while the row is still in
-    cache, ``lse[row0 + r] = shift + log S_r`` and ``inv_sum[row0 + r] = 1/S_r``.
+    ``S = sum_j block[r, j]`` by ``reductions.lane_sum`` (explicit SIMD lanes
+    in a fixed order, float64 block totals) while the row is still in cache,
+    and ``inv_sum[i] = 1/S``.
+
+    The loss of anchor ``i`` is ``mean_{j in P(i)} (lse_i - z_ij)`` over its
+    positive columns ``P(i) = members[starts[c] : starts[c + 1]]``,
+    ``c = pos_class[i]``, taken from the *same rounded logits* as the
+    log-sum-exp, so that it is never negative and accurate relative to its
+    own size (a confident positive's loss is tiny):
+
+    * bound shift: ``log(S / e_ij)`` with ``e_ij = block[r, j]`` the rounded
+      exponential that ``S`` contains (``S >= e_ij > 0``: nothing is flushed
+      on this path, every exponent is ``>= -2/tau``);
+    * row-maximum shift ``m``: ``(m - z_ij) + log S``, both terms ``>= 0``
+      (``S >= 1``: the maximum contributes ``exp(0) = 1`` exactly).
+
     Rows are independent and each sum's order is fixed, so the result does
     not depend on any thread count (neither Numba's nor BLAS's).
     """
     lo = cast_like(neg_range, block)
     for r in range(block.shape[0]):
+        i = row0 + r
         row = block[r]
+        c = pos_class[i]
+        first = starts[c]
+        last = starts[c + 1]
+        z_pos = 0.0
+        if not use_bound:  # the raw logits, before the exp pass overwrites them
+            for q in range(first, last):
+                z_pos += np.float64(row[members[q]])
+            z_pos /= last - first
         # The shift in the block's dtype: exactly the value subtracted below.
-        shift = cast_like(bounds[row0 + r], block) if use_bound else lane_max(row)
+        shift = cast_like(bounds[i], block) if use_bound else lane_max(row)
         _exp_in_place(row, shift, lo)
         total = lane_sum(row)
-        lse[row0 + r] = np.float64(shift) + math.log(total)
-        inv_sum[row0 + r] = 1.0 / total
+        inv_sum[i] = 1.0 / total
+        if use_bound:
+            acc = 0.0
+            for q in range(first, last):
+                acc += math.log(total / np.float64(row[members[q]]))
+            row_loss[i] = acc / (last - first)
+        else:
+            row_loss[i] = (np.float64(shift) - z_pos) + math.log(total)
 
 
 # --- gradient finishing passes ---------------------------------------------------------
@@ -204,15 +236,13 @@ def _chain_normalisation(x_row, norm, g, out_row, scale):
 
 
 @jit
-def finish_student_anchored(s, s_norms, g_raw, inv_sum, lse, pos, pos_index, inv_tau,
-                            row_loss, grad):
-    """Student anchors: loss rows and the gradient, in place over ``g_raw``.
+def finish_student_anchored(s, s_norms, g_raw, inv_sum, pos, pos_class, inv_tau, grad):
+    """Student anchors: the gradient, in place over ``g_raw``.
 
     ``g_raw_i = sum_j exp(z_ij - shift_i) c_j`` (the second GEMM);
-    ``pos[pos_index[i]]`` is the positive target of anchor ``i`` (its teacher
+    ``pos[pos_class[i]]`` is the positive target of anchor ``i`` (its teacher
     row, or its class mean of teacher rows). With ``p_ij`` the softmax::
 
-        loss_i = lse_i - s_hat_i . pos_i / tau
         d loss_i / d s_hat_i = (sum_j p_ij c_j - pos_i) / tau
 
     and ``grad_i = chain(d/ds_hat) / B``. ``grad`` may alias ``g_raw``.
@@ -222,13 +252,10 @@ def finish_student_anchored(s, s_norms, g_raw, inv_sum, lse, pos, pos_index, inv
     inv_b = 1.0 / n
     for i in range(n):
         norm = s_norms[i]
-        inv_n = 1.0 / max(norm, EPS)
-        p = pos[pos_index[i]]
-        dot = lane_dot(s[i], p) * inv_n
+        p = pos[pos_class[i]]
         w = inv_sum[i]
         for k in range(dim):
             g[k] = (np.float64(g_raw[i, k]) * w - np.float64(p[k])) * inv_tau
-        row_loss[i] = lse[i] - dot * inv_tau
         _chain_normalisation(s[i], norm, g, grad[i], inv_b)
 
 
@@ -252,12 +279,11 @@ def scale_rows(a, inv_sum, row0, out):
 
 
 @jit
-def finish_teacher_anchored(s, s_norms, anchors, acc, lse, row_loss, grad):
-    """Teacher anchors ``a_i = t_hat_i / tau``, student candidates.
+def finish_teacher_anchored(s, s_norms, anchors, acc, grad):
+    """Teacher anchors ``a_i = t_hat_i / tau``, student candidates: the gradient.
 
     ``acc_j = sum_i p_ij a_i`` (accumulated over tiles)::
 
-        loss_i = lse_i - a_i . s_hat_i
         d loss / d s_hat_j = (acc_j - a_j) / B
 
     and the chain rule through ``s_j``'s normalisation.
@@ -266,13 +292,9 @@ def finish_teacher_anchored(s, s_norms, anchors, acc, lse, row_loss, grad):
     g = np.empty(dim, dtype=np.float64)
     inv_b = 1.0 / n
     for i in range(n):
-        norm = s_norms[i]
-        inv_n = 1.0 / max(norm, EPS)
-        dot = lane_dot(anchors[i], s[i]) * inv_n
         for k in range(dim):
             g[k] = acc[i, k] - np.float64(anchors[i, k])
-        row_loss[i] = lse[i] - dot
-        _chain_normalisation(s[i], norm, g, grad[i], inv_b)
+        _chain_normalisation(s[i], s_norms[i], g, grad[i], inv_b)
 
 
 # --- batch-hard triplet --------------------------------------------------------------
@@ -419,13 +441,11 @@ def triplet_finish(x, scale, pos_idx, neg_idx, margin, n_qualifying, row_loss, g
                 grad64[jn, k] += u_n[k] * w
 
 
-# --- drivers (plain Python: buffers + BLAS) ----------------------------------------
-
-def norms(x: np.ndarray) -> np.ndarray:
-    """Row norms in float64 (non-finite for rows holding NaN/inf)."""
-    out = np.empty(x.shape[0], dtype=np.float64)
-    row_norms(x, out)
-    return out
+# --- launch functions (plain Python: buffers + BLAS) ----------------------------------
+#
+# The same names, arguments and output conventions as ``kernels.cuda.contrastive``:
+# the caller allocates the outputs (float64 per-row partials ``row_loss``, the
+# gradient ``grad`` of the student's shape and dtype) and reduces the partials.
 
 
 def _tiles(anchors: np.ndarray, candidates: np.ndarray, tile_rows):
@@ -445,99 +465,114 @@ def _tiles(anchors: np.ndarray, candidates: np.ndarray, tile_rows):
 
 
 def _bounds_and_mode(anchor_norms, temperature, dtype):
-    """Per-anchor logit bounds ``||a_i||`` and whether to shift by them."""
+    """Per-anchor logit bounds ``||a_i||``, whether to shift by them, and the
+    exp pass's flush threshold (none on the bound path: no exponent is below
+    ``-2/tau >= -EXP_RANGE`` there, and the row losses read every positive's
+    exponential)."""
     unit = np.minimum(anchor_norms, EPS) / EPS  # ||x_hat||: 1, or < 1 when clamped
     bounds = unit / temperature
     use_bound = 2.0 / temperature <= exp_range(dtype)
-    return bounds, use_bound
+    return bounds, use_bound, (-math.inf if use_bound else -exp_range(dtype))
 
 
-def student_anchored(s, s_norms, candidates_raw, cand_norms, pos, pos_index, temperature,
-                     tile_rows=None):
-    """Student anchors against normalised candidate rows (NT-Xent, supervised).
+def _candidates(first, first_norms, extra, extra_norms):
+    """Normalised candidate rows: ``first`` then ``extra`` (or ``None``)."""
+    n, dim = first.shape
+    n_extra = 0 if extra is None else extra.shape[0]
+    cand = np.empty((n + n_extra, dim), dtype=first.dtype)
+    normalize_rows(first, first_norms, 1.0, cand[:n])
+    if n_extra:
+        normalize_rows(extra, extra_norms, 1.0, cand[n:])
+    return cand
+
+
+def _diagonal(n):
+    """Positive lists where anchor ``i``'s positive is candidate ``i``."""
+    index = np.arange(n, dtype=np.int64)
+    return index, index, np.arange(n + 1, dtype=np.int64)
+
+
+def student_anchored(s, s_norms, t, t_norms, neg, neg_norms, pos, pos_class, members, starts,
+                     temperature, tile_rows, row_loss, grad):
+    """Student anchors against normalised teacher rows and queued negatives
+    (NT-Xent, supervised contrastive).
 
     Args:
         s: ``(B, D)`` student embeddings (F = float32/float64).
         s_norms: their float64 norms.
-        candidates_raw: ``(N, D)`` F teacher rows then queued negatives
-            (un-normalised); normalised here into a fresh buffer.
-        cand_norms: their float64 norms.
-        pos: ``None`` (the positive of anchor ``i`` is normalised candidate ``i``)
-            or ``(P, D)`` F positive targets, already normalised/averaged.
-        pos_index: ``(B,)`` int64 index into the positives.
+        t, t_norms: ``(B, D)`` F teacher rows and their norms.
+        neg, neg_norms: ``(K, D)`` F queued negatives and their norms, or ``None``.
+        pos: ``None`` (the positive target of anchor ``i`` is normalised
+            teacher row ``i``) or ``(P, D)`` F targets (class means).
+        pos_class: ``(B,)`` int64: anchor ``i``'s positive is ``pos[pos_class[i]]``,
+            its positive columns ``members[starts[c] : starts[c + 1]]``,
+            ``c = pos_class[i]`` (indices of teacher rows).
         temperature: ``tau > 0``.
         tile_rows: anchor rows per tile (``None``: :func:`default_tile_rows`).
-
-    Returns ``(loss, grad)`` with ``loss`` a float64 mean over anchors.
+        row_loss: ``(B,)`` float64 output, anchor ``i``'s loss (the loss is their mean).
+        grad: ``(B, D)`` F output, the gradient of the mean.
     """
-    n = s.shape[0]
-    dtype = s.dtype
     inv_tau = 1.0 / temperature
     anchors = np.empty_like(s)
     normalize_rows(s, s_norms, inv_tau, anchors)
-    cand = np.empty_like(candidates_raw)
-    normalize_rows(candidates_raw, cand_norms, 1.0, cand)
+    cand = _candidates(t, t_norms, neg, neg_norms)
     if pos is None:
         pos = cand
-    bounds, use_bound = _bounds_and_mode(s_norms, temperature, dtype)
-    lse = np.empty(n, dtype=np.float64)
-    inv_sum = np.empty(n, dtype=np.float64)
-    grad = np.empty_like(s)
+    bounds, use_bound, lo = _bounds_and_mode(s_norms, temperature, s.dtype)
+    inv_sum = np.empty(s.shape[0], dtype=np.float64)
     for r0, r1, block in _tiles(anchors, cand, tile_rows):
-        softmax_rows(block, bounds, use_bound, -exp_range(dtype), r0, lse, inv_sum)
+        softmax_rows(block, bounds, use_bound, lo, r0, pos_class, members, starts, inv_sum,
+                     row_loss)
         np.matmul(block, cand, out=grad[r0:r1])
-    row_loss = np.empty(n, dtype=np.float64)
-    finish_student_anchored(s, s_norms, grad, inv_sum, lse, pos, pos_index, inv_tau,
-                            row_loss, grad)
-    return ordered_sum(row_loss) / n, grad
+    finish_student_anchored(s, s_norms, grad, inv_sum, pos, pos_class, inv_tau, grad)
 
 
-def teacher_anchored(s, s_norms, t, t_norms, negatives_raw, neg_norms, temperature,
-                     tile_rows=None):
+def teacher_anchored(s, s_norms, t, t_norms, neg, neg_norms, temperature, tile_rows, row_loss,
+                     grad):
     """Teacher anchors, student (+ optional constant extra) candidates: InfoNCE.
 
-    ``negatives_raw``: ``(K, D)`` extra candidate rows (constants) or ``None``.
-    The candidate side of the gradient ``sum_i p_ij a_i`` is accumulated in
-    float64 tile by tile, in tile order.
+    ``neg``: ``(K, D)`` extra candidate rows (constants) or ``None``. The
+    candidate side of the gradient ``sum_i p_ij a_i`` is accumulated in
+    float64 tile by tile, in tile order. Outputs as :func:`student_anchored`.
     """
     n, dim = s.shape
     dtype = s.dtype
     inv_tau = 1.0 / temperature
-    n_neg = 0 if negatives_raw is None else negatives_raw.shape[0]
-    n_cand = n + n_neg
     anchors = np.empty_like(t)
     normalize_rows(t, t_norms, inv_tau, anchors)
-    cand = np.empty((n_cand, dim), dtype=dtype)
-    normalize_rows(s, s_norms, 1.0, cand[:n])
-    if n_neg:
-        normalize_rows(negatives_raw, neg_norms, 1.0, cand[n:])
-    bounds, use_bound = _bounds_and_mode(t_norms, temperature, dtype)
-    rows = tile_rows or default_tile_rows(n, n_cand, dtype.itemsize)
+    cand = _candidates(s, s_norms, neg, neg_norms)
+    bounds, use_bound, lo = _bounds_and_mode(t_norms, temperature, dtype)
+    pos_class, members, starts = _diagonal(n)
+    rows = tile_rows or default_tile_rows(n, cand.shape[0], dtype.itemsize)
     weighted = np.empty((min(rows, n), dim), dtype=dtype)
     part = np.empty((n, dim), dtype=dtype)
     acc = np.zeros((n, dim), dtype=np.float64)
-    lse = np.empty(n, dtype=np.float64)
     inv_sum = np.empty(n, dtype=np.float64)
     for r0, r1, block in _tiles(anchors, cand, rows):
-        softmax_rows(block, bounds, use_bound, -exp_range(dtype), r0, lse, inv_sum)
+        softmax_rows(block, bounds, use_bound, lo, r0, pos_class, members, starts, inv_sum,
+                     row_loss)
         w = weighted[: r1 - r0]
         scale_rows(anchors[r0:r1], inv_sum, r0, w)
         np.matmul(block[:, :n].T, w, out=part)
         accumulate(acc, part)
     del weighted, part, cand, block  # (``block`` is a view of the tile buffer)
-    row_loss = np.empty(n, dtype=np.float64)
-    grad = np.empty_like(s)
-    finish_teacher_anchored(s, s_norms, anchors, acc, lse, row_loss, grad)
-    return ordered_sum(row_loss) / n, grad
+    finish_teacher_anchored(s, s_norms, anchors, acc, grad)
 
 
-def triplet(s, s_norms, labels, qualifies, n_qualifying, margin, tile_rows=None):
+def triplet(s, s_norms, labels, qualifies, n_qualifying, margin, tile_rows, row_loss, grad):
     """Batch-hard triplet loss on ``s`` (Euclidean), tiled Gram for the selection.
 
-    ``s_norms``: the float64 row norms of ``s`` (:func:`norms`); ``labels``:
-    int64 ``(B,)``; ``qualifies``: bool ``(B,)`` (anchor has a positive
-    ``j != i`` and a negative); ``n_qualifying >= 1``.
+    ``s_norms``: the float64 row norms of ``s`` (:func:`row_norms`);
+    ``labels``: int64 ``(B,)`` dense class ids and ``qualifies``: bool ``(B,)``
+    (anchor has a positive ``j != i`` and a negative), NumPy arrays (class
+    bookkeeping is host work on any device); ``n_qualifying``: how many do.
+    Writes ``row_loss`` (anchor ``i``'s hinge over ``n_qualifying``: the loss
+    is their sum) and ``grad``; with no qualifying anchor both are 0.
     """
+    if n_qualifying == 0:
+        row_loss[:] = 0.0
+        grad[...] = 0
+        return
     n, dim = s.shape
     dtype = s.dtype
     max_norm = float(np.max(s_norms))
@@ -551,7 +586,6 @@ def triplet(s, s_norms, labels, qualifies, n_qualifying, margin, tile_rows=None)
     neg_idx = np.empty(n, dtype=np.int64)
     for r0, _, block in _tiles(x, x, tile_rows):
         triplet_select(block, sq, labels, qualifies, r0, pos_idx, neg_idx)
-    row_loss = np.empty(n, dtype=np.float64)
     grad64 = np.zeros((n, dim), dtype=np.float64)
     triplet_finish(x, scale, pos_idx, neg_idx, float(margin), n_qualifying, row_loss, grad64)
-    return ordered_sum(row_loss), grad64.astype(dtype)
+    grad[...] = grad64

@@ -105,10 +105,9 @@ import math
 import numpy as np
 from numba import cuda, types
 
+from kdnumba._constants import NORM_EPS as EPS  # SPEC's norm clamp, as on the CPU
 from kdnumba.kernels.cuda import block_size, compile_kernel, grid_size, is_simulator, item_launch
 
-#: SPEC's norm clamp (same as the CPU kernels).
-EPS = 1e-12
 
 #: Modes of :func:`softmax_tiles`.
 ONLINE = 0
@@ -506,9 +505,9 @@ def _lse_kernel(m, z, out):
         out[i] = m[i] + math.log(z[i])
 
 
-_FINISH_STUDENT_SIG = ("void({F}[:, ::1], float64[::1], float64[:, ::1], float64[::1], "
-                       "float64[::1], {F}[:, ::1], int64[::1], float64, float64[::1], "
-                       "{F}[:, ::1])")
+_FINISH_STUDENT_SIG = ("void({F}[:, ::1], float64[::1], {F}[:, ::1], {F}[:, ::1], "
+                       "float64[:, ::1], float64[::1], float64[::1], {F}[:, ::1], int64[::1], "
+                       "int64[::1], int64[::1], float64, float64[::1], {F}[:, ::1])")
 
 
 @cuda.jit(device=True)
@@ -520,49 +519,73 @@ def _chain(s, i, norm, g_row_dot, g, k, inv_b):
     return g * (inv_b / EPS)
 
 
-def _finish_student_kernel(s, s_norms, acc, m, z, pos, pos_index, inv_tau, row_loss, grad):
-    """One thread per anchor row (O(B D)): ``loss_i = lse_i - s_hat_i . pos_i / tau``,
-    ``d loss / d s_hat_i = (acc_i / S_i - pos_i) / (B tau)``."""
+@cuda.jit(device=True)
+def _logit(rows, cols, i, j):
+    """``z_ij = rows[i] . cols[j]`` rounded exactly as :func:`softmax_tiles`
+    rounds it: one multiply-add per embedding column, in column order, in the
+    rows' dtype, from zero (the tiles' zero padding adds exact zeros)."""
+    z = rows.dtype.type(0.0)
+    for k in range(rows.shape[1]):
+        z += rows[i, k] * cols[j, k]
+    return z
+
+
+@cuda.jit(device=True)
+def _row_loss(rows, cols, i, m, s, members, first, last):
+    """``mean_{j in members[first:last]} (lse_i - z_ij)`` with ``lse_i = m + log s``
+    and the logits rounded as the tiles rounded them: ``(m - mean z) + log s``,
+    both terms ``>= 0`` (``m`` is the largest of the same logits, ``s >= 1``)."""
+    total = 0.0
+    for q in range(first, last):
+        total += np.float64(_logit(rows, cols, i, members[q]))
+    gap = m - total / (last - first)
+    if gap < 0.0:  # only if the two roundings ever differed (NaN stays NaN)
+        gap = 0.0
+    return gap + math.log(s)
+
+
+def _finish_student_kernel(s, s_norms, anchors, cand, acc, m, z, pos, pos_class, members,
+                           starts, inv_tau, row_loss, grad):
+    """One thread per anchor row (O(B D)): ``loss_i = mean_{j in P(i)} (lse_i - z_ij)``
+    (see :func:`_row_loss`), ``d loss / d s_hat_i = (acc_i / S_i - pos_i) / (B tau)``."""
     n, dim = s.shape
     inv_b = 1.0 / n
     for i in range(cuda.grid(1), n, cuda.gridsize(1)):
         norm = s_norms[i]
         inv_n = 1.0 / (norm if norm > EPS else EPS)
         w = 1.0 / z[i]
-        p = pos_index[i]
-        dot = 0.0
+        p = pos_class[i]
         proj = 0.0
         for k in range(dim):
-            pk = np.float64(pos[p, k])
             xk = np.float64(s[i, k]) * inv_n
-            dot += xk * pk
-            proj += xk * ((acc[i, k] * w - pk) * inv_tau)
-        row_loss[i] = m[i] + math.log(z[i]) - dot * inv_tau
+            proj += xk * ((acc[i, k] * w - np.float64(pos[p, k])) * inv_tau)
+        row_loss[i] = _row_loss(anchors, cand, i, m[i], z[i], members, starts[p],
+                                starts[p + 1])
         for k in range(dim):
             g = (acc[i, k] * w - np.float64(pos[p, k])) * inv_tau
             grad[i, k] = _chain(s, i, norm, proj, g, k, inv_b)
 
 
-_FINISH_TEACHER_SIG = ("void({F}[:, ::1], float64[::1], {F}[:, ::1], float64[:, ::1], "
-                       "float64[::1], float64[::1], {F}[:, ::1])")
+_FINISH_TEACHER_SIG = ("void({F}[:, ::1], float64[::1], {F}[:, ::1], {F}[:, ::1], "
+                       "float64[:, ::1], float64[::1], float64[::1], int64[::1], float64[::1], "
+                       "{F}[:, ::1])")
 
 
-def _finish_teacher_kernel(s, s_norms, anchors, acc, lse, row_loss, grad):
+def _finish_teacher_kernel(s, s_norms, anchors, cand, acc, m, z, diagonal, row_loss, grad):
     """One thread per row ``i`` (anchor ``t_i`` and candidate ``s_i``):
-    ``loss_i = lse_i - a_i . s_hat_i``, ``d loss / d s_hat_i = (acc_i - a_i) / B``."""
+    ``loss_i = lse_i - z_ii`` (see :func:`_row_loss`; ``diagonal = 0..B-1``),
+    ``d loss / d s_hat_i = (acc_i - a_i) / B``."""
     n, dim = s.shape
     inv_b = 1.0 / n
     for i in range(cuda.grid(1), n, cuda.gridsize(1)):
         norm = s_norms[i]
         inv_n = 1.0 / (norm if norm > EPS else EPS)
-        dot = 0.0
         proj = 0.0
         for k in range(dim):
             ak = np.float64(anchors[i, k])
             xk = np.float64(s[i, k]) * inv_n
-            dot += ak * xk
             proj += xk * (acc[i, k] - ak)
-        row_loss[i] = lse[i] - dot
+        row_loss[i] = _row_loss(anchors, cand, i, m[i], z[i], diagonal, i, i + 1)
         for k in range(dim):
             g = acc[i, k] - np.float64(anchors[i, k])
             grad[i, k] = _chain(s, i, norm, proj, g, k, inv_b)
@@ -734,14 +757,19 @@ KERNELS = [(_norms_kernel, _NORMS_SIG), (_normalize_kernel, _NORMALIZE_SIG),
            (_triplet_grad_kernel, _TRIPLET_GRAD_SIG), (_scale_kernel, _SCALE_SIG)]
 
 
-# --- launchers ------------------------------------------------------------------------------
+# --- launch functions ------------------------------------------------------------------
+#
+# The same names, arguments and output conventions as ``kernels.cpu.contrastive``:
+# inputs are C-contiguous device arrays, the caller's outputs (float64 per-row
+# partials ``row_loss``, the gradient ``grad``) are device arrays written here;
+# scratch (normalised rows, tile statistics) is allocated on the device.
+# ``tile_rows`` is accepted for the common interface: the GPU tiles are fixed.
 
-def norms(x):
-    """Row norms (float64 device vector); NaN/inf rows give a non-finite norm."""
+
+def row_norms(x, out):
+    """``out_i = ||x_i||`` (float64); NaN/inf rows give a non-finite norm."""
     n = x.shape[0]
-    out = cuda.device_array(n, dtype=np.float64)
     compile_kernel(_norms_kernel, _NORMS_SIG, x.dtype)[item_launch(n)](x, out)
-    return out
 
 
 def normalized(x, x_norms, scale, out=None):
@@ -754,16 +782,13 @@ def normalized(x, x_norms, scale, out=None):
     return out
 
 
-def class_means(t, t_norms, members, starts):
-    """``mu_c = mean_{i in class c} t_hat_i`` in ``t``'s dtype; ``members``: row
+def class_means(t, t_norms, members, starts, out):
+    """``out_c = mean_{i in class c} t_hat_i`` in ``out``'s dtype; ``members``: row
     indices grouped by class (row order inside a class), ``starts``: CSR offsets."""
     n_classes = starts.shape[0] - 1
-    dim = t.shape[1]
-    out = cuda.device_array((n_classes, dim), dtype=t.dtype)
-    threads = block_size(dim, items_per_thread=4)
+    threads = block_size(t.shape[1], items_per_thread=4)
     compile_kernel(_class_means_kernel, _CLASS_MEANS_SIG, t.dtype)[
         grid_size(n_classes), threads](t, t_norms, members, starts, out)
-    return out
 
 
 def softmax_tiles(rows, cols, mode, *, lse_cols=None, want_acc=True):
@@ -790,69 +815,61 @@ def softmax_tiles(rows, cols, mode, *, lse_cols=None, want_acc=True):
     return None, None, acc
 
 
-def finish_student_anchored(s, s_norms, acc, m, z, pos, pos_index, inv_tau):
-    """``(row_loss, grad)`` of the student-anchored losses (device arrays)."""
-    n, dim = s.shape
-    row_loss = cuda.device_array(n, dtype=np.float64)
-    grad = cuda.device_array((n, dim), dtype=s.dtype)
-    compile_kernel(_finish_student_kernel, _FINISH_STUDENT_SIG, s.dtype)[item_launch(n)](
-        s, s_norms, acc, m, z, pos, pos_index, float(inv_tau), row_loss, grad)
-    return row_loss, grad
+def _candidates(first, first_norms, extra, extra_norms):
+    """Normalised candidate rows on the device: ``first`` then ``extra`` (or ``None``)."""
+    n, dim = first.shape
+    n_extra = 0 if extra is None else extra.shape[0]
+    cand = cuda.device_array((n + n_extra, dim), dtype=first.dtype)
+    normalized(first, first_norms, 1.0, out=cand[:n])
+    if n_extra:
+        normalized(extra, extra_norms, 1.0, out=cand[n:])
+    return cand
 
 
-def finish_teacher_anchored(s, s_norms, anchors, acc, lse):
-    """``(row_loss, grad)`` of teacher-anchored InfoNCE (device arrays)."""
-    n, dim = s.shape
-    row_loss = cuda.device_array(n, dtype=np.float64)
-    grad = cuda.device_array((n, dim), dtype=s.dtype)
-    compile_kernel(_finish_teacher_kernel, _FINISH_TEACHER_SIG, s.dtype)[item_launch(n)](
-        s, s_norms, anchors, acc, lse, row_loss, grad)
-    return row_loss, grad
-
-
-def student_anchored(s, s_norms, cand, cand_norms, pos, pos_index, temperature):
-    """NT-Xent / supervised contrastive on device arrays: ``(row_loss, grad)``.
-
-    ``cand``: ``(N, D)`` un-normalised candidates (teacher rows, then queued
-    negatives); ``pos``: ``None`` (anchor ``i``'s positive is normalised
-    candidate ``i``) or ``(P, D)`` normalised/averaged positives;
-    ``pos_index``: ``(B,)`` int64 device array indexing them.
-    """
+def student_anchored(s, s_norms, t, t_norms, neg, neg_norms, pos, pos_class, members, starts,
+                     temperature, tile_rows, row_loss, grad):
+    """NT-Xent / supervised contrastive (arguments as the CPU function of the same
+    name): one ``ONLINE`` pass with the accumulator, then one thread per anchor
+    finishes its loss and gradient."""
     inv_tau = 1.0 / temperature
     anchors = normalized(s, s_norms, inv_tau)
-    cand_hat = normalized(cand, cand_norms, 1.0)
-    m, z, acc = softmax_tiles(anchors, cand_hat, ONLINE)
-    return finish_student_anchored(s, s_norms, acc, m, z,
-                                   cand_hat if pos is None else pos, pos_index, inv_tau)
+    cand = _candidates(t, t_norms, neg, neg_norms)
+    m, z, acc = softmax_tiles(anchors, cand, ONLINE)
+    compile_kernel(_finish_student_kernel, _FINISH_STUDENT_SIG, s.dtype)[
+        item_launch(s.shape[0])](
+        s, s_norms, anchors, cand, acc, m, z, cand if pos is None else pos, pos_class,
+        members, starts, float(inv_tau), row_loss, grad)
 
 
-def teacher_anchored(s, s_norms, t, t_norms, neg, neg_norms, temperature):
-    """InfoNCE (teacher anchors, student + optional constant candidates): ``(row_loss, grad)``."""
-    n, dim = s.shape
-    n_neg = 0 if neg is None else neg.shape[0]
+def teacher_anchored(s, s_norms, t, t_norms, neg, neg_norms, temperature, tile_rows, row_loss,
+                     grad):
+    """InfoNCE (teacher anchors, student + optional constant candidates; arguments
+    as the CPU function of the same name)."""
+    n = s.shape[0]
     anchors = normalized(t, t_norms, 1.0 / temperature)
-    cand = cuda.device_array((n + n_neg, dim), dtype=s.dtype)
-    normalized(s, s_norms, 1.0, out=cand[:n])
-    if n_neg:
-        normalized(neg, neg_norms, 1.0, out=cand[n:])
+    cand = _candidates(s, s_norms, neg, neg_norms)
     m, z, _ = softmax_tiles(anchors, cand, ONLINE, want_acc=False)
     lse = cuda.device_array(n, dtype=np.float64)
     compile_kernel(_lse_kernel, _LSE_SIG)[item_launch(n)](m, z, lse)
     _, _, acc = softmax_tiles(cand[:n], anchors, FIXED, lse_cols=lse)
-    return finish_teacher_anchored(s, s_norms, anchors, acc, lse)
+    diagonal = cuda.to_device(np.arange(n, dtype=np.int64))
+    compile_kernel(_finish_teacher_kernel, _FINISH_TEACHER_SIG, s.dtype)[item_launch(n)](
+        s, s_norms, anchors, cand, acc, m, z, diagonal, row_loss, grad)
 
 
-def triplet(s, s_norms_host, labels, qualifies, n_qualifying, margin):
-    """Batch-hard triplet loss on device arrays: ``(row_loss, grad)``.
-
-    ``s_norms_host``: the rows' norms (NumPy, to pick the power-of-two scale);
-    ``labels``: int64 ``(B,)`` and ``qualifies``: bool ``(B,)`` (NumPy; the
-    class bookkeeping is host work); ``n_qualifying >= 1``. Rows are rescaled
-    by a power of two (exact) so that selection and distances run on rows of
-    norm <= 1, as on the CPU.
-    """
+def triplet(s, s_norms, labels, qualifies, n_qualifying, margin, tile_rows, row_loss, grad):
+    """Batch-hard triplet loss (arguments as the CPU function of the same name:
+    ``labels`` and ``qualifies`` are NumPy arrays, the class bookkeeping being
+    host work). The norms (``B`` doubles) come back to pick the power-of-two
+    scale: rows are rescaled by it (exactly) so that selection and distances
+    run on rows of norm <= 1, as on the CPU."""
     n, dim = s.shape
     dtype = np.dtype(s.dtype)
+    if n_qualifying == 0:
+        row_loss.copy_to_device(np.zeros(n, dtype=np.float64))
+        grad.copy_to_device(np.zeros((n, dim), dtype=dtype))
+        return
+    s_norms_host = s_norms.copy_to_host()
     max_norm = float(np.max(s_norms_host))
     exponent = math.frexp(max_norm)[1] if max_norm > 0.0 else 0
     scale = math.ldexp(1.0, exponent)
@@ -867,7 +884,7 @@ def triplet(s, s_norms_host, labels, qualifies, n_qualifying, margin):
         grid_size(-(-n // TILE)), (TILE, TILE)](
         x, sq, d_labels, cuda.to_device(np.ascontiguousarray(qualifies, dtype=np.bool_)),
         pos_idx, neg_idx)
-    row_loss, d_pos, d_neg, active = (cuda.device_array(n, dtype=np.float64) for _ in range(4))
+    d_pos, d_neg, active = (cuda.device_array(n, dtype=np.float64) for _ in range(3))
     w = 1.0 / n_qualifying
     compile_kernel(_triplet_rows_kernel, _TRIPLET_ROWS_SIG, dtype)[item_launch(n)](
         x, scale, pos_idx, neg_idx, float(margin), w, row_loss, d_pos, d_neg, active)
@@ -884,7 +901,5 @@ def triplet(s, s_norms_host, labels, qualifies, n_qualifying, margin):
         np.cumsum(np.bincount(target[anchors], minlength=n), out=starts[1:])
         lists += [cuda.to_device(members if members.size else np.zeros(1, np.int64)),
                   cuda.to_device(starts)]
-    grad = cuda.device_array((n, dim), dtype=dtype)
     compile_kernel(_triplet_grad_kernel, _TRIPLET_GRAD_SIG, dtype)[item_launch(n * dim)](
         x, pos_idx, neg_idx, d_pos, d_neg, active, *lists, w, grad)
-    return row_loss, grad
