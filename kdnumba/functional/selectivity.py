@@ -30,6 +30,7 @@ Gradients (``c_j = 2/N (sel_j(s) - sel_j(t))``, ``sign(0) = 0``)::
 from __future__ import annotations
 
 import enum
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -135,7 +136,7 @@ def check_pair(s, t) -> None:
 
 
 def _per_sample(x) -> int:
-    return int(np.prod(x.shape[1:]))
+    return math.prod(x.shape[1:])
 
 
 def _rows(x):
