@@ -7,24 +7,20 @@ import math
 
 import numpy as np
 
-from kdnumba import _dispatch, _policy
+from kdnumba import _dispatch
 from kdnumba import _validation as v
+from kdnumba._constants import NORM_EPS, ROW_SUM_TOL
 from kdnumba.functional.feature import squared_error_into
 from kdnumba.functional.response import kd_loss
-from kdnumba.kernels.cpu.reductions import ordered_sum
+from kdnumba.registry import BadInput, LossSpec, Variant, Workload, register
 
-#: ``F.normalize``'s default clamp of the norm, and the probability clamp of
-#: the KL attention-map loss.
-EPS = 1e-12
 AT_VARIANTS = ("repdistiller", "paper")
 MAP_KINDS = ("mse", "kl")
 MAP_INPUTS = ("probs", "logits")
-#: Tolerance on row sums of attention probabilities.
-_ROW_SUM_TOL = 1e-3
 
 
 def attention_transfer(student_feats, teacher_feats, *, p=2, variant="repdistiller",
-                       pool=False, device="auto"):
+                       pool=False, device="auto", out=None):
     r"""Attention transfer (Zagoruyko & Komodakis 2017) and its exact gradient.
 
     Features are ``(B, C, *spatial)``; channel counts may differ between
@@ -61,8 +57,11 @@ def attention_transfer(student_feats, teacher_feats, *, p=2, variant="repdistill
             to the smaller one (each axis' sizes must divide; this equals
             ``F.adaptive_avg_pool2d`` for such sizes, as RepDistiller does).
             The student's gradient is chained back through its pooling. The
-            default ``False`` raises on a mismatch instead.
+            default ``False`` raises on a mismatch instead. (CPU only for now:
+            on CUDA, unequal sizes raise ``NotImplementedError``.)
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        out: optional C-contiguous array of the student's shape and dtype to
+            receive the gradient.
 
     Returns:
         ``(loss, grad)``, ``grad`` of the student's shape and dtype.
@@ -78,37 +77,45 @@ def attention_transfer(student_feats, teacher_feats, *, p=2, variant="repdistill
         raise ValueError(f"variant must be one of {AT_VARIANTS}, got {variant!r}")
     if not isinstance(pool, (bool, np.bool_)):
         raise TypeError(f"pool must be True or False, got {pool!r}")
-    target = _dispatch.resolve_device(device, student_feats, teacher_feats)
-    if target == "cuda":
-        from kdnumba import _cuda_paths  # imports numba.cuda: CUDA path only
-        return _cuda_paths.attention_transfer(student_feats, teacher_feats, p=p,
-                                              variant=variant, pool=pool)
-    s = v.as_float_array(student_feats, "student_feats", min_ndim=3)
-    t = v.as_float_array(teacher_feats, "teacher_feats", min_ndim=3, dtype=s.dtype)
+    be = _dispatch.backend(device, student_feats, teacher_feats)
+    s = be.float_array(student_feats, "student_feats", min_ndim=3)
+    t = be.float_array(teacher_feats, "teacher_feats", min_ndim=3, dtype=s.dtype)
     v.check_same_batch(s, t, "student_feats", "teacher_feats")
-    if s.ndim != t.ndim:
-        raise ValueError(f"student_feats {s.shape} and teacher_feats {t.shape} must both be "
-                         "(B, C, *spatial) with the same number of spatial axes")
-    s_factors, t_factors = _pool_factors(s.shape[2:], t.shape[2:], pool)
-    s_in = _avg_pool(s, s_factors)
-    t_in = _avg_pool(t, t_factors)
+    if len(s.shape) != len(t.shape):
+        raise ValueError(f"student_feats {tuple(s.shape)} and teacher_feats {tuple(t.shape)} "
+                         "must both be (B, C, *spatial) with the same number of spatial axes")
+    s_factors, t_factors = _pool_factors(tuple(s.shape[2:]), tuple(t.shape[2:]), pool)
+    grad = be.gradient_buffer(out, s, (student_feats, teacher_feats, t))
+    kernels = be.kernels("attention")
+    s_in = _pooled(be, kernels, s, s_factors)
+    t_in = _pooled(be, kernels, t, t_factors)
+    g_in = grad if s_in is s else be.empty(tuple(s_in.shape), s.dtype)
 
     n_rows = s.shape[0]
     n_sp = math.prod(s_in.shape[2:])
-    s3 = s_in.reshape(n_rows, s_in.shape[1], n_sp)
-    t3 = t_in.reshape(n_rows, t_in.shape[1], n_sp)
-    grad = np.empty_like(s3)
-    row_loss = np.empty(n_rows, dtype=np.float64)
     paper = variant == "paper"
-    kernels = _dispatch.kernels("attention", target)
-    with _policy.kernel_launch():
-        kernels.at_rows(s3, t3, p, paper, not paper, paper, EPS,
-                        1.0 / n_rows if paper else 1.0 / (n_rows * n_sp), grad, row_loss)
-    loss = ordered_sum(row_loss)
-    if not np.isfinite(loss):
-        v.raise_non_finite([("student_feats", s), ("teacher_feats", t)],
-                           what="the attention maps (f^p)")
-    return float(loss), _avg_unpool(grad.reshape(s_in.shape), s_factors)
+    row_loss = be.empty(n_rows, np.float64)
+    with be.launch():
+        kernels.at_rows(s_in.reshape(n_rows, s_in.shape[1], n_sp),
+                        t_in.reshape(n_rows, t_in.shape[1], n_sp), p, paper, not paper, paper,
+                        NORM_EPS, 1.0 / n_rows if paper else 1.0 / (n_rows * n_sp),
+                        g_in.reshape(n_rows, s_in.shape[1], n_sp), row_loss)
+    loss = be.total(row_loss)
+    be.check_finite(loss, [("student_feats", s), ("teacher_feats", t)],
+                    what="the attention maps (f^p)")
+    if g_in is not grad:
+        kernels.avg_unpool(g_in, s_factors, grad)
+    return loss, be.deliver(grad, out)
+
+
+def _pooled(be, kernels, x, factors):
+    """``x`` average-pooled by ``factors`` (itself when they are all 1)."""
+    if all(k == 1 for k in factors):
+        return x
+    shape = tuple(x.shape[:2]) + tuple(n // k for n, k in zip(x.shape[2:], factors))
+    pooled = be.empty(shape, x.dtype)
+    kernels.avg_pool(x, factors, pooled)
+    return pooled
 
 
 def _pool_factors(s_sp, t_sp, pool):
@@ -136,38 +143,8 @@ def _pool_factors(s_sp, t_sp, pool):
     return tuple(s_f), tuple(t_f)
 
 
-def _block_shape(shape, factors):
-    """Shape ``(B, C, n0, k0, n1, k1, ...)`` splitting each spatial axis in blocks."""
-    out = list(shape[:2])
-    for size, k in zip(shape[2:], factors):
-        out += [size // k, k]
-    return out
-
-
-def _avg_pool(x: np.ndarray, factors) -> np.ndarray:
-    """Mean over non-overlapping blocks of ``factors`` along the spatial axes."""
-    if all(k == 1 for k in factors):
-        return x
-    block_axes = tuple(range(3, 2 + 2 * len(factors), 2))
-    pooled = x.reshape(_block_shape(x.shape, factors)).mean(axis=block_axes, dtype=x.dtype)
-    return np.ascontiguousarray(pooled)
-
-
-def _avg_unpool(g: np.ndarray, factors) -> np.ndarray:
-    """Adjoint of :func:`_avg_pool`: each block receives ``g / prod(factors)``."""
-    if all(k == 1 for k in factors):
-        return g
-    full = [n * k for n, k in zip(g.shape[2:], factors)]
-    blocks = _block_shape(list(g.shape[:2]) + full, factors)
-    expanded = list(blocks)
-    for i in range(len(factors)):
-        expanded[3 + 2 * i] = 1
-    scale = g.dtype.type(1.0 / math.prod(factors))
-    out = np.broadcast_to(g.reshape(expanded) * scale, blocks)
-    return np.ascontiguousarray(out).reshape(list(g.shape[:2]) + full)
-
-
-def attention_map_loss(student_attn, teacher_attn, *, kind="mse", inputs="probs", device="auto"):
+def attention_map_loss(student_attn, teacher_attn, *, kind="mse", inputs="probs", device="auto",
+                       out=None):
     r"""Match transformer attention maps ``(B, heads, L_q, L_k)`` (any ``(B, ..., L)``).
 
     ``kind="mse"`` (TinyBERT's attention loss; AiDotNet's default): mean over
@@ -204,6 +181,8 @@ def attention_map_loss(student_attn, teacher_attn, *, kind="mse", inputs="probs"
         kind: ``"mse"`` or ``"kl"``.
         inputs: ``"probs"`` or ``"logits"`` (used by ``kind="kl"``).
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        out: optional C-contiguous array of the student's shape and dtype to
+            receive the gradient.
 
     Returns:
         ``(loss, grad)``, ``grad`` of the student's shape and dtype.
@@ -218,60 +197,193 @@ def attention_map_loss(student_attn, teacher_attn, *, kind="mse", inputs="probs"
         raise ValueError(f"kind must be one of {MAP_KINDS}, got {kind!r}")
     if inputs not in MAP_INPUTS:
         raise ValueError(f"inputs must be one of {MAP_INPUTS}, got {inputs!r}")
-    target = _dispatch.resolve_device(device, student_attn, teacher_attn)
-    if target == "cuda":
-        from kdnumba import _cuda_paths  # imports numba.cuda: CUDA path only
-        return _cuda_paths.attention_map_loss(student_attn, teacher_attn, kind=kind,
-                                              inputs=inputs)
-    s = v.as_float_array(student_attn, "student_attn", min_ndim=2)
-    t = v.as_float_array(teacher_attn, "teacher_attn", min_ndim=2, dtype=s.dtype)
+    be = _dispatch.backend(device, student_attn, teacher_attn)
+    s = be.float_array(student_attn, "student_attn", min_ndim=2)
+    t = be.float_array(teacher_attn, "teacher_attn", min_ndim=2, dtype=s.dtype)
     v.check_same_shape(s, t, "student_attn", "teacher_attn")
+    grad = be.gradient_buffer(out, s, (student_attn, teacher_attn, t))
+    names = ("student_attn", "teacher_attn")
     if kind == "mse":
-        grad = np.empty_like(s)
-        loss = squared_error_into(_dispatch.backend("cpu"), s, t, grad,
-                                  ("student_attn", "teacher_attn"))
-        return loss, grad
-    n_cols = s.shape[-1]
-    s2 = s.reshape(-1, n_cols)
-    t2 = t.reshape(-1, n_cols)
-    if inputs == "logits":
+        loss = squared_error_into(be, s, t, grad, names)
+        return loss, be.deliver(grad, out)
+    shape = tuple(s.shape)
+    n_cols = shape[-1]
+    n_rows = math.prod(shape) // n_cols
+    s2, t2, g2 = (x.reshape(n_rows, n_cols) for x in (s, t, grad))
+    if inputs == "logits":  # kd_loss at T = 1 over the rows, its gradient into ours
         try:
-            loss, grad = kd_loss(s2, t2, None, temperature=1.0, alpha=0.0, device=target)
+            loss, _ = kd_loss(s2, t2, None, temperature=1.0, alpha=0.0, device=be.device,
+                              out=g2)
         except ValueError:  # name our arguments, not kd_loss's
-            v.raise_non_finite([("student_attn", s), ("teacher_attn", t)])
-        return loss, grad.reshape(s.shape)
-    return _kl_probs(s2, t2, target, s.shape)
+            v.raise_non_finite([(names[0], be.to_host(s)), (names[1], be.to_host(t))])
+        return loss, be.deliver(grad, out)
+    dtype = np.dtype(s.dtype)
+    row_loss = be.empty(n_rows, np.float64)
+    with be.launch():
+        be.kernels("attention").kl_prob_rows(s2, t2, dtype.type(NORM_EPS),
+                                             dtype.type(1.0 / n_rows), g2, row_loss)
+    loss = be.total(row_loss) / n_rows
+    if not np.isfinite(loss):  # a row that is not a probability vector, or NaN/inf
+        _diagnose_probs(be.to_host(s2), be.to_host(t2), shape)
+    return loss, be.deliver(grad, out)
 
 
-def _kl_probs(s2, t2, target, shape):
-    n_rows = s2.shape[0]
-    grad = np.empty_like(s2)
-    row_loss = np.empty(n_rows, dtype=np.float64)
-    stats = np.empty((n_rows, 4), dtype=np.float64)
-    scalar = s2.dtype.type
-    kernels = _dispatch.kernels("attention", target)
-    with _policy.kernel_launch():
-        kernels.kl_prob_rows(s2, t2, scalar(EPS), scalar(1.0 / n_rows), grad, row_loss, stats)
-    if not np.isfinite(stats).all():
-        v.raise_non_finite([("student_attn", s2), ("teacher_attn", t2)])
-    # columns 2, 3 are negative iff a row holds a negative entry
-    for col, name in ((2, "student_attn"), (3, "teacher_attn")):
-        if stats[:, col].min() < 0:
-            row = _row_index(int(np.argmin(stats[:, col])), shape)
+def _diagnose_probs(s2, t2, shape) -> None:
+    """Error path of ``kind="kl", inputs="probs"`` (host copies of the ``(R, L)``
+    rows): raise ``ValueError`` naming the argument and the row at fault."""
+    inputs = [("student_attn", s2), ("teacher_attn", t2)]
+    if v.first_non_finite(inputs) is not None:
+        v.raise_non_finite(inputs)
+    for x, name in ((s2, "student_attn"), (t2, "teacher_attn")):
+        negative = np.minimum(x, 0).sum(axis=1, dtype=np.float64)
+        if negative.min() < 0:
+            row = _row_index(int(np.argmin(negative)), shape)
             raise ValueError(f"{name} must hold probabilities (inputs='probs'), found a "
                              f"negative entry in row {row}; pass inputs='logits' for scores")
-    for col, name in ((0, "student_attn"), (1, "teacher_attn")):
-        err = np.abs(stats[:, col] - 1.0)
+    for x, name in ((s2, "student_attn"), (t2, "teacher_attn")):
+        sums = x.sum(axis=1, dtype=np.float64)
+        err = np.abs(sums - 1.0)
         row = int(np.argmax(err))
-        if err[row] > _ROW_SUM_TOL:
+        if err[row] > ROW_SUM_TOL:
             raise ValueError(
                 f"{name} rows must be probability vectors over the last axis "
                 f"(inputs='probs'), row {_row_index(row, shape)} sums to "
-                f"{stats[row, col]:.6g}; pass inputs='logits' for scores")
-    loss = ordered_sum(row_loss) / n_rows
-    return float(loss), grad.reshape(shape)
+                f"{sums[row]:.6g}; pass inputs='logits' for scores")
+    v.raise_non_finite([], what="the loss")
 
 
 def _row_index(flat: int, shape) -> str:
     """A flat row number as an index into the leading axes, e.g. ``(0, 3, 5)``."""
     return str(tuple(int(i) for i in np.unravel_index(flat, shape[:-1])))
+
+
+# --- registry entries ----------------------------------------------------------------
+
+def _at_inputs(rng, dtype, *, shape=(3, 4, 3, 5), teacher_channels=None,
+               teacher_spatial=None) -> dict:
+    """Features ``(B, C, *spatial)`` and a related teacher: the student's channels
+    (cycled to ``teacher_channels``), block-averaged down to ``teacher_spatial``
+    if given, plus noise."""
+    student = rng.standard_normal(shape)
+    teacher = student[:, np.arange(teacher_channels or shape[1]) % shape[1]]
+    if teacher_spatial is not None:
+        blocks = list(teacher.shape[:2])
+        for n, m in zip(shape[2:], teacher_spatial):
+            blocks += [m, n // m]
+        teacher = teacher.reshape(blocks).mean(axis=tuple(range(3, len(blocks), 2)))
+    teacher = teacher + 0.5 * rng.standard_normal(teacher.shape)
+    return {"student_feats": student.astype(dtype), "teacher_feats": teacher.astype(dtype)}
+
+
+def _map_inputs(rng, dtype, *, shape=(2, 2, 3, 5), probs=True) -> dict:
+    """Attention scores ``(B, heads, L_q, L_k)`` (teacher = student + noise), as
+    probabilities (softmax over the last axis) unless ``probs=False``."""
+    student = 2.0 * rng.standard_normal(shape)
+    teacher = student + rng.standard_normal(shape)
+    if probs:
+        student, teacher = (np.exp(x - x.max(axis=-1, keepdims=True)) for x in (student, teacher))
+        student /= student.sum(axis=-1, keepdims=True)
+        teacher /= teacher.sum(axis=-1, keepdims=True)
+    return {"student_attn": student.astype(dtype), "teacher_attn": teacher.astype(dtype)}
+
+
+def _with(arguments: dict, **changes) -> dict:
+    return {**arguments, **changes}
+
+
+def _changed(arguments: dict, name: str, change) -> dict:
+    """``arguments`` with ``name`` replaced by ``change`` applied to a copy of it."""
+    value = arguments[name].copy()
+    return {**arguments, name: change(value)}
+
+
+def _negative_entry(x):
+    x.flat[1] -= 0.5 + x.flat[1]  # -0.5: the row no longer sums to 1 either
+    return x
+
+
+register(LossSpec(
+    name="attention_transfer",
+    function=attention_transfer,
+    family="attention",
+    make_inputs=_at_inputs,
+    reference="attention:attention_transfer",
+    torch="attention:attention_transfer_torch",
+    variants=(
+        Variant("p=2, RepDistiller"),
+        Variant("paper variant, p=3, wider teacher", {"variant": "paper", "p": 3},
+                {"teacher_channels": 6}),
+        Variant("pool: student map 2x the teacher's", {"pool": True},
+                {"shape": (3, 4, 4, 6), "teacher_spatial": (2, 3)}),
+    ),
+    medium={"shape": (16, 32, 8, 8)},
+    bad_inputs=(
+        BadInput("spatial sizes differ, no pool",
+                 lambda a: _with(a, teacher_feats=a["teacher_feats"][:, :, :1]), ValueError,
+                 "spatial size mismatch.*pool=True"),
+        BadInput("pool with sizes that do not divide",
+                 lambda a: _with(a, teacher_feats=a["teacher_feats"][:, :, :2], pool=True),
+                 ValueError, "divide each other"),
+        BadInput("different numbers of spatial axes",
+                 lambda a: _with(a, teacher_feats=a["teacher_feats"].reshape(
+                     a["teacher_feats"].shape[:2] + (-1,))),
+                 ValueError, "same number of spatial axes"),
+        BadInput("2-D features",
+                 lambda a: _with(a, student_feats=a["student_feats"][:, :, 0, 0],
+                                 teacher_feats=a["teacher_feats"][:, :, 0, 0]),
+                 ValueError, "at least 3 dimensions"),
+        BadInput("p = 0", lambda a: _with(a, p=0), ValueError, "p must be >= 1"),
+        BadInput("p = 2.5", lambda a: _with(a, p=2.5), TypeError, "p must be an integer"),
+        BadInput("p = True", lambda a: _with(a, p=True), TypeError, "p must be an integer"),
+        BadInput("unknown variant", lambda a: _with(a, variant="zk"), ValueError, "variant"),
+        BadInput("pool = 1", lambda a: _with(a, pool=1), TypeError,
+                 "pool must be True or False"),
+    ),
+    workloads=(
+        Workload("256x256x16x16", {"shape": (256, 256, 16, 16)}, quick=True,
+                 notes="headline: RepDistiller AT, p=2, 64 MiB per input"),
+        Workload("256x256x16x16", {"shape": (256, 256, 16, 16)}, dtype="float64",
+                 notes="float64"),
+        Workload("64x32x8x8", {"shape": (64, 32, 8, 8), "teacher_channels": 64},
+                 notes="small call; teacher has twice the channels"),
+    ),
+))
+
+register(LossSpec(
+    name="attention_map_loss",
+    function=attention_map_loss,
+    family="attention",
+    make_inputs=_map_inputs,
+    reference="attention:attention_map_loss",
+    torch="attention:attention_map_loss_torch",
+    variants=(
+        Variant("mse (TinyBERT)", {"kind": "mse"}),
+        Variant("kl, probabilities", {"kind": "kl"}),
+        Variant("kl, logits", {"kind": "kl", "inputs": "logits"}, {"probs": False}),
+    ),
+    medium={"shape": (4, 4, 32, 64)},
+    bad_inputs=(
+        BadInput("unknown kind", lambda a: _with(a, kind="cos"), ValueError, "kind"),
+        BadInput("unknown inputs", lambda a: _with(a, inputs="p"), ValueError, "inputs"),
+        BadInput("last axes differ",
+                 lambda a: _with(a, teacher_attn=a["teacher_attn"][..., :-1]), ValueError,
+                 "shape mismatch"),
+        BadInput("1-D maps",
+                 lambda a: _with(a, student_attn=a["student_attn"].ravel(),
+                                 teacher_attn=a["teacher_attn"].ravel()),
+                 ValueError, "at least 2 dimensions"),
+        BadInput("kl: negative student probability",
+                 lambda a: _changed({**a, "kind": "kl"}, "student_attn", _negative_entry),
+                 ValueError, "student_attn must hold probabilities.*negative"),
+        BadInput("kl: negative teacher probability",
+                 lambda a: _changed({**a, "kind": "kl"}, "teacher_attn", _negative_entry),
+                 ValueError, "teacher_attn must hold probabilities.*negative"),
+        BadInput("kl: student rows not summing to 1",
+                 lambda a: _changed({**a, "kind": "kl"}, "student_attn", lambda x: 0.9 * x),
+                 ValueError, "student_attn rows must be probability vectors"),
+    ),
+    workloads=(
+        Workload("32x12x128x128", {"shape": (32, 12, 128, 128)}, options={"kind": "kl"},
+                 notes="BERT-base attention probabilities, KL over rows"),
+    ),
+))

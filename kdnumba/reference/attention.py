@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from kdnumba._constants import NORM_EPS as EPS
 from kdnumba.reference.feature import feature_loss
 from kdnumba.reference.response import log_softmax
-
-EPS = 1e-12
 
 
 def _pool_to(x, spatial):
@@ -93,3 +92,59 @@ def attention_map_loss(student_attn, teacher_attn, *, kind="mse", inputs="probs"
         terms = np.where(t > 0, t * (np.log(np.where(t > 0, t, 1)) - np.log(s_hat)), 0)
         grad = np.where(s >= EPS, -t / np.where(s >= EPS, s, 1) / n_rows, 0)
     return float(terms.sum() / n_rows), grad.astype(s.dtype, copy=False)
+
+
+# --- PyTorch expressions (torch imported only when called) ----------------------------
+
+def _torch_pool_to(x, spatial):
+    """Block-mean ``x`` (B, C, *sp) down to ``spatial`` (sizes divide): what
+    ``F.adaptive_avg_pool2d`` does for such sizes (RepDistiller ``AT.py``)."""
+    shape = list(x.shape[:2])
+    for n, m in zip(x.shape[2:], spatial):
+        shape += [m, n // m]
+    return x.reshape(shape).mean(dim=tuple(range(3, 3 + 2 * len(spatial), 2)))
+
+
+def attention_transfer_torch(student_feats, teacher_feats, *, p=2, variant="repdistiller",
+                             pool=False):
+    """RepDistiller's ``Attention.at_loss`` on tensors::
+
+        at = lambda f: F.normalize(f.pow(p).mean(1).view(f.size(0), -1))
+        (at(s) - at(t)).pow(2).mean()
+
+    or the paper's variant (``|f|^p`` summed over channels, the batch mean of
+    ``||a(s) - a(t)||_2``); ``pool`` block-averages the larger map first."""
+    import torch.nn.functional as F
+
+    s, t = student_feats, teacher_feats.to(student_feats.dtype)
+    if pool:
+        target = tuple(min(a, b) for a, b in zip(s.shape[2:], t.shape[2:]))
+        s = _torch_pool_to(s, target) if tuple(s.shape[2:]) != target else s
+        t = _torch_pool_to(t, target) if tuple(t.shape[2:]) != target else t
+
+    def at(f):
+        q = f.abs().pow(p).sum(1) if variant == "paper" else f.pow(p).mean(1)
+        return F.normalize(q.reshape(f.size(0), -1))
+
+    d = at(s) - at(t)
+    if variant == "paper":
+        return d.norm(dim=1).mean()
+    return d.pow(2).mean()
+
+
+def attention_map_loss_torch(student_attn, teacher_attn, *, kind="mse", inputs="probs"):
+    """The attention-map losses on tensors: ``F.mse_loss`` (TinyBERT), or
+    ``F.kl_div`` summed over the last axis and averaged over the rows, on
+    ``log_softmax`` of scores or on probabilities clamped at 1e-12."""
+    import math
+
+    import torch.nn.functional as F
+
+    s, t = student_attn, teacher_attn.to(student_attn.dtype)
+    if kind == "mse":
+        return F.mse_loss(s, t)
+    n_rows = math.prod(s.shape[:-1])
+    if inputs == "logits":
+        return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True,
+                        reduction="sum") / n_rows
+    return F.kl_div(s.clamp_min(EPS).log(), t, reduction="sum") / n_rows

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from cuda_support import assert_matches_cpu, device, foreign
 
-from kdnumba import _cuda_paths
 from kdnumba.functional import attention_map_loss, attention_transfer, feature_loss
 
 DTYPES = [np.float32, np.float64]
@@ -25,10 +24,10 @@ def test_feature_loss_matches_cpu(rng, dtype, monkeypatch):
     monkeypatch.setattr(kf, "CHUNK", 16)  # several partials
     s = rng.standard_normal((3, 5, 4)).astype(dtype)
     t = rng.standard_normal((3, 5, 4)).astype(dtype)
-    got = _cuda_paths.feature_loss(foreign(s), foreign(t.astype(np.float64)))
+    got = feature_loss(foreign(s), foreign(t.astype(np.float64)), device="cuda")
     assert not isinstance(got[1], np.ndarray)
     _check(got, feature_loss(s, t.astype(np.float64), device="cpu"), dtype)
-    host = _cuda_paths.feature_loss(s, t)
+    host = feature_loss(s, t, device="cuda")
     assert isinstance(host[1], np.ndarray)
     _check(host, feature_loss(s, t, device="cpu"), dtype)
 
@@ -45,7 +44,7 @@ def test_feature_loss_errors_match_cpu(rng):
         with pytest.raises(exc, match=match):
             feature_loss(a, b, device="cpu")
         with pytest.raises(exc, match=match):
-            _cuda_paths.feature_loss(device(a), device(b))
+            feature_loss(device(a), device(b), device="cuda")
 
 
 # --- attention transfer ----------------------------------------------------------------
@@ -56,28 +55,32 @@ def test_attention_transfer_matches_cpu(rng, dtype, variant, p):
     s = rng.standard_normal((2, 3, 3, 4)).astype(dtype)
     t = rng.standard_normal((2, 5, 3, 4)).astype(dtype)  # channel counts may differ
     s[1, :, 0, 0] = 0.0  # sign(0) = 0 in the paper variant
-    got = _cuda_paths.attention_transfer(foreign(s), foreign(t), p=p, variant=variant,
-                                         pool=False)
+    got = attention_transfer(foreign(s), foreign(t), p=p, variant=variant, device="cuda")
     assert not isinstance(got[1], np.ndarray)
     ref = attention_transfer(s, t, p=p, variant=variant, device="cpu")
     _check(got, ref, dtype)
 
 
-def test_attention_transfer_zero_map_and_errors(rng):
+def test_attention_transfer_zero_map_out_and_errors(rng):
     s = np.zeros((2, 2, 5))
     t = rng.standard_normal((2, 2, 5))
-    _check(_cuda_paths.attention_transfer(s, t, p=2, variant="repdistiller", pool=False),
-           attention_transfer(s, t, device="cpu"), np.float64)
+    _check(attention_transfer(s, t, device="cuda"), attention_transfer(s, t, device="cpu"),
+           np.float64)
+    s = rng.standard_normal((2, 2, 5))
+    out = device(np.full_like(s, np.nan))
+    loss, grad = attention_transfer(device(s), t, device="cuda", out=out)
+    assert grad is out
+    _check((loss, grad), attention_transfer(s, t, device="cpu"), np.float64)
     with pytest.raises(ValueError, match="batch size mismatch"):
-        _cuda_paths.attention_transfer(s, t[:1], p=2, variant="repdistiller", pool=False)
+        attention_transfer(s, t[:1], device="cuda")
     with pytest.raises(ValueError, match="spatial size mismatch"):
-        _cuda_paths.attention_transfer(s, t[:, :, :4], p=2, variant="repdistiller",
-                                       pool=False)
+        attention_transfer(s, t[:, :, :4], device="cuda")
     with pytest.raises(NotImplementedError, match="pool"):
-        _cuda_paths.attention_transfer(np.zeros((2, 2, 4)), np.zeros((2, 2, 2)), p=2,
-                                       variant="repdistiller", pool=True)
+        attention_transfer(np.zeros((2, 2, 4)), np.zeros((2, 2, 2)), pool=True, device="cuda")
     with pytest.raises(ValueError, match="at least 3 dimensions"):
-        _cuda_paths.attention_transfer(s[0], t[0], p=2, variant="repdistiller", pool=False)
+        attention_transfer(s[0], t[0], device="cuda")
+    with pytest.raises(ValueError, match="student_feats contains NaN"):
+        attention_transfer(np.full_like(s, np.nan), t, device="cuda")
 
 
 # --- attention maps ----------------------------------------------------------------------
@@ -94,10 +97,15 @@ def test_attention_map_losses_match_cpu(rng, dtype):
     t[0, 1, 2, 3] = 0.0  # 0 log 0 = 0
     t[0, 1, 2] /= t[0, 1, 2].sum()
     for kind, inputs in (("mse", "probs"), ("kl", "probs"), ("kl", "logits")):
-        got = _cuda_paths.attention_map_loss(foreign(s), foreign(t), kind=kind, inputs=inputs)
+        got = attention_map_loss(foreign(s), foreign(t), kind=kind, inputs=inputs,
+                                 device="cuda")
         assert not isinstance(got[1], np.ndarray)
         ref = attention_map_loss(s, t, kind=kind, inputs=inputs, device="cpu")
         _check(got, ref, dtype)
+        out = np.full_like(s, np.nan)  # a host student's gradient copied into out
+        loss, grad = attention_map_loss(s, t, kind=kind, inputs=inputs, device="cuda", out=out)
+        assert grad is out
+        _check((loss, grad), ref, dtype)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -117,7 +125,7 @@ def test_attention_map_errors_match_cpu(rng):
         with pytest.raises(ValueError, match=match) as cpu_error:
             attention_map_loss(a, b, kind="kl", inputs=inputs, device="cpu")
         with pytest.raises(ValueError, match=match) as gpu_error:
-            _cuda_paths.attention_map_loss(device(a), device(b), kind="kl", inputs=inputs)
+            attention_map_loss(device(a), device(b), kind="kl", inputs=inputs, device="cuda")
         assert str(gpu_error.value) == str(cpu_error.value)
 
 

@@ -1,5 +1,9 @@
 """Attention kernels: attention transfer on feature maps, KL between attention maps.
 
+The launch functions -- :func:`at_rows`, :func:`kl_prob_rows`, :func:`avg_pool`,
+:func:`avg_unpool` -- are those of ``kernels.cuda.attention``, with the same
+arguments, writing into the caller's outputs.
+
 Attention transfer (Zagoruyko & Komodakis 2017; RepDistiller ``AT.py``), one
 sample ``b`` per ``prange`` iteration, features viewed as ``(C, S)`` with ``S``
 the flattened spatial size::
@@ -28,6 +32,7 @@ import math
 import numpy as np
 from numba import prange
 
+from kdnumba._constants import ROW_SUM_TOL
 from kdnumba._policy import jit, parallel_jit
 from kdnumba.kernels.cpu.dtypes import cast_like
 from kdnumba.kernels.cpu.fastexp import log_pos_f64
@@ -180,7 +185,7 @@ _ROWS_PER_CHUNK = 64
 
 
 @parallel_jit
-def kl_prob_rows(s, t, eps, c, grad, row_loss, row_stats):
+def kl_prob_rows(s, t, eps, c, grad, row_loss):
     """KL(t_r || s_r) over rows of probability vectors, clamping the student at ``eps``.
 
     Per row ``r`` of ``(R, L)`` arrays, with ``s^ = max(s, eps)``::
@@ -191,15 +196,16 @@ def kl_prob_rows(s, t, eps, c, grad, row_loss, row_stats):
     (``0 log 0 = 0``; the clamp is flat below ``eps``, so no gradient there.)
     The loop is branch-free (selects, ``fastexp.log_pos_f64``) and vectorises.
 
+    A row that is not a pair of probability vectors -- a negative entry, a
+    sum off 1 by more than ``ROW_SUM_TOL``, NaN/inf in either -- gets a NaN
+    ``row_loss``, so the caller checks only the total (and names the problem
+    on that error path). The negative entries are found through the sum of
+    the negative parts ``sum min(x, 0)`` (negative iff the row holds one; a
+    sum vectorises where a running minimum does not).
+
     Parameters (``F`` is the dtype of ``s``):
         eps: F clamp; c: F gradient factor (``1/R`` for a mean over rows).
         grad: ``(R, L)`` F output; row_loss: ``(R,)`` float64 output.
-        row_stats: ``(R, 4)`` float64 output: ``sum s, sum t`` and the sums
-            of the negative parts ``sum min(s, 0)``, ``sum min(t, 0)`` per row
-            (negative iff the row holds a negative entry, like a row minimum,
-            but a sum vectorises where a running minimum does not), for the
-            caller's validation (NaN/inf, negative entries, rows not summing
-            to 1) without another pass over the inputs.
     """
     n_rows, n_cols = s.shape
     n_chunks = (n_rows + _ROWS_PER_CHUNK - 1) // _ROWS_PER_CHUNK
@@ -226,8 +232,34 @@ def kl_prob_rows(s, t, eps, c, grad, row_loss, row_stats):
                 t64 = np.float64(tj)
                 term = t64 * log_pos_f64(t64 / np.float64(max(sj, eps)))
                 loss += term if tj > zero else 0.0
-            row_loss[i] = loss
-            row_stats[i, 0] = s_sum
-            row_stats[i, 1] = t_sum
-            row_stats[i, 2] = s_neg
-            row_stats[i, 3] = t_neg
+            valid = (s_neg >= 0.0 and t_neg >= 0.0 and abs(s_sum - 1.0) <= ROW_SUM_TOL
+                     and abs(t_sum - 1.0) <= ROW_SUM_TOL)
+            row_loss[i] = loss if valid else math.nan
+
+
+# --- average pooling (host NumPy; the arrays are the caller's) ------------------------
+
+def _block_shape(shape, factors):
+    """Shape ``(B, C, n0, k0, n1, k1, ...)`` splitting each spatial axis in blocks."""
+    out = list(shape[:2])
+    for size, k in zip(shape[2:], factors):
+        out += [size // k, k]
+    return out
+
+
+def avg_pool(x, factors, out):
+    """``out`` = mean of ``x`` (B, C, *spatial) over non-overlapping blocks of
+    ``factors`` along the spatial axes (``out``: C-contiguous, x's dtype)."""
+    block_axes = tuple(range(3, 2 + 2 * len(factors), 2))
+    np.mean(x.reshape(_block_shape(x.shape, factors)), axis=block_axes, dtype=x.dtype, out=out)
+
+
+def avg_unpool(g, factors, out):
+    """The adjoint of :func:`avg_pool`: each block of ``out`` (C-contiguous, the
+    unpooled shape) receives ``g / prod(factors)``."""
+    blocks = _block_shape(out.shape, factors)
+    expanded = list(blocks)
+    for i in range(len(factors)):
+        expanded[3 + 2 * i] = 1
+    scale = g.dtype.type(1.0 / math.prod(factors))
+    out.reshape(blocks)[...] = g.reshape(expanded) * scale

@@ -1,11 +1,14 @@
 """Attention kernels on the GPU: attention transfer, KL between attention maps.
 
-The CUDA twin of ``kernels.cpu.attention`` (same formulas). Attention
-transfer on features ``(B, C, S)`` runs in three launches:
+The CUDA twin of ``kernels.cpu.attention``: the same launch functions
+(:func:`at_rows`, :func:`kl_prob_rows`, :func:`avg_pool`, :func:`avg_unpool`)
+with the same arguments, writing into the caller's outputs, and the same
+formulas. :func:`at_rows` on features ``(B, C, S)`` runs three kernels
+(with three float64 ``(B, S)`` scratch arrays on the device):
 
-1. :func:`power_sums` -- one thread per ``(b, j)`` (coalesced in ``j``):
+1. ``_power_sums`` -- one thread per ``(b, j)`` (coalesced in ``j``):
    ``q_bj = k sum_c v(f_bcj)``, ``v(x) = x^p`` (or ``|x|^p``), float64.
-2. :func:`at_samples` -- one block per sample, threads over ``j``, three
+2. ``_at_samples`` -- one block per sample, threads over ``j``, three
    shared-memory tree reductions in fixed order: ``||q_s||``, ``||q_t||``;
    then ``sum d^2`` and ``sum a_s d`` with ``d = a_s - a_t``; it writes the
    sample's loss and ``k g_q``, the factor of ``v'(f_cj)`` in the gradient::
@@ -13,13 +16,16 @@ transfer on features ``(B, C, S)`` runs in three launches:
        g_a = 2 w d   (or w d / ||d||, "paper")
        g_q = (g_a - a_s (a_s . g_a)) / ||q_s||   (||q_s|| >= eps; else g_a / eps)
 
-3. :func:`at_gradient` -- elementwise ``grad_bcj = (k g_q)_bj v'(f_bcj)``.
+3. ``_at_gradient`` -- elementwise ``grad_bcj = (k g_q)_bj v'(f_bcj)``.
 
 :func:`kl_prob_rows` (KL between attention probabilities) is one block per
 row with the CPU kernel's loss and gradient, and it marks a row whose
 probabilities are invalid (negative entry, sum off by more than 1e-3,
-NaN/inf) with a NaN loss, so the caller needs no statistics pass on the host
-unless the total is not finite.
+NaN/inf) with a NaN loss, as the CPU kernel does, so the caller needs no
+statistics pass on the host unless the total is not finite.
+
+Average pooling of unequal spatial sizes (``attention_transfer(pool=True)``)
+is not implemented on the GPU: :func:`avg_pool` raises ``NotImplementedError``.
 """
 
 from __future__ import annotations
@@ -29,13 +35,12 @@ import math
 import numpy as np
 from numba import cuda, types
 
+from kdnumba._constants import ROW_SUM_TOL
 from kdnumba.kernels.cuda import (block_reductions, block_size, compile_kernel, grid_size,
                                   item_launch)
 
 tree_sum, tree_max = block_reductions(globals())
 
-#: Tolerance on row sums of attention probabilities (as the functional layer).
-ROW_SUM_TOL = 1e-3
 
 
 @cuda.jit(device=True)
@@ -203,40 +208,62 @@ KERNELS = [(_power_sums_kernel, _POWER_SUMS_SIG), (_at_samples_kernel, _SAMPLES_
            (_at_gradient_kernel, _GRAD_SIG), (_kl_rows_kernel, _KL_SIG)]
 
 
-def power_sums(f, p, use_abs, k):
-    """``q_bj = k sum_c v(f_bcj)`` of ``(B, C, S)`` features, float64 ``(B, S)``."""
+def _power_sums(f, p, use_abs, k, q):
+    """``q_bj = k sum_c v(f_bcj)`` of ``(B, C, S)`` features into float64 ``q`` ``(B, S)``."""
     n_b, _, n_sp = f.shape
-    q = cuda.device_array((n_b, n_sp), dtype=np.float64)
     compile_kernel(_power_sums_kernel, _POWER_SUMS_SIG, f.dtype)[item_launch(n_b * n_sp)](
         f, int(p), bool(use_abs), float(k), q)
-    return q
 
 
-def at_samples(q_s, q_t, eps, w, paper_loss, k_s):
-    """Per-sample losses and ``k g_q`` (both float64 device arrays)."""
+def _at_samples(q_s, q_t, eps, w, paper_loss, k_s, gq, row_loss):
+    """Per-sample losses into ``row_loss`` and ``k g_q`` into ``gq`` (float64)."""
     n_b, n_sp = q_s.shape
-    gq = cuda.device_array((n_b, n_sp), dtype=np.float64)
-    row_loss = cuda.device_array(n_b, dtype=np.float64)
     threads = block_size(n_sp)
     compile_kernel(_at_samples_kernel, _SAMPLES_SIG)[grid_size(n_b), threads, 0,
                                                       2 * threads * 8](
         q_s, q_t, float(eps), float(w), bool(paper_loss), float(k_s), gq, row_loss)
-    return gq, row_loss
 
 
-def at_gradient(f, p, use_abs, gq, grad):
+def _at_gradient(f, p, use_abs, gq, grad):
     """``grad_bcj = gq_bj v'(f_bcj)``."""
     n = int(np.prod(f.shape))
     compile_kernel(_at_gradient_kernel, _GRAD_SIG, f.dtype)[item_launch(n)](
         f, int(p), bool(use_abs), gq, grad)
 
 
+def at_rows(s, t, p, use_abs, mean_channels, paper_loss, eps, w, grad, row_loss):
+    """Attention-transfer loss per sample and gradient (``kernels.cpu.attention.at_rows``):
+    ``s`` ``(B, Cs, S)``, ``t`` ``(B, Ct, S)``, ``grad`` like ``s``, ``row_loss`` ``(B,)``."""
+    n_b, c_s, n_sp = s.shape
+    k_s = 1.0 / c_s if mean_channels else 1.0
+    k_t = 1.0 / t.shape[1] if mean_channels else 1.0
+    q_s = cuda.device_array((n_b, n_sp), dtype=np.float64)
+    q_t = cuda.device_array((n_b, n_sp), dtype=np.float64)
+    _power_sums(s, p, use_abs, k_s, q_s)
+    _power_sums(t, p, use_abs, k_t, q_t)
+    gq = cuda.device_array((n_b, n_sp), dtype=np.float64)
+    _at_samples(q_s, q_t, eps, w, paper_loss, k_s, gq, row_loss)
+    _at_gradient(s, p, use_abs, gq, grad)
+
+
 def kl_prob_rows(s, t, eps, c, grad, row_loss):
     """KL(t_r || s_r) over rows of probabilities (see ``kernels.cpu.attention``);
-    an invalid row gets a NaN ``row_loss`` (the CPU kernel's ``row_stats`` are
-    not produced: the caller re-runs the CPU path to name an invalid row)."""
+    an invalid row gets a NaN ``row_loss``."""
     dtype = np.dtype(s.dtype)
     threads = block_size(s.shape[1])
     compile_kernel(_kl_rows_kernel, _KL_SIG, dtype)[
         grid_size(s.shape[0]), threads, 0, 5 * threads * 8](
         s, t, dtype.type(eps), dtype.type(c), grad, row_loss)
+
+
+def avg_pool(x, factors, out):
+    """Not on the GPU yet: ``NotImplementedError`` (``kernels.cpu.attention.avg_pool``)."""
+    raise NotImplementedError(
+        "attention_transfer(pool=True) with different spatial sizes is not implemented "
+        "on CUDA: pool the larger map on the device first (e.g. "
+        "torch.nn.functional.adaptive_avg_pool2d), or use device='cpu'")
+
+
+def avg_unpool(g, factors, out):
+    """Not on the GPU yet: ``NotImplementedError`` (see :func:`avg_pool`)."""
+    avg_pool(g, factors, out)
