@@ -3,8 +3,8 @@
 Each scenario copies the package to a temporary directory, makes it read-only
 and runs a small ``feature_loss`` in a fresh interpreter. Tests run as root
 here, and root ignores file permissions; the child therefore drops
-CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from its bounding set before
-``exec`` (``prctl(PR_CAPBSET_DROP)``), which makes root obey permission bits
+CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from its bounding set
+(``prctl(PR_CAPBSET_DROP)``, in a launcher that then ``exec``s it), which makes root obey permission bits
 like any user. Each child checks that it cannot write into its package.
 
 The regression: with ``numba.njit(cache=True)`` applied at import, ``import
@@ -15,7 +15,6 @@ was ignored.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
@@ -69,13 +68,16 @@ print(json.dumps({
 }))
 '''
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _drop_root_file_powers():  # runs in the child between fork and exec
-    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
-        if _libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
-            os._exit(77)
+# Run before the child: drop root's power over file permissions, then exec it.
+# (A launcher rather than preexec_fn, which is unsafe in a threaded process.)
+_DROP_AND_EXEC = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+    if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+        sys.exit(77)
+os.execv(sys.executable, [sys.executable] + sys.argv[1:])
+"""
 
 
 def _read_only(path: Path) -> None:
@@ -118,10 +120,9 @@ def _start(root: Path, **env_extra) -> subprocess.Popen:
     env = {"PATH": os.environ.get("PATH", ""), "HOME": str(root / "home"),
            "PYTHONPATH": str(root / "site"), "NUMBA_NUM_THREADS": "2"}
     env.update(env_extra)
-    preexec = _drop_root_file_powers if os.geteuid() == 0 else None
-    return subprocess.Popen([sys.executable, "-c", CHILD], env=env, cwd=root,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=preexec)
+    launcher = ["-c", _DROP_AND_EXEC] if os.geteuid() == 0 else []
+    return subprocess.Popen([sys.executable, *launcher, "-c", CHILD], env=env, cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _finish(proc: subprocess.Popen, root: Path) -> dict:
