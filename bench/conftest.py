@@ -2,8 +2,7 @@
 
     python -m pytest bench --benchmark-enable
 
-Each ``test_bench_<family>.py`` is generated from that family's cases in
-``kdnumba/benchmarking/cases_<family>.py`` by
+``test_bench_losses.py`` is generated from the registry's workloads by
 :func:`kdnumba.benchmarking.pytest_bench.make_tests`.
 """
 

@@ -15,17 +15,19 @@ and backward on fixed logits.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed: pip install 'kdnumba[torch]'")
 
 import kdnumba.torch as kdt  # noqa: E402
-from kdnumba.benchmarking.cases_response import pytorch_kd  # noqa: E402
+from kdnumba.reference.response import kd_loss_torch  # noqa: E402
 
 BATCH, FEATURES, HIDDEN, CLASSES = 1024, 256, 512, 1000
 TEMPERATURE, ALPHA = 4.0, 0.3
 
-LOSSES = {"kdnumba": kdt.KDLoss(TEMPERATURE, ALPHA), "pytorch": pytorch_kd(TEMPERATURE, ALPHA)}
+LOSSES = {"kdnumba": kdt.KDLoss(TEMPERATURE, ALPHA), "pytorch": functools.partial(kd_loss_torch, temperature=TEMPERATURE, alpha=ALPHA)}
 
 
 @pytest.fixture(scope="module")

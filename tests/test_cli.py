@@ -8,6 +8,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from kdnumba import cli
@@ -224,12 +225,23 @@ def test_select_cases_filters():
     assert select_cases(["response"], ["no-such-case"]) == []
 
 
-def test_response_cases_are_well_formed():
-    cases = all_cases(("response",))
-    assert len({c.name for c in cases}) == len(cases) == 4
-    for c in cases:
+def test_benchmark_cases_come_from_the_registry_and_are_well_formed():
+    from kdnumba import functional
+
+    cases = all_cases()
+    assert len({c.name for c in cases}) == len(cases)
+    for spec in functional.specs():
+        mine = [c for c in cases if c.name.startswith(spec.name + "/")]
+        assert len(mine) >= len(spec.workloads), spec.name
+    response = all_cases(("response",))
+    assert len(response) == 4
+    for c in response:
         assert isinstance(c, BenchCase) and c.family == "response"
-        assert c.numpy is not None and c.torch is not None and c.bytes_moved > 0
+        assert c.numpy is not None and c.torch is not None
+    small = next(c for c in response if "B256_C10" in c.name)
+    inputs = small.make_inputs(np.random.default_rng(0))
+    # student and teacher read, gradient written, int64 labels read
+    assert small.bytes_for(inputs) == 3 * 256 * 10 * 4 + 8 * 256
 
 
 def test_time_interleaved_reports_each_implementation():

@@ -1,11 +1,11 @@
 """pytest-benchmark tests generated from the benchmark cases of a family.
 
-A family's ``bench/test_bench_<family>.py`` is two lines::
+``bench/test_bench_losses.py`` is two lines::
 
     from kdnumba.benchmarking.pytest_bench import make_tests
-    globals().update(make_tests("response"))
+    globals().update(make_tests())
 
-which defines, parametrised over the family's cases (``benchmark.group`` =
+which defines, parametrised over every case of every registered loss (``benchmark.group`` =
 the case name, so pytest-benchmark prints the implementations of one case
 side by side):
 
@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from kdnumba.benchmarking import all_cases
-from kdnumba.benchmarking.runner import AGREEMENT_RTOL, _agreement, _loss_and_grad
+from kdnumba.benchmarking.runner import AGREEMENT_RTOL, agreement, loss_and_grad
 
 _INPUTS: dict[str, dict] = {}
 
@@ -40,9 +40,9 @@ def inputs_of(case) -> dict:
 
 
 def _check_agrees(case, inputs, result) -> None:
-    agreement = _agreement(case.kdnumba(inputs), result)
-    assert agreement, f"{case.name}: result has no comparable loss/gradient"
-    for what, rel in agreement.items():
+    measured = agreement(case.kdnumba(inputs), result)
+    assert measured, f"{case.name}: result has no comparable loss/gradient"
+    for what, rel in measured.items():
         assert rel <= AGREEMENT_RTOL, f"{case.name}: {what} differs from kdnumba by {rel:.2e}"
 
 
@@ -53,9 +53,9 @@ def _torch_threads():
     return torch
 
 
-def make_tests(family: str) -> dict:
-    """``{"test_kdnumba": ..., ...}`` for the cases of ``family``."""
-    cases = all_cases((family,))
+def make_tests(family: str | None = None) -> dict:
+    """``{"test_kdnumba": ..., ...}`` for the cases of ``family`` (all by default)."""
+    cases = all_cases(None if family is None else (family,))
     ids = [c.name for c in cases]
     variants = [(c, label, fn) for c in cases for label, fn in c.variants]
 
@@ -63,9 +63,9 @@ def make_tests(family: str) -> dict:
     def test_kdnumba(benchmark, case):
         inputs = inputs_of(case)
         benchmark.group = case.name
-        benchmark.extra_info["bytes_moved"] = case.bytes_moved
+        benchmark.extra_info["bytes_moved"] = case.bytes_for(inputs)
         first = case.kdnumba(inputs)  # compile or load from cache, untimed
-        loss, _ = _loss_and_grad(first)
+        loss, _ = loss_and_grad(first)
         assert loss is not None and np.isfinite(loss)
         benchmark(case.kdnumba, inputs)
 

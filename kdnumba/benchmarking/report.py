@@ -22,7 +22,7 @@ def fmt_time(seconds) -> str:
     return f"{seconds:.2f} s"
 
 
-def fmt_ratio(x) -> str:
+def fmtratio(x) -> str:
     """``25.2×``, ``1.17×``; ``-`` when missing."""
     if x is None or not math.isfinite(x):
         return "-"
@@ -33,7 +33,7 @@ def _min(timing) -> float | None:
     return None if timing is None else timing["min_s"]
 
 
-def _ratio(num, den):
+def ratio(num, den):
     """``num / den``; ``None`` when either is missing or ``den <= 0``."""
     if num is None or den is None or den <= 0:
         return None
@@ -71,14 +71,14 @@ def _rows(doc) -> list[list[str]]:
             row = [label, fmt_time(kd), fmt_time(timing["median_s"]),
                    fmt_time(np_min) if k == 0 else "",
                    fmt_time(torch_min) if k == 0 else "",
-                   fmt_ratio(_ratio(np_min, kd)), fmt_ratio(_ratio(torch_min, kd)),
+                   fmtratio(ratio(np_min, kd)), fmtratio(ratio(torch_min, kd)),
                    fmt_time(mem_.get("cache_hot_s")) if k == 0 else "",
                    fmt_time(mem_.get("dram_s")) if k == 0 else "",
-                   fmt_ratio(_ratio(kd, mem_.get("cache_hot_s"))),
-                   fmt_ratio(_ratio(kd, mem_.get("dram_s")))]
+                   fmtratio(ratio(kd, mem_.get("cache_hot_s"))),
+                   fmtratio(ratio(kd, mem_.get("dram_s")))]
             if gemm:
                 row += [fmt_time(gb.get("bound_s")) if k == 0 else "",
-                        fmt_ratio(_ratio(kd, gb.get("bound_s")))]
+                        fmtratio(ratio(kd, gb.get("bound_s")))]
             if k == 0:
                 row += [fmt_time(comp.get("cold_s")), fmt_time(comp.get("cached_s"))]
             else:

@@ -39,7 +39,7 @@ from kdnumba.benchmarking import FAMILIES, BenchCase, all_cases
 from kdnumba.benchmarking import bounds as _bounds
 from kdnumba.benchmarking.compile_probe import measure_compile
 from kdnumba.benchmarking.machine import machine_info
-from kdnumba.benchmarking.report import _ratio, format_markdown, format_text
+from kdnumba.benchmarking.report import format_markdown, format_text, ratio
 from kdnumba.benchmarking.timing import FULL, QUICK, TimingPolicy, time_interleaved
 
 SCHEMA = "kdnumba.bench/1"
@@ -76,7 +76,7 @@ def select_cases(families=None, patterns=None, quick=False, *, errors=None
 
 # --- agreement ---------------------------------------------------------------
 
-def _loss_and_grad(result):
+def loss_and_grad(result):
     """Best-effort ``(loss: float | None, grad: ndarray | None)`` of a result."""
     loss, grad = result, None
     if isinstance(result, (tuple, list)) and result:
@@ -95,9 +95,9 @@ def _loss_and_grad(result):
     return loss, grad
 
 
-def _agreement(ref, other) -> dict:
-    ref_loss, ref_grad = _loss_and_grad(ref)
-    loss, grad = _loss_and_grad(other)
+def agreement(ref, other) -> dict:
+    ref_loss, ref_grad = loss_and_grad(ref)
+    loss, grad = loss_and_grad(other)
     out = {}
     if ref_loss is not None and loss is not None:
         out["loss_rel"] = abs(loss - ref_loss) / max(abs(ref_loss), 1e-30)
@@ -130,7 +130,9 @@ def kernel_cache_stats() -> tuple[int, int]:
     return hits, misses
 
 
-def _dtype_of(inputs: dict):
+def _dtype_of(case: BenchCase, inputs: dict):
+    if case.dtype is not None:
+        return np.dtype(case.dtype)
     for value in inputs.values():
         if isinstance(value, np.ndarray) and value.dtype.kind == "f":
             return value.dtype
@@ -164,7 +166,7 @@ def run_case(case: BenchCase, *, policy: TimingPolicy, torch_ok: bool, dram: dic
     hits1, misses1 = kernel_cache_stats()
     first = {"s": first_call["kdnumba"], "compiled": misses1 > misses0,
              "from_cache": hits1 > hits0 and misses1 == misses0}
-    agreement = {}
+    agreements = {}
     for label, fn in impls.items():
         if label == "kdnumba":
             continue
@@ -172,17 +174,19 @@ def run_case(case: BenchCase, *, policy: TimingPolicy, torch_ok: bool, dram: dic
             t0 = time.perf_counter()
             result = fn()
             first_call[label] = time.perf_counter() - t0
-            agreement[label.removeprefix("variant:")] = _agreement(reference, result)
+            agreements[label.removeprefix("variant:")] = agreement(reference, result)
         except Exception as exc:
             errors[label] = f"{type(exc).__name__}: {exc}"
     for label in [k for k in impls if k in errors]:
         del impls[label]
-    disagrees = any(v > AGREEMENT_RTOL for a in agreement.values() for v in a.values())
+    disagrees = any(v > AGREEMENT_RTOL for a in agreements.values() for v in a.values())
 
     # The cache-hot copy bound is timed in the same rounds, under the same load.
     bound_bytes = None
-    if case.bytes_moved:
-        impls["bound:copy-hot"], bound_bytes = _bounds.stream_kernel(case.bytes_moved)
+    bytes_moved = case.bytes_for(inputs)
+    flops = case.flops_for(inputs)
+    if bytes_moved:
+        impls["bound:copy-hot"], bound_bytes = _bounds.stream_kernel(bytes_moved)
 
     timings = {k: t.as_dict() for k, t in time_interleaved(impls, policy).items()}
     for label, seconds in first_call.items():
@@ -195,40 +199,40 @@ def run_case(case: BenchCase, *, policy: TimingPolicy, torch_ok: bool, dram: dic
     def ratios(other):
         if other is None:
             return None
-        return {"min": _ratio(other["min_s"], kd["min_s"]),
-                "median": _ratio(other["median_s"], kd["median_s"])}
+        return {"min": ratio(other["min_s"], kd["min_s"]),
+                "median": ratio(other["median_s"], kd["median_s"])}
 
     record = {
         "name": case.name, "family": case.family, "notes": case.notes,
-        "quick": case.quick, "bytes_moved": case.bytes_moved, "flops": case.flops,
+        "quick": case.quick, "bytes_moved": bytes_moved, "flops": flops,
         "kdnumba": kd, "variants": variants,
         "numpy": timings.get("numpy"), "torch": timings.get("torch"),
         "ratios": {"numpy/kdnumba": ratios(timings.get("numpy")),
                    "torch/kdnumba": ratios(timings.get("torch"))},
         "memory_bound": None, "gemm_bound": None, "compile": compile_info,
         "first_call": first,
-        "agreement": agreement, "disagrees": disagrees, "errors": errors,
+        "agreement": agreements, "disagrees": disagrees, "errors": errors,
     }
 
     if hot is not None:
-        dram_s = case.bytes_moved / (dram["gbps"] * 1e9) if dram else None
+        dram_s = bytes_moved / (dram["gbps"] * 1e9) if dram else None
         record["memory_bound"] = {
-            "bytes_moved": case.bytes_moved,
+            "bytes_moved": bytes_moved,
             "cache_hot_s": hot["min_s"], "cache_hot_median_s": hot["median_s"],
             "cache_hot_gbps": bound_bytes / hot["min_s"] / 1e9,
             "dram_s": dram_s,
-            "kdnumba/cache_hot": _ratio(kd["min_s"], hot["min_s"]),
-            "kdnumba/dram": _ratio(kd["min_s"], dram_s),
-            "variants": {k: {"kdnumba/cache_hot": _ratio(v["min_s"], hot["min_s"]),
-                             "kdnumba/dram": _ratio(v["min_s"], dram_s)}
+            "kdnumba/cache_hot": ratio(kd["min_s"], hot["min_s"]),
+            "kdnumba/dram": ratio(kd["min_s"], dram_s),
+            "variants": {k: {"kdnumba/cache_hot": ratio(v["min_s"], hot["min_s"]),
+                             "kdnumba/dram": ratio(v["min_s"], dram_s)}
                          for k, v in variants.items()},
         }
-    if case.flops:
-        peak = gemm.get(_dtype_of(inputs).name)
+    if flops:
+        peak = gemm.get(_dtype_of(case, inputs).name)
         if peak:
-            bound_s = case.flops / (peak["gflops"] * 1e9)
+            bound_s = flops / (peak["gflops"] * 1e9)
             record["gemm_bound"] = {"gflops_peak": peak["gflops"], "bound_s": bound_s,
-                                    "kdnumba/gemm": _ratio(kd["min_s"], bound_s)}
+                                    "kdnumba/gemm": ratio(kd["min_s"], bound_s)}
     return record
 
 
@@ -298,7 +302,7 @@ def run(cases: list[BenchCase], *, quick: bool = False, use_torch: bool = True,
         dram = _bounds.dram_bandwidth(policy)
     gemm = {}
     if any(c.flops for c in cases):
-        for dtype in sorted({_dtype_of(c.make_inputs(np.random.default_rng(0))).name
+        for dtype in sorted({(c.dtype or _dtype_of(c, c.make_inputs(np.random.default_rng(0))).name)
                              for c in cases if c.flops}):
             say(f"np.matmul peak ({dtype}) ...")
             gemm[dtype] = _bounds.gemm_peak(np.dtype(dtype))
