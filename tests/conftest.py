@@ -17,23 +17,16 @@ def rng() -> np.random.Generator:
 
 @pytest.fixture
 def loss_cases(rng) -> dict:
-    """Small float64 inputs for every functional loss: ``name -> (args, kwargs)``.
+    """Small float64 inputs for every registered loss: ``name -> (args, kwargs)``,
+    the arrays positional (student first) and the options as keywords; from each
+    loss's registry declaration (its first variant). Used by the bridge tests."""
+    from kdnumba import functional
 
-    Used by the framework-bridge tests; a registered loss missing here fails
-    with a KeyError, so a new loss cannot go untested.
-    """
-    b, d = 6, 4
-    e = lambda *shape: rng.standard_normal(shape)  # noqa: E731
-    y = np.array([0, 1, 0, 1, 2, 2])
-    return {
-        "kd_loss": ((e(b, 5), e(b, 5), y), {"temperature": 2.0}),
-        "selectivity_loss": ((e(b, d), e(b, d)), {}),
-        "nt_xent": ((e(b, d), e(b, d)), {"temperature": 0.5}),
-        "info_nce": ((e(b, d), e(b, d)), {"temperature": 0.5}),
-        "supervised_contrastive": ((e(b, d), e(b, d), y), {"temperature": 0.5}),
-        "triplet_loss": ((e(b, d), y), {"margin": 0.5}),
-        "feature_loss": ((e(b, d), e(b, d)), {}),
-        "attention_transfer": ((e(b, 3, 2, 2), e(b, 3, 2, 2)), {}),
-        "rkd_loss": ((e(b, d), e(b, d)), {}),
-        "attention_map_loss": ((e(b, 2, 3, 3), e(b, 2, 3, 3)), {"inputs": "logits"}),
-    }
+    cases = {}
+    for spec in functional.specs():
+        variant = spec.variants[0]
+        made = spec.make_inputs(rng, np.dtype(np.float64), **variant.inputs)
+        args = tuple(made.get(k) for k in spec.array_params)
+        options = {k: val for k, val in made.items() if k not in spec.array_params}
+        cases[spec.name] = (args, {**options, **variant.options})
+    return cases

@@ -24,7 +24,7 @@ DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "torch.md"
 
 
 def _t(array, requires_grad=False):
-    return torch.tensor(array, requires_grad=requires_grad)
+    return None if array is None else torch.tensor(array, requires_grad=requires_grad)
 
 
 def torch_kd(s, t, y, temperature, alpha):

@@ -18,7 +18,7 @@ they need:
 :class:`LossAdapter` reads that signature once and splits each call into array
 arguments and options; ``kdnumba.torch`` and ``kdnumba.jax`` turn it into a
 ``torch.autograd.Function`` or a ``jax.custom_vjp`` function. Adding a loss to
-both bridges is one name in :data:`REGISTERED`.
+both bridges is nothing: :data:`REGISTERED` is read from the loss registry.
 """
 
 from __future__ import annotations
@@ -30,19 +30,19 @@ from dataclasses import dataclass
 from kdnumba import functional
 from kdnumba.strategies.base import IntermediateActivations, check_activations
 
-#: Functional losses the bridges expose, by name in :mod:`kdnumba.functional`;
-#: a name not (yet) defined there is skipped.
-REGISTERED = ("kd_loss", "selectivity_loss", "nt_xent", "info_nce", "supervised_contrastive",
-              "triplet_loss", "feature_loss", "attention_transfer", "attention_map_loss",
-              "rkd_loss")
+#: Functional losses the bridges expose: every loss of the registry
+#: (:mod:`kdnumba.registry`) whose gradient is with respect to its first
+#: argument only (a loss that also trains a teacher-side head, such as CRD,
+#: returns two gradients and is called directly).
+REGISTERED = tuple(spec.name for spec in functional.specs() if len(spec.grad_wrt) == 1)
 
 #: Keyword parameters the bridge fills itself and never shows to users.
 MANAGED = frozenset({"out"})
 
 
 def registered_losses() -> dict[str, Callable]:
-    """``name -> function`` for every :data:`REGISTERED` name that exists now."""
-    return {name: getattr(functional, name) for name in REGISTERED if hasattr(functional, name)}
+    """``name -> function`` for every :data:`REGISTERED` loss."""
+    return {name: getattr(functional, name) for name in REGISTERED}
 
 
 def export_losses(namespace: dict, wrap: Callable) -> list[str]:
