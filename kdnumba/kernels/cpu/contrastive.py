@@ -164,15 +164,13 @@ def _exp_in_place(row, shift, lo):
 
 @jit
 def softmax_rows(block, bounds, use_bound, neg_range, row0, pos_class, members, starts,
-                 inv_sum, row_loss):
+                 saved, inv_sum, row_loss):
     """Exp pass over a tile of logits, in place, and each row's loss.
 
     For every row ``r`` of ``block`` (anchor ``i = row0 + r``): the shift is the
     anchor's bound ``bounds[i]`` (``use_bound``) or the row maximum;
     ``block[r, j] <- exp(block[r, j] - shift)`` (0 below ``neg_range``); then
-    ``S = sum_j block[r, j]`` by ``reductions.lane_sum`` (explicit SIMD lanes
-    in a fixed order, float64 block totals) while the row is still in cache,
-    and ``inv_sum[i] = 1/S``.
+    ``S = sum_j block[r, j]`` while the row is still in cache, and ``inv_sum[i] = 1/S``.
 
     The loss of anchor ``i`` is ``mean_{j in P(i)} (lse_i - z_ij)`` over its
     positive columns ``P(i) = members[starts[c] : starts[c + 1]]``,
@@ -180,16 +178,22 @@ def softmax_rows(block, bounds, use_bound, neg_range, row0, pos_class, members, 
     log-sum-exp, so that it is never negative and accurate relative to its
     own size (a confident positive's loss is tiny):
 
-    * bound shift: ``log(S / e_ij)`` with ``e_ij = block[r, j]`` the rounded
-      exponential that ``S`` contains (``S >= e_ij > 0``: nothing is flushed
-      on this path, every exponent is ``>= -2/tau``);
-    * row-maximum shift ``m``: ``(m - z_ij) + log S``, both terms ``>= 0``
-      (``S >= 1``: the maximum contributes ``exp(0) = 1`` exactly).
+    * bound shift: ``log(S / e_ij) = log1p((S - e_ij) / e_ij)`` with ``e_ij =
+      block[r, j]`` the rounded exponential that ``S`` contains (``S >= e_ij
+      > 0``: nothing is flushed on this path, every exponent is ``>= -2/tau``);
+    * row-maximum shift ``m``: ``(m - z_ij) + log1p(S - 1)``, both terms
+      ``>= 0`` (``S >= 1``: the maximum contributes ``exp(0) = 1`` exactly).
 
-    Rows are independent and each sum's order is fixed, so the result does
-    not depend on any thread count (neither Numba's nor BLAS's).
+    ``S`` is the positives' exponentials (float64) plus ``reductions.lane_sum``
+    of the other columns (explicit SIMD lanes in a fixed order, float64 block
+    totals) -- summed apart, so that the small terms of a confident row are not
+    lost next to its positive's. ``saved`` holds the positives meanwhile (at
+    least the largest class's size). Rows are independent and each sum's
+    order is fixed, so the result does not depend on any thread count
+    (neither Numba's nor BLAS's).
     """
     lo = cast_like(neg_range, block)
+    zero = cast_like(0.0, block)
     for r in range(block.shape[0]):
         i = row0 + r
         row = block[r]
@@ -204,15 +208,24 @@ def softmax_rows(block, bounds, use_bound, neg_range, row0, pos_class, members, 
         # The shift in the block's dtype: exactly the value subtracted below.
         shift = cast_like(bounds[i], block) if use_bound else lane_max(row)
         _exp_in_place(row, shift, lo)
-        total = lane_sum(row)
-        inv_sum[i] = 1.0 / total
-        if use_bound:
+        pos_total = 0.0
+        for q in range(first, last):
+            j = members[q]
+            saved[q - first] = row[j]
+            pos_total += np.float64(row[j])
+            row[j] = zero
+        rest = lane_sum(row)
+        for q in range(first, last):
+            row[members[q]] = saved[q - first]
+        inv_sum[i] = 1.0 / (rest + pos_total)
+        if use_bound:  # log(S / e_j) as log1p((S - e_j) / e_j), S - e_j >= 0
             acc = 0.0
             for q in range(first, last):
-                acc += math.log(total / np.float64(row[members[q]]))
+                e = np.float64(saved[q - first])
+                acc += math.log1p(((pos_total - e) + rest) / e)
             row_loss[i] = acc / (last - first)
-        else:
-            row_loss[i] = (np.float64(shift) - z_pos) + math.log(total)
+        else:  # log S as log1p(S - 1): exact when the positive is the maximum
+            row_loss[i] = (np.float64(shift) - z_pos) + math.log1p((pos_total - 1.0) + rest)
 
 
 # --- gradient finishing passes ---------------------------------------------------------
@@ -228,6 +241,10 @@ def _chain_normalisation(x_row, norm, g, out_row, scale):
     if norm > EPS:
         inv = 1.0 / norm
         proj = lane_dot(x_row, g) * inv
+        if not (abs(proj) <= _F64_MAX):  # x_row . g overflowed (rows near 1e308)
+            proj = 0.0
+            for k in range(dim):
+                proj += np.float64(x_row[k]) * inv * g[k]
         for k in range(dim):
             out_row[k] = (g[k] - np.float64(x_row[k]) * inv * proj) * inv * scale
     else:
@@ -520,9 +537,10 @@ def student_anchored(s, s_norms, t, t_norms, neg, neg_norms, pos, pos_class, mem
         pos = cand
     bounds, use_bound, lo = _bounds_and_mode(s_norms, temperature, s.dtype)
     inv_sum = np.empty(s.shape[0], dtype=np.float64)
+    saved = np.empty(int(np.max(np.diff(starts))), dtype=s.dtype)
     for r0, r1, block in _tiles(anchors, cand, tile_rows):
-        softmax_rows(block, bounds, use_bound, lo, r0, pos_class, members, starts, inv_sum,
-                     row_loss)
+        softmax_rows(block, bounds, use_bound, lo, r0, pos_class, members, starts, saved,
+                     inv_sum, row_loss)
         np.matmul(block, cand, out=grad[r0:r1])
     finish_student_anchored(s, s_norms, grad, inv_sum, pos, pos_class, inv_tau, grad)
 
@@ -543,14 +561,15 @@ def teacher_anchored(s, s_norms, t, t_norms, neg, neg_norms, temperature, tile_r
     cand = _candidates(s, s_norms, neg, neg_norms)
     bounds, use_bound, lo = _bounds_and_mode(t_norms, temperature, dtype)
     pos_class, members, starts = _diagonal(n)
+    saved = np.empty(1, dtype=dtype)
     rows = tile_rows or default_tile_rows(n, cand.shape[0], dtype.itemsize)
     weighted = np.empty((min(rows, n), dim), dtype=dtype)
     part = np.empty((n, dim), dtype=dtype)
     acc = np.zeros((n, dim), dtype=np.float64)
     inv_sum = np.empty(n, dtype=np.float64)
     for r0, r1, block in _tiles(anchors, cand, rows):
-        softmax_rows(block, bounds, use_bound, lo, r0, pos_class, members, starts, inv_sum,
-                     row_loss)
+        softmax_rows(block, bounds, use_bound, lo, r0, pos_class, members, starts, saved,
+                     inv_sum, row_loss)
         w = weighted[: r1 - r0]
         scale_rows(anchors[r0:r1], inv_sum, r0, w)
         np.matmul(block[:, :n].T, w, out=part)
@@ -578,7 +597,9 @@ def triplet(s, s_norms, labels, qualifies, n_qualifying, margin, tile_rows, row_
     max_norm = float(np.max(s_norms))
     # A power of two, so scaling is exact: selection and distances run on
     # rows of norm <= 1 (no overflow of squared distances in the Gram form).
-    exponent = math.frexp(max_norm)[1] if max_norm > 0.0 else 0
+    # (at most 2**1023: rows of norm <= 2 then, distances may overflow: caught by
+    # the caller's check of the total)
+    exponent = min(math.frexp(max_norm)[1], 1023) if max_norm > 0.0 else 0
     scale = math.ldexp(1.0, exponent)
     x = np.ldexp(s, -exponent).astype(dtype, copy=False)
     sq = np.einsum("ij,ij->i", x, x).astype(dtype)

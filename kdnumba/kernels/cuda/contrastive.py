@@ -871,7 +871,9 @@ def triplet(s, s_norms, labels, qualifies, n_qualifying, margin, tile_rows, row_
         return
     s_norms_host = s_norms.copy_to_host()
     max_norm = float(np.max(s_norms_host))
-    exponent = math.frexp(max_norm)[1] if max_norm > 0.0 else 0
+    # (at most 2**1023: rows of norm <= 2 then, distances may overflow: caught by
+    # the caller's check of the total)
+    exponent = min(math.frexp(max_norm)[1], 1023) if max_norm > 0.0 else 0
     scale = math.ldexp(1.0, exponent)
     x = cuda.device_array((n, dim), dtype=dtype)
     compile_kernel(_scale_kernel, _SCALE_SIG, dtype)[item_launch(n * dim)](
