@@ -1,163 +1,16 @@
-"""Benchmark cases of contrastive distillation (``kdnumba.functional.nt_xent`` & co),
-loss *and* gradient with respect to the student embeddings.
+"""The contrastive benchmark that is not a registry workload: NT-Xent's scaling
+with the batch size ``B`` (time and extra peak memory, one fresh process per
+point, up to ``B = 65536`` where the dense ``B x B`` matrix would need 16 GiB).
 
-* kdnumba: the tiled functions (no ``B x B`` matrix);
-* NumPy: :mod:`kdnumba.reference.contrastive` (dense similarity matrix in
-  float64; ``None`` where it would not fit);
-* PyTorch CPU, autograd of the dense formulation (``s`` a leaf tensor,
-  ``s.grad`` reset to None each run)::
-
-      nt_xent:    sn = F.normalize(s); tn = F.normalize(t)
-                  loss = F.cross_entropy(sn @ cat(tn, qn).T / tau, arange(B))
-      info_nce:   loss = F.cross_entropy(tn @ sn.T / tau, arange(B))
-      supervised: log_p = F.log_softmax(sn @ tn.T / tau, 1)
-                  loss = -((mask * log_p).sum(1) / mask.sum(1)).mean()
-      triplet:    d = torch.cdist(s, s); hardest positive/negative by masked
-                  max/min; relu(d_p - d_n + margin) over qualifying anchors
-
-``flops`` counts the matrix products: ``4 B N D`` for the softmax modes (the
-similarity GEMM and the gradient GEMM, ``N = B + K`` candidates) and
-``2 B^2 D`` for the triplet selection; the report compares them with the
-measured ``np.matmul`` peak. Embeddings are ``N(0, 1)``, the teacher's the
-student's plus ``N(0, 1)`` noise (related, as in training).
+The per-loss cases (NT-Xent, InfoNCE, supervised, triplet, with their NumPy and
+PyTorch comparisons and FLOP counts) are the ``workloads`` of the loss specs in
+:mod:`kdnumba.functional.contrastive`.
 """
 
 from __future__ import annotations
 
-import numpy as np
-
-from kdnumba.benchmarking import BenchCase, torch_backward
-from kdnumba.functional import contrastive as functional_contrastive
-from kdnumba.reference import contrastive as reference
-
-TEMPERATURE = 0.07
-MARGIN = 0.1
-N_CLASSES = 100
-
-
-def _make_inputs(n_rows: int, dim: int, dtype, n_queue: int):
-    def make(rng) -> dict:
-        student = rng.standard_normal((n_rows, dim)).astype(dtype)
-        teacher = (student + rng.standard_normal((n_rows, dim))).astype(dtype)
-        labels = rng.integers(0, N_CLASSES, n_rows, dtype=np.int64)
-        queue = rng.standard_normal((n_queue, dim)).astype(dtype) if n_queue else None
-        return {"student": student, "teacher": teacher, "labels": labels, "queue": queue}
-    return make
-
-
-def _runner(impl, mode):
-    """``inputs -> result`` of ``mode`` with ``impl``: kdnumba's
-    :mod:`kdnumba.functional.contrastive` or the NumPy reference module (same
-    function names and keywords)."""
-    def run(d):
-        if mode == "nt_xent":
-            return impl.nt_xent(d["student"], d["teacher"], temperature=TEMPERATURE,
-                                negatives=d["queue"])
-        if mode == "info_nce":
-            return impl.info_nce(d["student"], d["teacher"], temperature=TEMPERATURE)
-        if mode == "supervised":
-            return impl.supervised_contrastive(d["student"], d["teacher"], d["labels"],
-                                               temperature=TEMPERATURE, negatives=d["queue"])
-        return impl.triplet_loss(d["student"], d["labels"], margin=MARGIN)
-    return run
-
-
-def _kdnumba(mode):
-    return _runner(functional_contrastive, mode)
-
-
-def _numpy(mode):
-    return _runner(reference, mode)
-
-
-def _torch(mode):
-    def build(d):
-        import torch
-        import torch.nn.functional as F
-
-        s = torch.from_numpy(d["student"].copy()).requires_grad_(True)
-        t = torch.from_numpy(d["teacher"])
-        y = torch.from_numpy(d["labels"])
-        q = None if d["queue"] is None else torch.from_numpy(d["queue"])
-        n = s.shape[0]
-        target = torch.arange(n)
-
-        def candidates():
-            tn = F.normalize(t, dim=1)
-            return tn if q is None else torch.cat([tn, F.normalize(q, dim=1)])
-
-        if mode == "nt_xent":
-            def loss_fn():
-                sn = F.normalize(s, dim=1)
-                return F.cross_entropy(sn @ candidates().T / TEMPERATURE, target)
-        elif mode == "info_nce":
-            def loss_fn():
-                sn = F.normalize(s, dim=1)
-                tn = F.normalize(t, dim=1)
-                return F.cross_entropy(tn @ sn.T / TEMPERATURE, target)
-        elif mode == "supervised":
-            same = (y[:, None] == y[None, :]).to(s.dtype)
-            if q is not None:
-                same = torch.cat([same, torch.zeros(n, q.shape[0], dtype=s.dtype)], dim=1)
-            counts = same.sum(1)
-
-            def loss_fn():
-                sn = F.normalize(s, dim=1)
-                log_p = F.log_softmax(sn @ candidates().T / TEMPERATURE, dim=1)
-                return -((same * log_p).sum(1) / counts).mean()
-        else:
-            same = y[:, None] == y[None, :]
-            pos = same & ~torch.eye(n, dtype=torch.bool)
-            neg = ~same
-            keep = pos.any(1) & neg.any(1)
-
-            def loss_fn():
-                dist = torch.cdist(s, s)
-                d_p = dist.masked_fill(~pos, float("-inf")).max(1).values
-                d_n = dist.masked_fill(~neg, float("inf")).min(1).values
-                return F.relu(d_p - d_n + MARGIN)[keep].mean()
-
-        return torch_backward(s, loss_fn)
-    return build
-
-
-def _case(mode: str, n_rows: int, dim: int, dtype, *, n_queue: int = 0, quick: bool = False,
-          numpy: bool = True, torch: bool = True, notes: str = "") -> BenchCase:
-    dt = np.dtype(dtype)
-    n_cand = n_rows + n_queue
-    flops = 2 * n_rows * n_rows * dim if mode == "triplet" else 4 * n_rows * n_cand * dim
-    queue = f"_K{n_queue}" if n_queue else ""
-    return BenchCase(
-        name=f"{mode}/B{n_rows}_D{dim}{queue}/{dt.name}",
-        family="contrastive",
-        make_inputs=_make_inputs(n_rows, dim, dt, n_queue),
-        kdnumba=_kdnumba(mode),
-        numpy=_numpy(mode) if numpy else None,
-        torch=_torch(mode) if torch else None,
-        flops=flops,
-        quick=quick,
-        notes=notes,
-        compile_group=f"contrastive/{'triplet' if mode == 'triplet' else 'softmax'}/{dt.name}",
-    )
-
-
-CASES = [
-    _case("nt_xent", 4096, 128, np.float32, quick=True,
-          notes="headline: student-anchored NT-Xent, tau=0.07, loss+grad, tiled"),
-    _case("nt_xent", 4096, 128, np.float32, n_queue=1024,
-          notes="with a queue of 1024 teacher negatives"),
-    _case("info_nce", 4096, 128, np.float32,
-          notes="teacher-anchored: candidate-side gradient accumulated over tiles"),
-    _case("supervised", 4096, 128, np.float32, notes="100 classes"),
-    _case("triplet", 4096, 128, np.float32,
-          notes="batch-hard, 100 classes; selection from a tiled Gram matrix"),
-    _case("nt_xent", 4096, 128, np.float64, notes="float64"),
-    _case("nt_xent", 256, 128, np.float32, quick=True, notes="small call: per-call overhead"),
-    _case("nt_xent", 32768, 128, np.float32, numpy=False, torch=False,
-          notes="dense would hold a 4 GiB B x B matrix (x3 with softmax and its gradient); "
-                "tiled: < 100 MiB extra"),
-]
-
+#: No fixed cases here: they come from the registry.
+CASES: list = []
 
 # --- scaling with B: time and extra peak memory, one fresh process per point ---------
 
@@ -172,17 +25,22 @@ def status(key):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
 
-from kdnumba.benchmarking import cases_contrastive as cc
-make = cc._make_inputs(n, dim, np.float32, 0)
-warm = cc._make_inputs(64, dim, np.float32, 0)(np.random.default_rng(1))
+from kdnumba import registry
+from kdnumba.benchmarking.registry_cases import torch_closure
+import kdnumba.functional
+spec = registry.get(mode)
+options = {"temperature": 0.07} if mode != "triplet_loss" else {}
+make = lambda rng, rows: spec.make_inputs(rng, np.dtype(np.float32), rows=rows, dim=dim,
+                                          classes=100)
+warm = make(np.random.default_rng(1), 64)
 if impl == "kdnumba":
-    run_of = lambda d: (lambda: cc._kdnumba(mode)(d))
+    run_of = lambda d: (lambda: spec.function(**d, **options))
 else:
     import torch
     torch.set_num_threads(int(sys.argv[6]))
-    run_of = lambda d: cc._torch(mode)(d)
+    run_of = lambda d: torch_closure(spec, d, options)
 run_of(warm)()  # compile / load kernels, allocate BLAS buffers
-d = make(np.random.default_rng(0))
+d = make(np.random.default_rng(0), n)
 run = run_of(d)
 before = status("VmRSS")
 try:
