@@ -36,14 +36,11 @@ import numpy as np
 from numba import prange
 
 from kdnumba._policy import jit, parallel_jit
+from kdnumba._constants import LABELS_DENSE, LABELS_INDEX, LABELS_NONE
 from kdnumba.kernels.cpu.dtypes import cast_like
 from kdnumba.kernels.cpu.fastexp import exp_nonpos
 from kdnumba.kernels.cpu.reductions import lane_dot, lane_max, lane_sum
 
-#: ``labels_kind`` values understood by :func:`kd_rows`.
-LABELS_NONE = 0
-LABELS_INDEX = 1
-LABELS_DENSE = 2
 
 _ROWS_PER_CHUNK = 16
 

@@ -47,14 +47,11 @@ import math
 import numpy as np
 from numba import cuda, types
 
+from kdnumba._constants import LABELS_DENSE, LABELS_INDEX, LABELS_NONE
 from kdnumba.kernels.cuda import block_reductions, block_size, compile_kernel, grid_size
 
 tree_sum, tree_max = block_reductions(globals())
 
-#: ``labels_kind`` values understood by :func:`kd_rows` (same as the CPU kernel).
-LABELS_NONE = 0
-LABELS_INDEX = 1
-LABELS_DENSE = 2
 
 #: float64 partials per thread in shared memory (phase B: Z_s Z_t V Z_h Y YS).
 _N_PARTIALS = 6
