@@ -23,3 +23,7 @@ LABELS_DENSE = 2
 
 #: ``_validation.as_labels`` kind name -> kernel code.
 LABEL_CODES = {"none": LABELS_NONE, "index": LABELS_INDEX, "dense": LABELS_DENSE}
+
+#: Denominator epsilon of logit standardisation, ``(z - mean) / (std + eps)``
+#: (Sun et al., CVPR 2024; their code and torchdistill's ``LogitStdKDLoss``).
+STANDARDIZE_EPS = 1e-7

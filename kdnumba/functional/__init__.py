@@ -38,6 +38,7 @@ from kdnumba.functional.selectivity import (
     selectivity_loss,
     selectivity_statistics,
 )
+from kdnumba.functional.standardize import standardize_logits, standardize_logits_backward
 
 from kdnumba import registry as _registry
 
@@ -60,6 +61,8 @@ __all__ = [
     "selectivity_loss",
     "selectivity_statistics",
     "specs",
+    "standardize_logits",
+    "standardize_logits_backward",
     "supervised_contrastive",
     "triplet_loss",
 ]
