@@ -1,7 +1,8 @@
 """The ``kdnumba`` command: a thin router over subcommands.
 
-``kdnumba bench``  side-by-side timings (:mod:`kdnumba.benchmarking.runner`)
-``kdnumba demo``   end-to-end distillation on real data (:mod:`kdnumba.demo`)
+``kdnumba bench``   side-by-side timings (:mod:`kdnumba.benchmarking.runner`)
+``kdnumba demo``    end-to-end distillation on real data (:mod:`kdnumba.demo`)
+``kdnumba warmup``  compile every kernel ahead of time (:mod:`kdnumba.warmup`)
 
 Each subcommand's module is imported only when that subcommand runs, so
 ``kdnumba bench`` never imports the demo's dependencies and vice versa.
@@ -53,6 +54,14 @@ def build_parser(*, demo=None) -> argparse.ArgumentParser:
     from kdnumba.benchmarking import runner
     runner.add_arguments(bench)
 
+    warmup = sub.add_parser(
+        "warmup", help="compile every kernel for float32 and float64 ahead of time",
+        description="Compile every registered loss's CPU kernels for both float dtypes, "
+                    "in parallel worker processes, into the compilation cache (for "
+                    "container images and CI caches).")
+    from kdnumba import warmup as warmup_module
+    warmup_module.add_arguments(warmup)
+
     demo_parser = sub.add_parser(
         "demo", help="distil a small NumPy MLP on scikit-learn's digits",
         description="End-to-end distillation with NumPy and kdnumba only.")
@@ -84,6 +93,9 @@ def main(argv=None) -> int:
         if args.command == "bench":
             from kdnumba.benchmarking import runner
             return runner.run_from_args(args)
+        if args.command == "warmup":
+            from kdnumba import warmup as warmup_module
+            return warmup_module.run_from_args(args)
         return int(demo.run(args) or 0)
     except BrokenPipeError:  # e.g. `kdnumba bench | head`: the reader left, not an error
         devnull = os.open(os.devnull, os.O_WRONLY)
