@@ -19,6 +19,8 @@ function                   loss
 ``attention_transfer``     ``mean (a(s) - a(t))^2``, ``a(f) = normalize(mean_c f^p)``
 ``attention_map_loss``     MSE or row-KL between attention maps ``(B, heads, L, L)``
 ``rkd_loss``               ``25 * smoothL1(distances) + 50 * smoothL1(angles)`` (RKD)
+``sp_loss``                ``sum (N_s - N_t)^2 / B^2``, ``N`` = row-normalised Gram ``f f^T`` (SP)
+``pkt_loss``               ``mean p_t log((p_t + eps)/(p_s + eps))`` over cosine-kernel rows (PKT)
 =========================  ===================================================================
 """
 
@@ -38,6 +40,7 @@ from kdnumba.functional.selectivity import (
     selectivity_loss,
     selectivity_statistics,
 )
+from kdnumba.functional.similarity import pkt_loss, sp_loss
 from kdnumba.functional.standardize import standardize_logits, standardize_logits_backward
 
 from kdnumba import registry as _registry
@@ -57,9 +60,11 @@ __all__ = [
     "info_nce",
     "kd_loss",
     "nt_xent",
+    "pkt_loss",
     "rkd_loss",
     "selectivity_loss",
     "selectivity_statistics",
+    "sp_loss",
     "specs",
     "standardize_logits",
     "standardize_logits_backward",

@@ -17,6 +17,7 @@ from kdnumba.reference.feature import feature_loss
 from kdnumba.reference.relational import rkd_loss
 from kdnumba.reference.response import kd_loss
 from kdnumba.reference.selectivity import selectivity_loss, selectivity_statistics
+from kdnumba.reference.similarity import pkt_loss, sp_loss
 
 __all__ = [
     "attention_map_loss",
@@ -25,9 +26,11 @@ __all__ = [
     "info_nce",
     "kd_loss",
     "nt_xent",
+    "pkt_loss",
     "rkd_loss",
     "selectivity_loss",
     "selectivity_statistics",
+    "sp_loss",
     "supervised_contrastive",
     "triplet_loss",
 ]
