@@ -27,3 +27,7 @@ LABEL_CODES = {"none": LABELS_NONE, "index": LABELS_INDEX, "dense": LABELS_DENSE
 #: Denominator epsilon of logit standardisation, ``(z - mean) / (std + eps)``
 #: (Sun et al., CVPR 2024; their code and torchdistill's ``LogitStdKDLoss``).
 STANDARDIZE_EPS = 1e-7
+
+#: mdistiller's DKD masks the target out of NCKD as ``z / T - DKD_MASK`` (CPU and
+#: CUDA decoupled kernels).
+DKD_MASK = 1000.0
