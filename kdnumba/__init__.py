@@ -27,8 +27,10 @@ from kdnumba.strategies import (
     IntermediateActivations,
     IntermediateActivationStrategy,
     NeuronSelectivityDistillationStrategy,
+    PKTStrategy,
     RelationalDistillationStrategy,
     SelectivityMetric,
+    SimilarityPreservingStrategy,
 )
 
 __version__ = "0.1.0"
@@ -45,8 +47,10 @@ __all__ = [
     "IntermediateActivationStrategy",
     "IntermediateActivations",
     "NeuronSelectivityDistillationStrategy",
+    "PKTStrategy",
     "RelationalDistillationStrategy",
     "SelectivityMetric",
+    "SimilarityPreservingStrategy",
     "functional",
     "__version__",
 ]

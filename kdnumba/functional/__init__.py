@@ -25,6 +25,7 @@ function                   loss
 """
 
 from kdnumba.functional.attention import attention_map_loss, attention_transfer
+from kdnumba.functional.decoupled import dkd_loss
 from kdnumba.functional.contrastive import (
     info_nce,
     nt_xent,
@@ -56,6 +57,7 @@ __all__ = [
     "SelectivityStatistics",
     "attention_map_loss",
     "attention_transfer",
+    "dkd_loss",
     "feature_loss",
     "info_nce",
     "kd_loss",

@@ -13,6 +13,7 @@ from kdnumba.reference.contrastive import (
     supervised_contrastive,
     triplet_loss,
 )
+from kdnumba.reference.decoupled import dkd_loss
 from kdnumba.reference.feature import feature_loss
 from kdnumba.reference.relational import rkd_loss
 from kdnumba.reference.response import kd_loss
@@ -22,6 +23,7 @@ from kdnumba.reference.similarity import pkt_loss, sp_loss
 __all__ = [
     "attention_map_loss",
     "attention_transfer",
+    "dkd_loss",
     "feature_loss",
     "info_nce",
     "kd_loss",

@@ -14,6 +14,7 @@ from kdnumba.strategies.hybrid import HybridDistillationStrategy
 from kdnumba.strategies.relational import RelationalDistillationStrategy
 from kdnumba.strategies.response import DistillationLoss
 from kdnumba.strategies.selectivity import NeuronSelectivityDistillationStrategy
+from kdnumba.strategies.similarity import PKTStrategy, SimilarityPreservingStrategy
 
 __all__ = [
     "AttentionDistillationStrategy",
@@ -28,6 +29,8 @@ __all__ = [
     "IntermediateActivations",
     "IntermediateStrategyMixin",
     "NeuronSelectivityDistillationStrategy",
+    "PKTStrategy",
     "RelationalDistillationStrategy",
     "SelectivityMetric",
+    "SimilarityPreservingStrategy",
 ]
