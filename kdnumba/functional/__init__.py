@@ -33,6 +33,7 @@ from kdnumba.functional.contrastive import (
     triplet_loss,
 )
 from kdnumba.functional.feature import feature_loss
+from kdnumba.functional.featuremaps import hcl_loss, nst_loss
 from kdnumba.functional.relational import rkd_loss
 from kdnumba.functional.response import kd_loss
 from kdnumba.functional.selectivity import (
@@ -59,8 +60,10 @@ __all__ = [
     "attention_transfer",
     "dkd_loss",
     "feature_loss",
+    "hcl_loss",
     "info_nce",
     "kd_loss",
+    "nst_loss",
     "nt_xent",
     "pkt_loss",
     "rkd_loss",

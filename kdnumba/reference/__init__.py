@@ -15,6 +15,7 @@ from kdnumba.reference.contrastive import (
 )
 from kdnumba.reference.decoupled import dkd_loss
 from kdnumba.reference.feature import feature_loss
+from kdnumba.reference.featuremaps import hcl_loss, nst_loss
 from kdnumba.reference.relational import rkd_loss
 from kdnumba.reference.response import kd_loss
 from kdnumba.reference.selectivity import selectivity_loss, selectivity_statistics
@@ -25,8 +26,10 @@ __all__ = [
     "attention_transfer",
     "dkd_loss",
     "feature_loss",
+    "hcl_loss",
     "info_nce",
     "kd_loss",
+    "nst_loss",
     "nt_xent",
     "pkt_loss",
     "rkd_loss",
