@@ -25,13 +25,13 @@ function                   loss
 """
 
 from kdnumba.functional.attention import attention_map_loss, attention_transfer
-from kdnumba.functional.decoupled import dkd_loss
 from kdnumba.functional.contrastive import (
     info_nce,
     nt_xent,
     supervised_contrastive,
     triplet_loss,
 )
+from kdnumba.functional.decoupled import dkd_loss
 from kdnumba.functional.feature import feature_loss
 from kdnumba.functional.featuremaps import hcl_loss, nst_loss
 from kdnumba.functional.relational import rkd_loss
