@@ -160,7 +160,7 @@ def hcl_loss(student_feats, teacher_feats, *, device="auto", out=None):
     row_loss = be.empty(n_maps, np.float64)
     with be.launch(n_maps * h * w):
         kernels.hcl_rows(s.reshape(n_maps, h, w), t.reshape(n_maps, h, w),
-                         be.to_device(np.array(levels, dtype=np.int64)),
+                         be.to_device(np.array(levels or (1,), dtype=np.int64)),  # never empty
                          be.to_device(np.array(coefs, dtype=np.float64)),
                          grad.reshape(n_maps, h, w), row_loss)
     loss = be.total(row_loss)

@@ -233,14 +233,15 @@ def hcl_rows(s, t, levels, coefs, grad, row_loss):
 
     Parameters (``F`` the dtype of ``s``):
         s, t: ``(R, H, W)`` F, C-contiguous (``R = B C``).
-        levels: ``(L,)`` int64, the pooled sizes in use.
+        levels: int64, the pooled sizes in use (the first ``L``; padded to
+            at least one entry so that no array is empty).
         coefs: ``(L + 1,)`` float64: ``c0`` for the full-resolution MSE, then
             ``c_l`` per level (weight / element count / total weight).
         grad: ``(R, H, W)`` F output.
         row_loss: ``(R,)`` float64 output, each map's loss partial.
     """
     n_r, h, w = s.shape
-    n_lv = levels.shape[0]
+    n_lv = coefs.shape[0] - 1
     c0 = coefs[0]
     for ch in prange((n_r + _HCL_CHUNK - 1) // _HCL_CHUNK):
         d = np.empty((h, w), dtype=np.float64)
