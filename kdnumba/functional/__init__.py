@@ -32,6 +32,7 @@ from kdnumba.functional.contrastive import (
     triplet_loss,
 )
 from kdnumba.functional.decoupled import dkd_loss
+from kdnumba.functional.crd import CRDMemory, crd_loss
 from kdnumba.functional.feature import feature_loss
 from kdnumba.functional.featuremaps import hcl_loss, nst_loss
 from kdnumba.functional.relational import rkd_loss
@@ -54,11 +55,13 @@ def specs():
 
 
 __all__ = [
+    "CRDMemory",
     "SelectivityMetric",
     "SelectivityStatistics",
     "attention_map_loss",
     "attention_transfer",
     "dkd_loss",
+    "crd_loss",
     "feature_loss",
     "hcl_loss",
     "info_nce",

@@ -14,6 +14,7 @@ from kdnumba.reference.contrastive import (
     triplet_loss,
 )
 from kdnumba.reference.decoupled import dkd_loss
+from kdnumba.reference.crd import crd_loss
 from kdnumba.reference.feature import feature_loss
 from kdnumba.reference.featuremaps import hcl_loss, nst_loss
 from kdnumba.reference.relational import rkd_loss
@@ -25,6 +26,7 @@ __all__ = [
     "attention_map_loss",
     "attention_transfer",
     "dkd_loss",
+    "crd_loss",
     "feature_loss",
     "hcl_loss",
     "info_nce",
