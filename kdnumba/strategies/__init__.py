@@ -10,6 +10,7 @@ from kdnumba.strategies.base import (
 )
 from kdnumba.strategies.contrastive import ContrastiveDistillationStrategy, ContrastiveMode
 from kdnumba.strategies.feature import FeatureDistillationStrategy
+from kdnumba.strategies.featuremaps import HCLStrategy, NSTStrategy
 from kdnumba.strategies.hybrid import HybridDistillationStrategy
 from kdnumba.strategies.relational import RelationalDistillationStrategy
 from kdnumba.strategies.response import DistillationLoss
@@ -24,10 +25,12 @@ __all__ = [
     "DistillationLoss",
     "DistillationStrategy",
     "FeatureDistillationStrategy",
+    "HCLStrategy",
     "HybridDistillationStrategy",
     "IntermediateActivationStrategy",
     "IntermediateActivations",
     "IntermediateStrategyMixin",
+    "NSTStrategy",
     "NeuronSelectivityDistillationStrategy",
     "PKTStrategy",
     "RelationalDistillationStrategy",
