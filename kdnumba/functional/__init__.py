@@ -32,6 +32,7 @@ from kdnumba.functional.contrastive import (
     triplet_loss,
 )
 from kdnumba.functional.decoupled import dkd_loss
+from kdnumba.functional.dist import dist_loss
 from kdnumba.functional.crd import CRDMemory, crd_loss
 from kdnumba.functional.feature import feature_loss
 from kdnumba.functional.featuremaps import hcl_loss, nst_loss
@@ -60,6 +61,7 @@ __all__ = [
     "SelectivityStatistics",
     "attention_map_loss",
     "attention_transfer",
+    "dist_loss",
     "dkd_loss",
     "crd_loss",
     "feature_loss",

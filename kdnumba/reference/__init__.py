@@ -14,6 +14,7 @@ from kdnumba.reference.contrastive import (
     triplet_loss,
 )
 from kdnumba.reference.decoupled import dkd_loss
+from kdnumba.reference.dist import dist_loss
 from kdnumba.reference.crd import crd_loss
 from kdnumba.reference.feature import feature_loss
 from kdnumba.reference.featuremaps import hcl_loss, nst_loss
@@ -25,6 +26,7 @@ from kdnumba.reference.similarity import pkt_loss, sp_loss
 __all__ = [
     "attention_map_loss",
     "attention_transfer",
+    "dist_loss",
     "dkd_loss",
     "crd_loss",
     "feature_loss",
