@@ -43,6 +43,7 @@ from numba import prange
 
 from kdnumba._policy import parallel_jit
 from kdnumba.kernels.cpu.fastexp import log_pos_f64
+from kdnumba.kernels.cpu.reductions import lane_dot, lane_sum
 
 #: Bytes of the three ``R x B`` tiles (two Gram tiles and ``Q``) that
 #: :func:`default_tile_rows` aims at: one tile (no tiling) up to B = 1672
@@ -73,37 +74,29 @@ def sp_rows(gs, gt, r0, eps, scale, row_loss, q):
     ``q[i] = scale * d(row loss) / d G^s_i = 2 scale (D_i - N^s_i (N^s_i . D_i)) / r_s``,
     or ``2 scale D_i / eps`` where the clamp is active (``||G^s_i|| < eps``: the clamp's
     derivative is 0, as PyTorch's ``clamp_min``).
+
+    Element-wise passes into float64 row buffers, sums by ``lane_dot`` (fixed-order
+    SIMD): a scalar float64 accumulation in the loop would keep it from vectorising.
     """
     rows, n = gs.shape
     for i in prange(rows):
         a = gs[i]
         b = gt[i]
-        ss = 0.0
-        st = 0.0
-        for j in range(n):
-            x = np.float64(a[j])
-            y = np.float64(b[j])
-            ss += x * x
-            st += y * y
-        norm_s = math.sqrt(ss)
+        norm_s = math.sqrt(lane_dot(a, a))
         inv_s = 1.0 / max(norm_s, eps)
-        inv_t = 1.0 / max(math.sqrt(st), eps)
-        loss = 0.0
-        nd = 0.0
+        inv_t = 1.0 / max(math.sqrt(lane_dot(b, b)), eps)
+        ns = np.empty(n, dtype=np.float64)
+        d = np.empty(n, dtype=np.float64)
         for j in range(n):
-            ns = np.float64(a[j]) * inv_s
-            d = ns - np.float64(b[j]) * inv_t
-            loss += d * d
-            nd += ns * d
-        row_loss[r0 + i] = loss
-        if not norm_s >= eps:
-            nd = 0.0
+            x = np.float64(a[j]) * inv_s
+            ns[j] = x
+            d[j] = x - np.float64(b[j]) * inv_t
+        row_loss[r0 + i] = lane_dot(d, d)
+        nd = lane_dot(ns, d) if norm_s >= eps else 0.0
         f = 2.0 * scale * inv_s
         q_row = q[i]
         for j in range(n):
-            ns = np.float64(a[j]) * inv_s
-            d = ns - np.float64(b[j]) * inv_t
-            q_row[j] = f * (d - ns * nd)
+            q_row[j] = f * (d[j] - ns[j] * nd)
 
 
 @parallel_jit
@@ -115,49 +108,62 @@ def pkt_rows(cs, ct, r0, eps, scale, row_loss, q):
         row_loss[r0 + i] = sum_j p^t_ij log((p^t_ij + eps) / (p^s_ij + eps))
         g_ij = -p^t_ij / (p^s_ij + eps)                     (d row loss / d p^s_ij)
         q[i, j] = scale (g_ij - sum_k g_ik p^s_ik) / (2 S^s_i)   (scale * d row loss / d C^s_ij)
+
+    Element-wise passes (the branch-free ``log_pos_f64`` vectorises) into float64
+    row buffers, sums by ``lane_sum``/``lane_dot`` (fixed-order SIMD).
     """
     rows, n = cs.shape
     for i in prange(rows):
         a = cs[i]
         b = ct[i]
-        sum_s = 0.0
-        sum_t = 0.0
+        sum_s = 0.5 * (lane_sum(a) + n)
+        sum_t = 0.5 * (lane_sum(b) + n)
+        inv_s = 0.5 / sum_s
+        inv_t = 0.5 / sum_t
+        ps = np.empty(n, dtype=np.float64)
+        w = np.empty(n, dtype=np.float64)
+        term = np.empty(n, dtype=np.float64)
         for j in range(n):
-            sum_s += 0.5 * (np.float64(a[j]) + 1.0)
-            sum_t += 0.5 * (np.float64(b[j]) + 1.0)
-        inv_s = 1.0 / sum_s
-        inv_t = 1.0 / sum_t
-        loss = 0.0
-        gp = 0.0
-        for j in range(n):
-            ps = 0.5 * (np.float64(a[j]) + 1.0) * inv_s
-            pt = 0.5 * (np.float64(b[j]) + 1.0) * inv_t
-            inv_den = 1.0 / (ps + eps)
-            loss += pt * log_pos_f64((pt + eps) * inv_den)
-            gp -= pt * inv_den * ps
+            p = (np.float64(a[j]) + 1.0) * inv_s
+            pt = (np.float64(b[j]) + 1.0) * inv_t
+            inv_den = 1.0 / (p + eps)
+            ps[j] = p
+            w[j] = pt * inv_den
+            term[j] = pt * log_pos_f64((pt + eps) * inv_den)
+        loss = lane_sum(term)
         if not (abs(sum_s) <= _F64_MAX and abs(sum_t) <= _F64_MAX):
             loss = math.nan  # NaN/inf input (the clamped log would hide it)
         row_loss[r0 + i] = loss
-        f = 0.5 * scale * inv_s
+        wp = lane_dot(w, ps)  # -sum_k g_ik p^s_ik
+        f = scale * inv_s
         q_row = q[i]
         for j in range(n):
-            ps = 0.5 * (np.float64(a[j]) + 1.0) * inv_s
-            pt = 0.5 * (np.float64(b[j]) + 1.0) * inv_t
-            q_row[j] = f * (-pt / (ps + eps) - gp)
+            q_row[j] = f * (wp - w[j])
 
 
 # --- helpers ---------------------------------------------------------------------------
 
+#: Side of the square blocks :func:`symmetrize` swaps (both blocks stay in L1).
+SYM_BLOCK = 32
+
+
 @parallel_jit
 def symmetrize(q):
-    """``q = q + q^T`` in place (square ``q``; entry ``(i, j)``, ``i < j``, owned by row ``i``)."""
+    """``q = q + q^T`` in place (square ``q``), by ``SYM_BLOCK`` blocks: block row
+    ``bi`` owns the blocks ``(bi, bj)``, ``bj >= bi``, and their mirrors."""
     n = q.shape[0]
-    for i in prange(n):
-        q[i, i] += q[i, i]
-        for j in range(i + 1, n):
-            x = q[i, j] + q[j, i]
-            q[i, j] = x
-            q[j, i] = x
+    nb = (n + SYM_BLOCK - 1) // SYM_BLOCK
+    for bi in prange(nb):
+        i0 = bi * SYM_BLOCK
+        i1 = min(n, i0 + SYM_BLOCK)
+        for bj in range(bi, nb):
+            j0 = bj * SYM_BLOCK
+            j1 = min(n, j0 + SYM_BLOCK)
+            for i in range(i0, i1):
+                for j in range(max(j0, i), j1):
+                    x = q[i, j] + q[j, i]
+                    q[i, j] = x
+                    q[j, i] = x
 
 
 @parallel_jit
