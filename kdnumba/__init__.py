@@ -19,6 +19,7 @@ from kdnumba.strategies import (
     AttentionDistillationStrategy,
     AttentionMode,
     ContrastiveDistillationStrategy,
+    CRDStrategy,
     ContrastiveMode,
     DistillationLoss,
     DistillationStrategy,
@@ -38,6 +39,7 @@ from kdnumba.strategies import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CRDStrategy",
     "AttentionDistillationStrategy",
     "AttentionMode",
     "ContrastiveDistillationStrategy",

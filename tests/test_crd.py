@@ -179,3 +179,28 @@ def test_sampler_covers_every_other_sample():
     for _ in range(200):
         seen.update(sampler.sample(np.array([2]))[0, 1:].tolist())
     assert seen == {0, 1, 3, 4}  # every sample not of class 1
+
+
+def test_strategy_is_the_weighted_loss_and_updates_after_the_step():
+    from kdnumba.strategies.crd import CRDStrategy
+    rng = np.random.default_rng(12)
+    labels = np.repeat(np.arange(4), 10)
+    strategy = CRDStrategy(40, crd_weight=0.6, n_negatives=8, labels=labels, seed=3)
+    s = rng.standard_normal((5, 2, 3))  # flattened to width 6
+    t = rng.standard_normal((5, 6))
+    idx = np.array([0, 11, 22, 33, 39])
+    contrast = strategy.set_batch(idx)
+    assert (labels[contrast[:, 1:]] != labels[idx][:, None]).all()
+    loss, grads = strategy.intermediate_loss_and_gradient({"embeddings": s}, {"embeddings": t})
+    memory = strategy.memory
+    ref = crd_loss(s.reshape(5, 6), t, idx, contrast, memory)
+    assert loss == pytest.approx(0.6 * ref[0], rel=1e-14)
+    np.testing.assert_allclose(grads["embeddings"], 0.6 * ref[1].reshape(5, 2, 3), rtol=1e-14)
+    np.testing.assert_allclose(strategy.teacher_gradient, 0.6 * ref[2], rtol=1e-14)
+    expected = memory.copy()
+    expected.update(idx, s.reshape(5, 6), t)
+    strategy.update_memory()
+    np.testing.assert_array_equal(strategy.memory.memory_student, expected.memory_student)
+    np.testing.assert_array_equal(strategy.memory.memory_teacher, expected.memory_teacher)
+    with pytest.raises(ValueError, match="update_memory"):
+        strategy.update_memory()

@@ -9,6 +9,7 @@ from kdnumba.strategies.base import (
     IntermediateStrategyMixin,
 )
 from kdnumba.strategies.contrastive import ContrastiveDistillationStrategy, ContrastiveMode
+from kdnumba.strategies.crd import CRDStrategy
 from kdnumba.strategies.feature import FeatureDistillationStrategy
 from kdnumba.strategies.featuremaps import HCLStrategy, NSTStrategy
 from kdnumba.strategies.hybrid import HybridDistillationStrategy
@@ -18,6 +19,7 @@ from kdnumba.strategies.selectivity import NeuronSelectivityDistillationStrategy
 from kdnumba.strategies.similarity import PKTStrategy, SimilarityPreservingStrategy
 
 __all__ = [
+    "CRDStrategy",
     "AttentionDistillationStrategy",
     "AttentionMode",
     "ContrastiveDistillationStrategy",

@@ -64,6 +64,16 @@ def strategy_members(strategy) -> list:
     return [m[0] if isinstance(m, tuple) else m for m in members]
 
 
+def start_epoch(strategy, epoch: int) -> None:
+    """Call ``on_epoch_start(epoch)`` (0-based epoch) on every strategy in the tree
+    of ``strategy`` that has it (e.g. the DKD warm-up of
+    :class:`~kdnumba.strategies.DecoupledDistillationStrategy`)."""
+    for s in _strategy_tree(strategy):
+        hook = getattr(s, "on_epoch_start", None)
+        if callable(hook):
+            hook(epoch)
+
+
 def _strategy_tree(strategy) -> list:
     """``strategy`` and, recursively, its members: each object once, in pre-order,
     at most 16 levels deep."""
@@ -611,6 +621,7 @@ class Distiller:
                 bar = _progress_bar(epochs - start, self.progress,
                                     "distilling" if distill else "training")
             for epoch in range(start, epochs if not done else start):
+                start_epoch(self.strategy, epoch)
                 metrics = self._epoch(x, y, rng, cached, epoch=epoch,
                                       check_classes=(lambda c: self._check_classes(y, yv, c))
                                       if epoch == start and n_classes is None else None)

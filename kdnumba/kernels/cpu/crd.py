@@ -41,21 +41,6 @@ def n_chunks(n_columns: int) -> int:
 
 
 @jit
-def _softplus(x):
-    if x > 0.0:
-        return x + math.log1p(math.exp(-x))
-    return math.log1p(math.exp(x))
-
-
-@jit
-def _sigmoid(x):
-    if x >= 0.0:
-        return 1.0 / (1.0 + math.exp(-x))
-    e = math.exp(x)
-    return e / (1.0 + e)
-
-
-@jit
 def normalize_rows(x, norms, v):
     """``norms_b = ||x_b||`` (float64) and ``v_b = x_b / ||x_b||`` (float64, as
     RepDistiller's ``Normalize``: no epsilon; a zero row gives a zero norm,
@@ -97,13 +82,17 @@ def nce_chunks(v, bank, idx, inv_t, log_z, log_c, d0, loss_part, grad_part):
         total = 0.0
         for k in range(start, stop):
             row = bank[idx[b, k]]
-            s = lane_dot(row, vb) * inv_t - log_z
-            if k == 0:
-                total += _softplus(log_c - s)
-                g = -_sigmoid(log_c - s)
-            else:
-                total += d0 + _softplus(s - log_c)
-                g = _sigmoid(s - log_c)
+            # x = s - log c; softplus(+-x) and sigmoid(+-x) from one exp(-|x|)
+            x = lane_dot(row, vb) * inv_t - log_z - log_c
+            e = math.exp(-abs(x))
+            lp = math.log1p(e)
+            r = 1.0 / (1.0 + e)
+            if k == 0:  # softplus(-x), -sigmoid(-x)
+                total += (lp - x if x < 0.0 else lp)
+                g = -(r if x < 0.0 else e * r)
+            else:  # d0 + softplus(x), sigmoid(x)
+                total += d0 + (lp + x if x > 0.0 else lp)
+                g = r if x >= 0.0 else e * r
             for d in range(dim):
                 acc[d] += g * np.float64(row[d])
         loss_part[b, ch] = total
