@@ -10,6 +10,7 @@ from kdnumba.strategies.base import (
 )
 from kdnumba.strategies.contrastive import ContrastiveDistillationStrategy, ContrastiveMode
 from kdnumba.strategies.crd import CRDStrategy
+from kdnumba.strategies.decoupled import DecoupledDistillationStrategy, DISTStrategy
 from kdnumba.strategies.feature import FeatureDistillationStrategy
 from kdnumba.strategies.featuremaps import HCLStrategy, NSTStrategy
 from kdnumba.strategies.hybrid import HybridDistillationStrategy
@@ -24,6 +25,8 @@ __all__ = [
     "AttentionMode",
     "ContrastiveDistillationStrategy",
     "ContrastiveMode",
+    "DISTStrategy",
+    "DecoupledDistillationStrategy",
     "DistillationLoss",
     "DistillationStrategy",
     "FeatureDistillationStrategy",
