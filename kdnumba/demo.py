@@ -28,12 +28,13 @@ import numpy as np
 
 #: The strategies compared by default, in table order ("student" -- trained on the
 #: labels alone -- is always run first as the baseline).
-DEFAULT_STRATEGIES = ("kd", "selectivity", "contrastive", "hybrid", "relational")
+DEFAULT_STRATEGIES = ("kd", "selectivity", "contrastive", "hybrid", "relational", "dkd", "dist")
 ALL_STRATEGIES = ("student",) + DEFAULT_STRATEGIES
 ALIASES = {"response": "kd", "distillation": "kd", "baseline": "student", "none": "student",
            "alone": "student", "neuron_selectivity": "selectivity", "rkd": "relational",
            "crd": "contrastive"}
-LABELS = {"student": "student alone", "kd": "response KD", "selectivity": "selectivity",
+LABELS = {"student": "student alone", "dkd": "decoupled KD", "dist": "DIST",
+          "kd": "response KD", "selectivity": "selectivity",
           "contrastive": "contrastive", "hybrid": "hybrid", "relational": "relational"}
 EMBEDDING_LAYER = "embeddings"
 _SPLIT_SEED = 20240521
@@ -68,6 +69,13 @@ class DemoConfig:
     contrastive_weight: float = 0.3
     contrastive_temperature: float = 0.1
     relational_weight: float = 0.5
+    dkd_alpha: float = 1.0  # mdistiller's CIFAR-100 DKD settings ...
+    dkd_beta: float = 8.0
+    dkd_temperature: float = 4.0
+    dkd_warmup: int = 5  # ... with the warm-up scaled to 60 epochs (20 of mdistiller's 240)
+    dist_beta: float = 2.0  # DIST's CIFAR-100 settings
+    dist_gamma: float = 2.0
+    dist_temperature: float = 4.0
     hybrid_members: tuple[tuple[str, float], ...] = (("kd", 0.5), ("relational", 0.25),
                                                      ("contrastive", 0.25))
     threads: int = 1
@@ -210,6 +218,13 @@ def build_strategy(name: str, cfg: DemoConfig):
         return _lookup("RelationalDistillationStrategy")(
             layer_name=EMBEDDING_LAYER, relational_weight=cfg.relational_weight,
             temperature=t, alpha=a)
+    if name == "dkd":
+        return _lookup("DecoupledDistillationStrategy")(
+            alpha=cfg.dkd_alpha, beta=cfg.dkd_beta, temperature=cfg.dkd_temperature,
+            warmup=cfg.dkd_warmup)
+    if name == "dist":
+        return _lookup("DISTStrategy")(beta=cfg.dist_beta, gamma=cfg.dist_gamma,
+                                       temperature=cfg.dist_temperature)
     if name == "hybrid":
         hybrid = _lookup("HybridDistillationStrategy")
         members = [(build_strategy(member, cfg), weight) for member, weight in cfg.hybrid_members]
