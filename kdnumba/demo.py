@@ -28,14 +28,16 @@ import numpy as np
 
 #: The strategies compared by default, in table order ("student" -- trained on the
 #: labels alone -- is always run first as the baseline).
-DEFAULT_STRATEGIES = ("kd", "selectivity", "contrastive", "hybrid", "relational", "dkd", "dist")
+DEFAULT_STRATEGIES = ("kd", "selectivity", "contrastive", "hybrid", "relational", "dkd", "dist",
+                      "sp")
 ALL_STRATEGIES = ("student",) + DEFAULT_STRATEGIES
 ALIASES = {"response": "kd", "distillation": "kd", "baseline": "student", "none": "student",
            "alone": "student", "neuron_selectivity": "selectivity", "rkd": "relational",
-           "crd": "contrastive"}
+           "crd": "contrastive", "similarity_preserving": "sp"}
 LABELS = {"student": "student alone", "dkd": "decoupled KD", "dist": "DIST",
           "kd": "response KD", "selectivity": "selectivity",
-          "contrastive": "contrastive", "hybrid": "hybrid", "relational": "relational"}
+          "contrastive": "contrastive", "hybrid": "hybrid", "relational": "relational",
+          "sp": "similarity SP"}
 EMBEDDING_LAYER = "embeddings"
 _SPLIT_SEED = 20240521
 
@@ -76,6 +78,8 @@ class DemoConfig:
     dist_beta: float = 2.0  # DIST's CIFAR-100 settings
     dist_gamma: float = 2.0
     dist_temperature: float = 4.0
+    sp_weight: float = 0.3
+    sp_gamma: float = 3000.0  # RepDistiller's SP weight (-b 3000)
     hybrid_members: tuple[tuple[str, float], ...] = (("kd", 0.5), ("relational", 0.25),
                                                      ("contrastive", 0.25))
     threads: int = 1
@@ -217,6 +221,10 @@ def build_strategy(name: str, cfg: DemoConfig):
     if name == "relational":
         return _lookup("RelationalDistillationStrategy")(
             layer_name=EMBEDDING_LAYER, relational_weight=cfg.relational_weight,
+            temperature=t, alpha=a)
+    if name == "sp":
+        return _lookup("SimilarityPreservingStrategy")(
+            layer_names=EMBEDDING_LAYER, sp_weight=cfg.sp_weight, gamma=cfg.sp_gamma,
             temperature=t, alpha=a)
     if name == "dkd":
         return _lookup("DecoupledDistillationStrategy")(
