@@ -31,3 +31,15 @@ STANDARDIZE_EPS = 1e-7
 #: mdistiller's DKD masks the target out of NCKD as ``z / T - DKD_MASK`` (CPU and
 #: CUDA decoupled kernels).
 DKD_MASK = 1000.0
+
+#: ``divergence`` codes of the response kernels' ``divergence_rows`` (CPU and
+#: CUDA); ``kd_rows`` computes the forward KL.
+DIV_KL = 0
+DIV_REVERSE_KL = 1
+DIV_JSD = 2
+DIV_TVD = 3
+
+#: ``row_status`` codes of the sparse (top-K teacher) response kernels.
+SPARSE_OK = 0
+SPARSE_OUT_OF_RANGE = 1
+SPARSE_DUPLICATE = 2

@@ -37,7 +37,7 @@ from kdnumba.functional.crd import CRDMemory, crd_loss
 from kdnumba.functional.feature import feature_loss
 from kdnumba.functional.featuremaps import hcl_loss, nst_loss
 from kdnumba.functional.relational import rkd_loss
-from kdnumba.functional.response import kd_loss
+from kdnumba.functional.response import kd_loss, sparse_kd_loss
 from kdnumba.functional.selectivity import (
     SelectivityMetric,
     SelectivityStatistics,
@@ -75,6 +75,7 @@ __all__ = [
     "selectivity_loss",
     "selectivity_statistics",
     "sp_loss",
+    "sparse_kd_loss",
     "specs",
     "standardize_logits",
     "standardize_logits_backward",

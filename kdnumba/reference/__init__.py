@@ -19,7 +19,7 @@ from kdnumba.reference.crd import crd_loss
 from kdnumba.reference.feature import feature_loss
 from kdnumba.reference.featuremaps import hcl_loss, nst_loss
 from kdnumba.reference.relational import rkd_loss
-from kdnumba.reference.response import kd_loss
+from kdnumba.reference.response import kd_loss, sparse_kd_loss
 from kdnumba.reference.selectivity import selectivity_loss, selectivity_statistics
 from kdnumba.reference.similarity import pkt_loss, sp_loss
 
@@ -40,6 +40,7 @@ __all__ = [
     "selectivity_loss",
     "selectivity_statistics",
     "sp_loss",
+    "sparse_kd_loss",
     "supervised_contrastive",
     "triplet_loss",
 ]
