@@ -3,9 +3,9 @@ the peers' formulas as PyTorch expressions.
 
 The NumPy functions follow RepDistiller's forward passes literally (full
 ``B x B`` matrices, ``F.normalize``'s clamp, PKT's ``norm + eps``) and
-back-propagate by hand with the explicit per-row Jacobians of the
-normalisations (``B x B x B`` tensors): small batches only. They share no code
-with the kernels, which never form a Jacobian.
+back-propagate by hand, one NumPy step per forward line (PKT's input
+normalisation through its explicit ``B x D x D`` Jacobian). They share no code
+with the kernels (no row tiles, no fused passes).
 """
 
 from __future__ import annotations
@@ -25,16 +25,6 @@ def _flat(x, dtype=None):
     return x.reshape(len(x), -1)
 
 
-def _normalize_jacobian(g, norms, clamped):
-    """``J[i] = d (g_i / max(||g_i||, EPS)) / d g_i`` for every row (``B x n x n``)."""
-    n = g.shape[1]
-    r = np.where(clamped, EPS, norms)
-    eye = np.eye(n)
-    outer = np.einsum("ij,ik->ijk", g, g) / (r ** 3)[:, None, None]
-    outer[clamped] = 0.0
-    return eye[None] / r[:, None, None] - outer
-
-
 def sp_loss(student_feats, teacher_feats):
     """``(loss, grad)`` of RepDistiller's ``Similarity.similarity_loss`` (one pair)."""
     s_in = np.asarray(student_feats)
@@ -51,8 +41,12 @@ def sp_loss(student_feats, teacher_feats):
     diff = n_s - n_t
     loss = float((diff * diff).sum() / (b * b))
     d_n = 2.0 * diff / (b * b)
-    jac = _normalize_jacobian(g_s, norm_s, norm_s < EPS)
-    d_g = np.einsum("ij,ijk->ik", d_n, jac)
+    # Row normalisation x / max(||x||, EPS): vector-Jacobian product per row,
+    # (v - x_hat (x_hat . v)) / ||x|| unclamped, v / EPS where the clamp holds.
+    clamped = norm_s < EPS
+    r = np.where(clamped, EPS, norm_s)[:, None]
+    radial = np.where(clamped[:, None], 0.0, n_s * (n_s * d_n).sum(axis=1, keepdims=True))
+    d_g = (d_n - radial) / r
     grad = (d_g + d_g.T) @ f_s
     return loss, grad.reshape(s_in.shape).astype(dtype)
 
