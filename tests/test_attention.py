@@ -304,11 +304,14 @@ def test_strategy_rejects_bad_configuration(kwargs, exc, match):
 def test_strategy_missing_layer(rng):
     strategy = AttentionDistillationStrategy(["a", "b"])
     x = softmax(rng.standard_normal((1, 2, 3, 3)))
-    with pytest.raises(ValueError, match=r"no layer 'b'.*available: 'a'"):
+    with pytest.raises(ValueError, match=r"'b' is missing from student_acts.*present: 'a'"):
         strategy.intermediate_loss_and_gradient({"a": x}, {"a": x, "b": x})
+    skipping = AttentionDistillationStrategy(["a", "b"], missing_layer="skip")
+    loss, grads = skipping.intermediate_loss_and_gradient({"a": x}, {"a": x, "b": x})
+    assert list(grads) == ["a"]
 
 
 def test_strategy_is_exported():
     assert kdnumba.AttentionDistillationStrategy is AttentionDistillationStrategy
     assert kdnumba.AttentionMode is AttentionMode
-    assert "mode='mse'" in repr(AttentionDistillationStrategy("a"))
+    assert "mode=AttentionMode.MSE" in repr(AttentionDistillationStrategy("a"))

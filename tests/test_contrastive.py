@@ -529,39 +529,65 @@ def test_strategy_intermediate_is_weighted_mode_loss(rng, mode):
         grads["embeddings"])
 
 
-def test_strategy_labels_fall_back_to_last_output_call(rng):
+def test_strategy_labels_are_explicit(rng):
     s, t = _pair(rng, 6, 4)
     logits_s, logits_t = _pair(rng, 6, 3)
     y = np.array([0, 1, 2, 0, 1, 2])
-    strat = ContrastiveDistillationStrategy(mode="supervised")
-    sa, ta = _acts(s, t)
-    with pytest.raises(ValueError, match="needs labels"):
-        strat.compute_intermediate_loss(sa, ta)
-    strat.loss_and_gradient(logits_s, logits_t, y)
-    assert strat.compute_intermediate_loss(sa, ta) == \
-        strat.compute_intermediate_loss(sa, ta, labels=y)
-    # one-hot labels given to the output loss work too
-    strat.loss_and_gradient(logits_s, logits_t, np.eye(3)[y])
-    assert strat.compute_intermediate_loss(sa, ta) == \
-        strat.compute_intermediate_loss(sa, ta, labels=y)
-    # a different batch size: the remembered labels are not used
-    sa2, ta2 = _acts(s[:4], t[:4])
-    with pytest.raises(ValueError, match="pass labels="):
-        strat.compute_intermediate_loss(sa2, ta2)
+    for mode in ("supervised", "triplet"):
+        strat = ContrastiveDistillationStrategy(mode=mode)
+        sa, ta = _acts(s, t)
+        with pytest.raises(ValueError, match=f"mode '{mode}' needs labels; pass labels="):
+            strat.compute_intermediate_loss(sa, ta)
+        # the labels of an output call are not remembered
+        strat.loss_and_gradient(logits_s, logits_t, y)
+        for call in (strat.intermediate_loss_and_gradient, strat.compute_intermediate_loss,
+                     strat.compute_intermediate_gradient):
+            with pytest.raises(ValueError, match="needs labels"):
+                call(sa, ta)
+        with pytest.raises(TypeError):
+            strat.compute_intermediate_loss(sa, ta, y)  # labels= is keyword-only
+        # one-hot labels work as well as class indices
+        assert strat.compute_intermediate_loss(sa, ta, labels=np.eye(3)[y]) == \
+            strat.compute_intermediate_loss(sa, ta, labels=y)
     with pytest.raises(ValueError, match="needs labels"):
         ContrastiveDistillationStrategy(mode=ContrastiveMode.TRIPLET).compute_contrastive_loss(s)
+    # label-free modes need none
+    assert ContrastiveDistillationStrategy().compute_intermediate_loss(*_acts(s, t)) > 0
 
 
-def test_strategy_missing_layer_warns_and_returns_zero(rng):
+def test_strategy_labels_are_not_shared_between_threads(rng):
+    import concurrent.futures
+
+    s, t = _pair(rng, 8, 4)
+    labelings = [rng.integers(0, 3, 8) for _ in range(6)]
+    strat = ContrastiveDistillationStrategy(mode="supervised", negatives_sample_size=0)
+    sa, ta = _acts(s, t)
+    expected = [strat.compute_intermediate_loss(sa, ta, labels=y) for y in labelings]
+
+    def work(i):
+        return [strat.compute_intermediate_loss(sa, ta, labels=labelings[i])
+                for _ in range(20)]
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(work, range(6)))
+    for i, losses in enumerate(results):
+        assert losses == [expected[i]] * 20
+
+
+def test_strategy_missing_layer_raises_or_is_skipped(rng):
     s, t = _pair(rng, 4, 3)
     strat = ContrastiveDistillationStrategy(embedding_layer_name="emb")
     sa, ta = _acts(s, t, layer="pooled")
-    with pytest.warns(UserWarning, match=r"'emb' not found in student_acts.*'pooled'"):
-        loss, grads = strat.intermediate_loss_and_gradient(sa, ta)
-    assert loss == 0.0 and len(grads) == 0
+    with pytest.raises(ValueError, match=r"'emb' is missing from student_acts.*'pooled'"):
+        strat.intermediate_loss_and_gradient(sa, ta)
     sa, _ = _acts(s, t, layer="emb")
-    with pytest.warns(UserWarning, match="teacher_acts"):
-        assert strat.compute_intermediate_loss(sa, IntermediateActivations()) == 0.0
+    with pytest.raises(ValueError, match="teacher_acts"):
+        strat.compute_intermediate_loss(sa, IntermediateActivations())
+    skipping = ContrastiveDistillationStrategy(embedding_layer_name="emb", missing_layer="skip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss, grads = skipping.intermediate_loss_and_gradient(sa, IntermediateActivations())
+    assert loss == 0.0 and len(grads) == 0
     # TRIPLET needs only the student's layer
     trip = ContrastiveDistillationStrategy(embedding_layer_name="emb", mode="triplet")
     with warnings.catch_warnings():
@@ -615,6 +641,65 @@ def test_queue_fifo(rng):
     off = ContrastiveDistillationStrategy(negatives_sample_size=0)
     off.update_memory(b)
     assert off.memory_size == 0
+
+
+def _threaded_appends(strat, n_threads, n_calls, rows_per_call=2, width=3):
+    """Each thread appends rows tagged (thread, call, row); returns the tags per thread."""
+    import threading
+
+    barrier = threading.Barrier(n_threads)
+
+    def work(k):
+        barrier.wait()
+        for c in range(n_calls):
+            tags = np.array([[k, c, r] for r in range(rows_per_call)], dtype=np.float64)
+            strat.update_memory(tags[:, :width])
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(n_threads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+
+
+def test_queue_loses_nothing_under_threads():
+    n_threads, n_calls, per_call = 8, 400, 7
+    total = n_threads * n_calls * per_call
+    strat = ContrastiveDistillationStrategy(negatives_sample_size=total)
+    _threaded_appends(strat, n_threads, n_calls, per_call)
+    kept = strat.memory
+    assert strat.memory_size == total  # every appended row is there, once
+    assert len({tuple(r) for r in kept}) == total
+    # each call's rows stay together and each thread's calls stay in order
+    for k in range(n_threads):
+        mine = kept[kept[:, 0] == k]
+        np.testing.assert_array_equal(
+            mine, [[k, c, r] for c in range(n_calls) for r in range(per_call)])
+
+
+def test_queue_keeps_exactly_the_last_rows_in_lock_order():
+    n_threads, n_calls, per_call, capacity = 8, 300, 3, 500
+    strat = ContrastiveDistillationStrategy(negatives_sample_size=capacity)
+    order = []  # (thread, call, last row) of each update, in the order it held the lock
+    lock = strat._memory_lock
+
+    class Logging:
+        """The strategy's lock, logging the row each update appended last before release."""
+
+        def __enter__(self):
+            lock.acquire()
+
+        def __exit__(self, *exc):
+            if exc[0] is None:
+                order.append(tuple(strat._memory[-1]))
+            lock.release()
+
+    strat._memory_lock = Logging()
+    _threaded_appends(strat, n_threads, n_calls, per_call)
+    assert len(order) == n_threads * n_calls  # every call took the lock once
+    appended = np.array([[k, c, r] for k, c, _ in order for r in range(per_call)],
+                        dtype=np.float64)
+    np.testing.assert_array_equal(strat.memory, appended[-capacity:])
 
 
 @pytest.mark.parametrize("mode", list(ContrastiveMode))
@@ -677,7 +762,9 @@ def test_strategy_bad_hyperparameters():
     assert ContrastiveMode.parse("InfoNCE") is ContrastiveMode.INFO_NCE
     assert ContrastiveMode.parse("SUPERVISED") is ContrastiveMode.SUPERVISED
     assert ContrastiveDistillationStrategy(mode="triplet").mode is ContrastiveMode.TRIPLET
-    assert "ContrastiveMode.NT_XENT" in repr(ContrastiveDistillationStrategy())
+    assert "mode=ContrastiveMode.NT_XENT" in repr(ContrastiveDistillationStrategy())
+    with pytest.raises(ValueError, match="missing_layer"):
+        ContrastiveDistillationStrategy(missing_layer="ignore")
     assert kdnumba.ContrastiveMode is ContrastiveMode
 
 

@@ -213,10 +213,26 @@ def test_strategy_does_not_modify_activations(rng):
 def test_strategy_missing_layer_names_available_ones(rng):
     strategy = FeatureDistillationStrategy({"block2": "block4"})
     x = rng.standard_normal((2, 3))
-    with pytest.raises(ValueError, match=r"student_acts has no layer 'block2'.*'block1', 'head'"):
+    with pytest.raises(ValueError,
+                       match=r"'block2' is missing from student_acts.*'block1', 'head'"):
         strategy.intermediate_loss_and_gradient({"block1": x, "head": x}, {"block4": x})
-    with pytest.raises(ValueError, match=r"teacher_acts has no layer 'block4'.*'block2'"):
+    with pytest.raises(ValueError, match=r"'block4' is missing from teacher_acts.*'block2'"):
         strategy.intermediate_loss_and_gradient({"block2": x}, {"block2": x})
+
+
+def test_strategy_skips_missing_layers_when_asked(rng):
+    a, b = rng.standard_normal((2, 4, 3))
+    kw = dict(layer_mapping=["h1", "h2"], feature_weight=0.6)
+    both = FeatureDistillationStrategy(**kw).intermediate_loss_and_gradient(
+        {"h1": a, "h2": b}, {"h1": b, "h2": a})
+    loss, grads = FeatureDistillationStrategy(**kw, missing_layer="skip") \
+        .intermediate_loss_and_gradient({"h1": a}, {"h1": b, "h2": a})
+    # the missing pair contributes nothing; the other keeps its 1/L share
+    assert list(grads) == ["h1"]
+    assert loss == pytest.approx(0.6 / 2 * feature_loss(a, b)[0], rel=1e-15)
+    np.testing.assert_array_equal(grads["h1"], both[1]["h1"])
+    with pytest.raises(ValueError, match="missing_layer"):
+        FeatureDistillationStrategy("h", missing_layer="warn")
 
 
 def test_strategy_width_mismatch_asks_for_projection(rng):

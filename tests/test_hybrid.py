@@ -257,14 +257,33 @@ def test_rejects_bad_activations():
     hybrid, _ = transformer_hybrid()
     with pytest.raises(TypeError, match="teacher_acts must be"):
         hybrid.intermediate_loss_and_gradient({}, [1, 2])
-    with pytest.raises(ValueError, match="no layer 'attn'"):
+    with pytest.raises(ValueError, match="layer 'attn' is missing from student_acts"):
         hybrid.intermediate_loss_and_gradient({"emb": np.ones((2, 3))}, {"emb": np.ones((2, 3))})
 
 
 def test_exported_and_repr():
     assert kdnumba.HybridDistillationStrategy is HybridDistillationStrategy
     text = repr(HybridDistillationStrategy([(DistillationLoss(), 1.0)]))
-    assert text.startswith("HybridDistillationStrategy([(DistillationLoss(") and "1.0)" in text
+    assert text.startswith("HybridDistillationStrategy(strategies=[(DistillationLoss(")
+    assert "1.0)]" in text
+
+
+def test_labels_are_forwarded_to_members_that_take_them(batch):
+    s, t, y, s_acts, t_acts = batch
+    contrastive = kdnumba.ContrastiveDistillationStrategy("emb", mode="supervised",
+                                                          negatives_sample_size=0)
+    feature = CountingIntermediate(FeatureDistillationStrategy("emb"))  # takes no labels
+    hybrid = HybridDistillationStrategy([(contrastive, 0.5), (feature, 0.5)])
+    loss, grads = hybrid.intermediate_loss_and_gradient(s_acts, t_acts, labels=y)
+    c_loss, c_grads = contrastive.intermediate_loss_and_gradient(s_acts, t_acts, labels=y)
+    f_loss, f_grads = FeatureDistillationStrategy("emb").intermediate_loss_and_gradient(
+        s_acts, t_acts)
+    assert loss == 0.5 * c_loss + 0.5 * f_loss
+    np.testing.assert_array_equal(grads["emb"], 0.5 * c_grads["emb"] + 0.5 * f_grads["emb"])
+    assert hybrid.compute_intermediate_loss(s_acts, t_acts, labels=y) == loss
+    # no labels: the member that needs them says so (nothing is remembered)
+    with pytest.raises(ValueError, match="needs labels"):
+        hybrid.intermediate_loss_and_gradient(s_acts, t_acts)
 
 
 @pytest.mark.parametrize("doc", ["hybrid", "feature", "attention", "relational"])
@@ -277,3 +296,16 @@ def test_doc_examples_run(doc):
     assert blocks, f"docs/{doc}.md has no python example"
     for i, block in enumerate(blocks):
         exec(compile(block, f"docs/{doc}.md[{i}]", "exec"), {})
+
+
+def test_distiller_passes_labels_through_the_hybrid(batch):
+    from kdnumba.training import MLP, Distiller
+
+    s, t, y, s_acts, t_acts = batch
+    contrastive = kdnumba.ContrastiveDistillationStrategy("emb", mode="triplet")
+    hybrid = HybridDistillationStrategy([(contrastive, 0.5), (DistillationLoss(), 0.5)])
+    net = MLP([4, 8, 5], layer_names=["emb", "out"])
+    losses = Distiller(net, net, hybrid, progress=False).compute_losses(s, s_acts, t, t_acts, y)
+    expected = hybrid.intermediate_loss_and_gradient(s_acts, t_acts, labels=y)
+    assert losses.intermediate_loss == expected[0] > 0
+    np.testing.assert_array_equal(losses.intermediate_grads["emb"], expected[1]["emb"])

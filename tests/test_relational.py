@@ -172,7 +172,7 @@ def test_strategy_defaults_and_errors(rng):
     assert strategy.layers == {"embeddings": "embeddings"}
     assert strategy.distance_weight == 25 and strategy.angle_weight == 50
     assert strategy.relational_weight == 0.5
-    with pytest.raises(ValueError, match=r"no layer 'embeddings'.*'pooled'"):
+    with pytest.raises(ValueError, match=r"'embeddings' is missing from student_acts.*'pooled'"):
         strategy.intermediate_loss_and_gradient({"pooled": np.ones((2, 2))}, {})
     with pytest.raises(ValueError, match=r"layer 'embeddings'.*batch size mismatch"):
         strategy.intermediate_loss_and_gradient({"embeddings": np.ones((2, 2))},

@@ -629,9 +629,9 @@ def test_distillation_loss_agrees_with_kd_loss(rng, dtype, kind):
 def test_distillation_loss_defaults_and_repr():
     strategy = kdnumba.DistillationLoss()
     assert strategy.temperature == 3.0 and strategy.alpha == 0.3 and strategy.device == "auto"
-    assert repr(strategy) == "DistillationLoss(temperature=3.0, alpha=0.3)"
+    assert repr(strategy) == "DistillationLoss(temperature=3.0, alpha=0.3, device='auto')"
     assert repr(kdnumba.DistillationLoss(temperature=2, alpha=1)) == (
-        "DistillationLoss(temperature=2.0, alpha=1.0)")
+        "DistillationLoss(temperature=2.0, alpha=1.0, device='auto')")
     assert isinstance(strategy, kdnumba.DistillationStrategy)
     assert not isinstance(strategy, kdnumba.IntermediateActivationStrategy)
     assert kdnumba.DistillationLoss(device="cpu").device == "cpu"

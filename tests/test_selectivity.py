@@ -582,23 +582,24 @@ def test_strategy_accepts_plain_dicts(rng):
 
 
 @pytest.mark.parametrize("missing_in", ["student", "teacher", "both"])
-def test_strategy_missing_layer_warns_and_returns_zero(rng, missing_in):
+def test_strategy_missing_layer_raises_or_is_skipped(rng, missing_in):
     student, teacher = layer_acts(rng)
     if missing_in in ("student", "both"):
         del student["conv3"]
     if missing_in in ("teacher", "both"):
         del teacher["conv3"]
+    side = "teacher_acts" if missing_in == "teacher" else "student_acts"
     strategy = NeuronSelectivityDistillationStrategy("conv3")
-    with pytest.warns(UserWarning, match="'conv3'.*missing.*available layers") as record:
-        loss, grads = strategy.intermediate_loss_and_gradient(student, teacher)
+    with pytest.raises(ValueError, match=rf"'conv3' is missing from {side}.*present: .*'fc'"):
+        strategy.intermediate_loss_and_gradient(student, teacher)
+    with pytest.raises(ValueError, match="missing_layer='skip'"):
+        strategy.compute_intermediate_loss(student, teacher)
+    skipping = NeuronSelectivityDistillationStrategy("conv3", missing_layer="skip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss, grads = skipping.intermediate_loss_and_gradient(student, teacher)
+        assert skipping.compute_intermediate_loss(student, teacher) == 0.0
     assert loss == 0.0 and len(grads) == 0 and isinstance(grads, IntermediateActivations)
-    message = str(record[0].message)
-    assert "fc" in message
-    assert record[0].filename == __file__  # points at the caller, not at kdnumba
-    with pytest.warns(UserWarning, match="conv3"):
-        assert strategy.compute_intermediate_loss(student, teacher) == 0.0
-    with pytest.warns(UserWarning, match="conv3"):
-        assert len(strategy.compute_intermediate_gradient(student, teacher)) == 0
 
 
 def test_strategy_present_layer_does_not_warn(rng):

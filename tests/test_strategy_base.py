@@ -232,3 +232,60 @@ def test_public_names():
         assert name in kdnumba.__all__ and hasattr(kdnumba, name)
     assert kdnumba.IntermediateActivations is IntermediateActivations
     assert kdnumba.functional.kd_loss.__doc__ and "T^2" in kdnumba.functional.kd_loss.__doc__
+
+
+# --- parameters, repr, missing-layer helpers ---------------------------------------------------
+
+def test_repr_and_get_params_come_from_the_constructor():
+    from kdnumba.strategies import SelectivityMetric
+
+    class Mine(DistillationStrategy):
+        def __init__(self, layer="h", weight=0.5, metric=SelectivityMetric.SPARSITY,
+                     table=None, *, device="auto"):
+            super().__init__(device=device)
+            self.layer, self.weight, self.metric = layer, weight, metric
+            self.table = {} if table is None else table
+
+        def loss_and_gradient(self, s, t, labels=None):
+            return 0.0, np.zeros_like(s)
+
+    m = Mine(weight=np.float64(0.25), table={"a": np.array([[0.1, 2.0]], np.float32)})
+    assert list(m.get_params()) == ["layer", "weight", "metric", "table", "device"]
+    text = repr(m)
+    assert text == ("Mine(layer='h', weight=0.25, metric=SelectivityMetric.SPARSITY, "
+                    "table={'a': array([[0.10000000149011612, 2.0]], dtype='float32')}, "
+                    "device='auto')")
+    rebuilt = eval(text, {"Mine": Mine, "SelectivityMetric": SelectivityMetric,  # noqa: S307
+                          "array": np.array})
+    assert rebuilt.table["a"].dtype == np.float32
+    np.testing.assert_array_equal(rebuilt.table["a"], m.table["a"])
+    big = Mine(table={"a": np.zeros((40, 40))})
+    assert "<array of shape (40, 40), dtype float64>" in repr(big)
+
+
+def test_repr_of_a_subclass_without_parameter_attributes_does_not_raise():
+    class Sloppy(DistillationStrategy):
+        def __init__(self, hidden=1.0):
+            super().__init__()
+
+        def loss_and_gradient(self, s, t, labels=None):
+            return 0.0, np.zeros_like(s)
+
+    assert repr(Sloppy()) == "Sloppy()"
+    with pytest.raises(AttributeError, match="'hidden'"):
+        Sloppy().get_params()
+
+
+def test_missing_layer_helpers():
+    from kdnumba.strategies.base import check_missing_layer, missing_layer_error
+
+    assert check_missing_layer("raise") == "raise" and check_missing_layer("skip") == "skip"
+    for bad in ("warn", None, True, "RAISE"):
+        with pytest.raises(ValueError, match="missing_layer must be one of"):
+            check_missing_layer(bad)
+    exc = missing_layer_error("X", "conv3", "teacher_acts", {"fc": 1, "emb": 2})
+    assert isinstance(exc, ValueError)
+    assert str(exc) == ("X: layer 'conv3' is missing from teacher_acts (layers present: 'fc', "
+                        "'emb'); check the layer name, or pass missing_layer='skip' to ignore "
+                        "missing layers")
+    assert "layers present: none" in str(missing_layer_error("X", "a", "student_acts", {}))

@@ -47,16 +47,21 @@ class AttentionDistillationStrategy(LayerwiseStrategy):
         temperature, alpha: of the output ``kd_loss``.
         p, variant, pool: options of ``attention_transfer`` (mode TRANSFER).
         inputs: ``"probs"`` or ``"logits"``, for mode KL.
+        missing_layer: ``"raise"`` (default) or ``"skip"`` (see
+            :class:`~kdnumba.strategies.feature.LayerwiseStrategy`).
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
     """
+
+    weight_arg = "attention_weight"
 
     def __init__(self, attention_layers, attention_weight: float = 0.3,
                  mode: AttentionMode | str = AttentionMode.MSE, temperature: float = 3.0,
                  alpha: float = 0.3, *, p: int = 2, variant: str = "repdistiller",
-                 pool: bool = False, inputs: str = "probs", device: str = "auto"):
+                 pool: bool = False, inputs: str = "probs", missing_layer: str = "raise",
+                 device: str = "auto"):
         super().__init__(attention_layers, attention_weight, temperature, alpha,
                          layers_arg="attention_layers", weight_arg="attention_weight",
-                         device=device)
+                         missing_layer=missing_layer, device=device)
         try:
             self.mode = AttentionMode(mode)
         except ValueError:
@@ -74,6 +79,11 @@ class AttentionDistillationStrategy(LayerwiseStrategy):
         self.inputs = inputs
 
     @property
+    def attention_layers(self) -> dict[str, str]:
+        """The configured ``{student_layer: teacher_layer}`` pairs (a copy)."""
+        return dict(self.layers)
+
+    @property
     def attention_weight(self) -> float:
         return self.weight
 
@@ -83,8 +93,3 @@ class AttentionDistillationStrategy(LayerwiseStrategy):
                                       pool=self.pool, device=self.device)
         return attention_map_loss(student, teacher, kind=self.mode.value, inputs=self.inputs,
                                   device=self.device)
-
-    def __repr__(self) -> str:
-        return (f"AttentionDistillationStrategy(attention_layers={self.layers!r}, "
-                f"attention_weight={self.weight}, mode={self.mode.value!r}, "
-                f"temperature={self.temperature}, alpha={self.alpha})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import threading
 
 import numpy as np
 
@@ -19,7 +20,8 @@ from kdnumba.strategies.base import (
     IntermediateActivations,
     IntermediateStrategyMixin,
     check_activations,
-    warn_user,
+    check_missing_layer,
+    missing_layer_error,
 )
 
 __all__ = ["ContrastiveDistillationStrategy", "ContrastiveMode"]
@@ -87,14 +89,20 @@ class ContrastiveDistillationStrategy(DistillationStrategy, IntermediateStrategy
     changes only in ``update_memory``, so the loss and the gradient of one
     step see the same negatives; with an empty queue the losses are the
     in-batch formulas. Call ``update_memory`` *after* the step that used the
-    batch (MoCo order), so a sample is never its own negative.
+    batch (MoCo order), so a sample is never its own negative. The queue is
+    updated under a lock, so concurrent ``update_memory`` calls lose nothing:
+    the queue holds exactly the last ``negatives_sample_size`` rows appended,
+    in the order the calls took the lock (each call's rows stay together).
 
-    Labels for ``SUPERVISED``/``TRIPLET``: the intermediate methods take an
-    optional ``labels=`` keyword. The protocol's two-argument calls (e.g. from
-    a hybrid strategy or a trainer) fall back to the labels of the most recent
-    ``loss_and_gradient``/``compute_loss``/``compute_gradient`` call when the
-    batch sizes match -- the order AiDotNet's loop uses (output loss first).
-    No labels at all raises ``ValueError``.
+    Labels for ``SUPERVISED``/``TRIPLET``: pass them explicitly, as the
+    ``labels=`` keyword of the intermediate methods (the :class:`~kdnumba.Distiller`
+    and :class:`~kdnumba.HybridDistillationStrategy` forward theirs). Without
+    them these modes raise ``ValueError``; nothing is remembered between calls.
+
+    A missing embedding layer (in the student's activations, or the teacher's
+    for modes other than ``TRIPLET``) raises ``ValueError`` naming it and the
+    layers present; with ``missing_layer="skip"`` the intermediate loss is 0
+    and the gradient empty, without a warning.
 
     Embedding arrays may be ``(B, D)`` or ``(B, ...)`` (flattened to
     ``(B, D)``; the gradient has the student's shape). Student and teacher
@@ -110,14 +118,17 @@ class ContrastiveDistillationStrategy(DistillationStrategy, IntermediateStrategy
         output_temperature: temperature of the output KD loss (AiDotNet reuses
             the contrastive 0.07 there, far too sharp for logits; we do not).
         margin: triplet margin (``TRIPLET`` only), ``>= 0``.
+        missing_layer: ``"raise"`` (default) or ``"skip"`` (see above).
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
     """
+
+    weight_arg = "contrastive_weight"  # a [0, 1] split (SPEC)
 
     def __init__(self, embedding_layer_name: str = "embeddings", contrastive_weight: float = 0.8,
                  temperature: float = 0.07, alpha: float = 0.2,
                  negatives_sample_size: int = 1024, mode=ContrastiveMode.NT_XENT,
                  output_temperature: float = 3.0, *, margin: float = 0.1,
-                 device: str = "auto"):
+                 missing_layer: str = "raise", device: str = "auto"):
         super().__init__(device=device)
         self.embedding_layer_name = v.check_name(embedding_layer_name, "embedding_layer_name")
         self.contrastive_weight = v.check_unit_interval(contrastive_weight, "contrastive_weight")
@@ -128,21 +139,21 @@ class ContrastiveDistillationStrategy(DistillationStrategy, IntermediateStrategy
         self.mode = ContrastiveMode.parse(mode)
         self.output_temperature = v.check_positive(output_temperature, "output_temperature")
         self.margin = v.check_non_negative(margin, "margin")
+        self.missing_layer = check_missing_layer(missing_layer)
+        # The queue is an immutable (read-only) array replaced as a whole under
+        # the lock; readers take one reference to it, so a step sees one queue.
         self._memory: np.ndarray | None = None
-        self._last_labels = None
-        self._last_batch: int | None = None
+        self._memory_lock = threading.Lock()
 
     # --- output loss ---------------------------------------------------------------
 
     def loss_and_gradient(self, student_output, teacher_output, labels=None
                           ) -> tuple[float, np.ndarray]:
         """``(1 - contrastive_weight) * kd_loss(T=output_temperature, alpha)`` and its
-        gradient. Also remembers ``labels`` for label-needing modes (see the class doc)."""
+        gradient."""
         loss, grad = kd_loss(student_output, teacher_output, labels,
                              temperature=self.output_temperature, alpha=self.alpha,
                              device=self.device)
-        self._last_labels = labels
-        self._last_batch = grad.shape[0]
         weight = 1.0 - self.contrastive_weight
         grad *= grad.dtype.type(weight)
         return weight * loss, grad
@@ -159,8 +170,7 @@ class ContrastiveDistillationStrategy(DistillationStrategy, IntermediateStrategy
         """
         mode = self.mode
         if mode.needs_labels and labels is None:
-            raise ValueError(
-                f"mode {mode.value!r} needs labels (integer class indices of shape (B,))")
+            self._labels_required()
         if mode is ContrastiveMode.TRIPLET:
             return triplet_loss(student_emb, labels, margin=self.margin, device=self.device)
         if teacher_emb is None:
@@ -180,13 +190,15 @@ class ContrastiveDistillationStrategy(DistillationStrategy, IntermediateStrategy
 
     # --- intermediate protocol -----------------------------------------------------------
 
-    def intermediate_loss_and_gradient(self, student_acts, teacher_acts, labels=None
+    def intermediate_loss_and_gradient(self, student_acts, teacher_acts, *, labels=None
                                        ) -> tuple[float, IntermediateActivations]:
         """``contrastive_weight * <mode loss>`` on ``acts[embedding_layer_name]`` and its
         gradient (one-layer :class:`IntermediateActivations`).
 
-        A missing layer gives ``(0.0, empty)`` and a ``UserWarning`` naming the
-        layer and the available ones (AiDotNet returns zero silently).
+        ``labels`` (keyword; class indices ``(B,)`` or one-hot rows) are
+        required by ``SUPERVISED`` and ``TRIPLET`` -- a ``ValueError`` says so
+        when they are missing. A missing layer raises ``ValueError``
+        (``missing_layer="raise"``) or gives ``(0.0, empty)`` (``"skip"``).
         """
         check_activations(student_acts, "student_acts")
         check_activations(teacher_acts, "teacher_acts")
@@ -196,29 +208,29 @@ class ContrastiveDistillationStrategy(DistillationStrategy, IntermediateStrategy
             if name == "teacher_acts" and not needs_teacher:
                 continue
             if layer not in acts:
-                warn_user(
-                    f"ContrastiveDistillationStrategy: embedding layer {layer!r} not found in "
-                    f"{name} (available: {sorted(acts)}); the contrastive loss is 0")
-                return 0.0, IntermediateActivations()
+                if self.missing_layer == "skip":
+                    return 0.0, IntermediateActivations()
+                raise missing_layer_error(type(self).__name__, layer, name, acts)
+        if self.mode.needs_labels and labels is None:
+            self._labels_required()
         s_raw = student_acts[layer]
         s = self._as_rows(s_raw, f"student_acts[{layer!r}]")
         t = self._as_rows(teacher_acts[layer], f"teacher_acts[{layer!r}]") if needs_teacher \
             else None
-        if self.mode.needs_labels and labels is None:
-            labels = self._remembered_labels(s.shape[0])
         loss, grad = self.contrastive_loss_and_gradient(s, t, labels)
         grad *= grad.dtype.type(self.contrastive_weight)
         shape = np.shape(s_raw)
         return self.contrastive_weight * loss, IntermediateActivations({layer: grad.reshape(shape)})
 
-    def compute_intermediate_loss(self, student_acts, teacher_acts, labels=None) -> float:
+    def compute_intermediate_loss(self, student_acts, teacher_acts, *, labels=None) -> float:
         """Weighted contrastive loss on the embedding layer (see the protocol)."""
-        return self.intermediate_loss_and_gradient(student_acts, teacher_acts, labels)[0]
+        return self.intermediate_loss_and_gradient(student_acts, teacher_acts, labels=labels)[0]
 
-    def compute_intermediate_gradient(self, student_acts, teacher_acts, labels=None
+    def compute_intermediate_gradient(self, student_acts, teacher_acts, *, labels=None
                                       ) -> IntermediateActivations:
-        """Weighted gradient for the embedding layer only (empty if it is missing)."""
-        return self.intermediate_loss_and_gradient(student_acts, teacher_acts, labels)[1]
+        """Weighted gradient for the embedding layer only (empty when a missing
+        layer is skipped)."""
+        return self.intermediate_loss_and_gradient(student_acts, teacher_acts, labels=labels)[1]
 
     # --- queue of teacher negatives ------------------------------------------------------
 
@@ -227,7 +239,8 @@ class ContrastiveDistillationStrategy(DistillationStrategy, IntermediateStrategy
 
         Keeps the newest ``negatives_sample_size`` rows (a copy, in float64;
         cast to the student's dtype when used). A no-op when the capacity is 0.
-        Width must match the queued rows.
+        Width must match the queued rows. Thread-safe: concurrent calls are
+        serialised by a lock, and no row is lost.
         """
         rows = v.as_float_array(teacher_emb, "teacher_emb", min_ndim=2)
         rows = rows.reshape(rows.shape[0], -1)
@@ -236,33 +249,43 @@ class ContrastiveDistillationStrategy(DistillationStrategy, IntermediateStrategy
         capacity = self.negatives_sample_size
         if capacity == 0:
             return
-        if self._memory is not None and self._memory.shape[1] != rows.shape[1]:
-            raise ValueError(
-                f"teacher_emb has width {rows.shape[1]} but the queue holds rows of width "
-                f"{self._memory.shape[1]}; call clear_memory() first if the width changed")
-        rows = rows[-capacity:].astype(np.float64)
-        if self._memory is None:
-            queue = rows
-        else:
-            queue = np.concatenate([self._memory, rows])[-capacity:]
-        self._memory = np.ascontiguousarray(queue)
-        self._memory.flags.writeable = False
+        rows = np.array(rows[-capacity:], dtype=np.float64)  # a copy, outside the lock
+        with self._memory_lock:
+            memory = self._memory
+            if memory is not None and memory.shape[1] != rows.shape[1]:
+                raise ValueError(
+                    f"teacher_emb has width {rows.shape[1]} but the queue holds rows of width "
+                    f"{memory.shape[1]}; call clear_memory() first if the width changed")
+            queue = rows if memory is None else np.concatenate([memory, rows])[-capacity:]
+            queue = np.ascontiguousarray(queue)
+            queue.flags.writeable = False
+            self._memory = queue
 
     def clear_memory(self) -> None:
         """Empty the queue."""
-        self._memory = None
+        with self._memory_lock:
+            self._memory = None
 
     @property
     def memory(self) -> np.ndarray:
         """The queued teacher rows, oldest first (read-only float64 ``(K, D)``; ``K`` may be 0)."""
-        if self._memory is None:
-            return np.zeros((0, 0), dtype=np.float64)
-        return self._memory
+        memory = self._memory
+        return np.zeros((0, 0), dtype=np.float64) if memory is None else memory
 
     @property
     def memory_size(self) -> int:
         """Number of queued rows."""
-        return 0 if self._memory is None else self._memory.shape[0]
+        memory = self._memory
+        return 0 if memory is None else memory.shape[0]
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        del state["_memory_lock"]  # locks do not pickle/copy; a copy gets its own
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._memory_lock = threading.Lock()
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -271,23 +294,9 @@ class ContrastiveDistillationStrategy(DistillationStrategy, IntermediateStrategy
         arr = v.as_float_array(x, name, min_ndim=2)
         return arr.reshape(arr.shape[0], -1)
 
-    def _remembered_labels(self, n_rows: int):
-        if self._last_labels is None:
-            raise ValueError(
-                f"mode {self.mode.value!r} needs labels: pass labels= to the intermediate "
-                "call, or call loss_and_gradient(student_output, teacher_output, labels) "
-                "for the same batch first")
-        if self._last_batch != n_rows:
-            raise ValueError(
-                f"mode {self.mode.value!r} needs labels: the last loss_and_gradient call had "
-                f"{self._last_batch} rows but the embeddings have {n_rows}; pass labels= "
-                "explicitly")
-        return self._last_labels
-
-    def __repr__(self) -> str:
-        return (f"ContrastiveDistillationStrategy(embedding_layer_name="
-                f"{self.embedding_layer_name!r}, contrastive_weight={self.contrastive_weight}, "
-                f"temperature={self.temperature}, alpha={self.alpha}, "
-                f"negatives_sample_size={self.negatives_sample_size}, "
-                f"mode=ContrastiveMode.{self.mode.name}, "
-                f"output_temperature={self.output_temperature})")
+    def _labels_required(self):
+        raise ValueError(
+            f"ContrastiveDistillationStrategy: mode {self.mode.value!r} needs labels; pass "
+            "labels= (integer class indices of shape (B,) or one-hot rows) to "
+            "intermediate_loss_and_gradient / compute_intermediate_loss / "
+            "compute_intermediate_gradient / contrastive_loss_and_gradient")

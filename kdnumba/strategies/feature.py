@@ -2,8 +2,9 @@
 
 Also home of :class:`LayerwiseStrategy`, the shared shape of the three
 strategies that match named intermediate layers (feature, attention,
-relational): a student->teacher layer mapping, one weight, output loss
-``(1 - weight) * kd_loss`` and intermediate loss ``weight * mean over layers``.
+relational): a student->teacher layer mapping, one weight (a ``[0, 1]``
+split), output loss ``(1 - weight) * kd_loss``, intermediate loss
+``weight * mean over layers``, and the ``missing_layer`` rule.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from kdnumba.strategies.base import (
     IntermediateActivations,
     IntermediateStrategyMixin,
     check_activations,
+    check_missing_layer,
+    missing_layer_error,
 )
 
 
@@ -51,15 +54,12 @@ def layer_mapping(layers, name: str) -> dict[str, str]:
     return mapping
 
 
-def get_layer(acts, layer: str, acts_name: str):
-    """``acts[layer]``, or a ``ValueError`` listing the layers that are there."""
+def get_layer(acts, layer: str, acts_name: str, owner: str = "this strategy"):
+    """``acts[layer]``, or the ``ValueError`` of :func:`missing_layer_error`."""
     try:
         return acts[layer]
     except KeyError:
-        available = ", ".join(repr(k) for k in acts) or "none"
-        raise ValueError(
-            f"{acts_name} has no layer {layer!r}, which this strategy is configured to "
-            f"match (available: {available})") from None
+        raise missing_layer_error(owner, layer, acts_name, acts) from None
 
 
 class LayerwiseStrategy(DistillationStrategy, IntermediateStrategyMixin):
@@ -69,17 +69,25 @@ class LayerwiseStrategy(DistillationStrategy, IntermediateStrategyMixin):
     * intermediate loss: ``weight * 1/L * sum_l loss_l`` over the ``L``
       configured layer pairs; the gradient of student layer ``l`` is
       ``weight / L * d loss_l / d student_l``.
+    * a configured layer missing from either side raises ``ValueError``
+      (``missing_layer="raise"``), or, with ``missing_layer="skip"``, that pair
+      contributes nothing: no term, no gradient entry, no warning (``L``
+      stays the number of configured pairs, so the other terms are unchanged).
 
-    Subclasses implement :meth:`_layer_loss` for one pair of arrays.
+    ``weight`` is a ``[0, 1]`` split (the strategies' weight rule); subclasses
+    name it (:attr:`weight_arg`) and expose it and their layer argument as
+    attributes of their constructor's names. Subclasses implement
+    :meth:`_layer_loss` for one pair of arrays.
     """
 
     def __init__(self, layers, weight, temperature, alpha, *, layers_arg: str,
-                 weight_arg: str, device: str):
+                 weight_arg: str, missing_layer: str, device: str):
         super().__init__(device=device)
         self.layers = layer_mapping(layers, layers_arg)
         self.weight = v.check_unit_interval(weight, weight_arg)
         self.temperature = v.check_positive(temperature, "temperature")
         self.alpha = v.check_unit_interval(alpha, "alpha")
+        self.missing_layer = check_missing_layer(missing_layer)
 
     def loss_and_gradient(self, student_output, teacher_output, labels=None
                           ) -> tuple[float, np.ndarray]:
@@ -95,10 +103,15 @@ class LayerwiseStrategy(DistillationStrategy, IntermediateStrategyMixin):
         """``weight * mean_l loss_l`` and the per-student-layer gradients."""
         check_activations(student_acts, "student_acts")
         check_activations(teacher_acts, "teacher_acts")
-        pairs = [(s_layer, get_layer(student_acts, s_layer, "student_acts"),
-                  get_layer(teacher_acts, t_layer, "teacher_acts"))
-                 for s_layer, t_layer in self.layers.items()]
-        scale = self.weight / len(pairs)
+        owner = type(self).__name__
+        pairs = []
+        for s_layer, t_layer in self.layers.items():
+            if self.missing_layer == "skip" and (s_layer not in student_acts
+                                                 or t_layer not in teacher_acts):
+                continue
+            pairs.append((s_layer, get_layer(student_acts, s_layer, "student_acts", owner),
+                          get_layer(teacher_acts, t_layer, "teacher_acts", owner)))
+        scale = self.weight / len(self.layers)
         total = 0.0
         grads = IntermediateActivations()
         for s_layer, s_arr, t_arr in pairs:
@@ -144,15 +157,26 @@ class FeatureDistillationStrategy(LayerwiseStrategy):
             needed for every layer whose student and teacher shapes differ.
             Copied at construction.
         temperature, alpha: of the output ``kd_loss``.
+        missing_layer: ``"raise"`` (default) or ``"skip"`` (see
+            :class:`LayerwiseStrategy`).
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
     """
 
+    weight_arg = "feature_weight"
+
     def __init__(self, layer_mapping, feature_weight: float = 0.5, projections=None,
-                 temperature: float = 3.0, alpha: float = 0.3, *, device: str = "auto"):
+                 temperature: float = 3.0, alpha: float = 0.3, *,
+                 missing_layer: str = "raise", device: str = "auto"):
         super().__init__(layer_mapping, feature_weight, temperature, alpha,
-                         layers_arg="layer_mapping", weight_arg="feature_weight", device=device)
+                         layers_arg="layer_mapping", weight_arg="feature_weight",
+                         missing_layer=missing_layer, device=device)
         self.projections = self._check_projections(projections)
         self._cast: dict[tuple[str, np.dtype], np.ndarray] = {}
+
+    @property
+    def layer_mapping(self) -> dict[str, str]:
+        """The configured ``{student_layer: teacher_layer}`` pairs (a copy)."""
+        return dict(self.layers)
 
     @property
     def feature_weight(self) -> float:
@@ -205,8 +229,3 @@ class FeatureDistillationStrategy(LayerwiseStrategy):
                 f"({s2.shape[1]}, {t2.shape[1]}) (student features x teacher features)")
         loss, grad = feature_loss(s2 @ proj, t2, device=self.device)
         return loss, (grad @ proj.T).reshape(s.shape)
-
-    def __repr__(self) -> str:
-        return (f"FeatureDistillationStrategy(layer_mapping={self.layers!r}, "
-                f"feature_weight={self.weight}, projections={sorted(self.projections)!r}, "
-                f"temperature={self.temperature}, alpha={self.alpha})")

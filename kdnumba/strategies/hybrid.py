@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -46,6 +47,13 @@ class HybridDistillationStrategy(DistillationStrategy, IntermediateStrategyMixin
     has output loss ``0.4 kd + 0.6 * 0.7 kd`` and intermediate loss
     ``0.6 * 0.3 attention``.
 
+    Labels: ``intermediate_loss_and_gradient`` (and the protocol's two
+    methods) take an optional ``labels=`` keyword and forward it to every
+    member whose intermediate method accepts ``labels`` (e.g. a contrastive
+    member in ``SUPERVISED``/``TRIPLET`` mode, which requires them); the
+    members' signatures are read once, at construction. Missing layers
+    follow each member's own ``missing_layer`` setting.
+
     Args:
         strategies: a non-empty list of ``(strategy, weight)`` pairs. A
             strategy is a :class:`~kdnumba.DistillationStrategy` or any object
@@ -71,6 +79,12 @@ class HybridDistillationStrategy(DistillationStrategy, IntermediateStrategyMixin
         self.temperature = v.check_positive(temperature, "temperature")
         self.alpha = v.check_unit_interval(alpha, "alpha")
         self._members = _check_members(strategies)
+        self._intermediate_calls = [_intermediate_call(s) for s, _ in self._members]
+
+    @property
+    def strategies(self) -> list[tuple[object, float]]:
+        """The ``(strategy, weight)`` pairs (a new list; see :meth:`get_strategies`)."""
+        return list(self._members)
 
     def get_strategies(self) -> list[tuple[object, float]]:
         """The ``(strategy, weight)`` pairs (a new list; the strategies themselves are shared)."""
@@ -87,30 +101,36 @@ class HybridDistillationStrategy(DistillationStrategy, IntermediateStrategyMixin
             grad = _accumulate(grad, member_grad, weight, f"strategies[{index}]", "gradient")
         return total, grad
 
-    def intermediate_loss_and_gradient(self, student_acts, teacher_acts
+    def intermediate_loss_and_gradient(self, student_acts, teacher_acts, *, labels=None
                                        ) -> tuple[float, IntermediateActivations]:
-        """Weighted sum over members with an intermediate part; gradients summed per layer."""
+        """Weighted sum over members with an intermediate part; gradients summed per
+        layer. ``labels`` go to the members whose intermediate method takes them."""
         check_activations(student_acts, "student_acts")
         check_activations(teacher_acts, "teacher_acts")
         total = 0.0
         grads = IntermediateActivations()
-        for index, (strategy, weight) in self._active():
-            if not isinstance(strategy, IntermediateActivationStrategy):
+        for index, (_, weight) in self._active():
+            call = self._intermediate_calls[index]
+            if call is None:
                 continue
-            loss, member_grads = _intermediate(strategy, student_acts, teacher_acts)
+            loss, member_grads = call(student_acts, teacher_acts, labels)
             total += weight * loss
             for layer, member_grad in member_grads.items():
                 grads[layer] = _accumulate(grads.get(layer), member_grad, weight,
                                            f"strategies[{index}]", f"gradient of layer {layer!r}")
         return total, grads
 
+    def compute_intermediate_loss(self, student_acts, teacher_acts, *, labels=None) -> float:
+        """Weighted intermediate loss (see the protocol)."""
+        return self.intermediate_loss_and_gradient(student_acts, teacher_acts, labels=labels)[0]
+
+    def compute_intermediate_gradient(self, student_acts, teacher_acts, *, labels=None
+                                      ) -> IntermediateActivations:
+        """Weighted intermediate gradients, only for contributing layers."""
+        return self.intermediate_loss_and_gradient(student_acts, teacher_acts, labels=labels)[1]
+
     def _active(self):
         return ((i, (s, w)) for i, (s, w) in enumerate(self._members) if w != 0.0)
-
-    def __repr__(self) -> str:
-        members = ", ".join(f"({s!r}, {w})" for s, w in self._members)
-        return (f"HybridDistillationStrategy([{members}], temperature={self.temperature}, "
-                f"alpha={self.alpha})")
 
 
 def _check_members(strategies) -> list[tuple[object, float]]:
@@ -140,13 +160,31 @@ def _check_members(strategies) -> list[tuple[object, float]]:
     return members
 
 
-def _intermediate(strategy, student_acts, teacher_acts):
-    """One member's fused intermediate result, or its two protocol methods."""
+def _accepts_labels(fn) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "labels" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _intermediate_call(strategy):
+    """``call(student_acts, teacher_acts, labels) -> (loss, grads)`` for a member with
+    an intermediate part (its fused method, else its two protocol methods; ``labels``
+    passed as a keyword to those that accept it), or ``None``."""
+    if not isinstance(strategy, IntermediateActivationStrategy):
+        return None
     fused = getattr(type(strategy), "intermediate_loss_and_gradient", None)
     if fused is not None and fused is not IntermediateStrategyMixin.intermediate_loss_and_gradient:
-        return strategy.intermediate_loss_and_gradient(student_acts, teacher_acts)
-    return (strategy.compute_intermediate_loss(student_acts, teacher_acts),
-            strategy.compute_intermediate_gradient(student_acts, teacher_acts))
+        fn = strategy.intermediate_loss_and_gradient
+        takes = _accepts_labels(fn)
+        return lambda s, t, labels: fn(s, t, **({"labels": labels} if takes else {}))
+    loss_fn = strategy.compute_intermediate_loss
+    grad_fn = strategy.compute_intermediate_gradient
+    loss_takes, grad_takes = _accepts_labels(loss_fn), _accepts_labels(grad_fn)
+    return lambda s, t, labels: (
+        loss_fn(s, t, **({"labels": labels} if loss_takes else {})),
+        grad_fn(s, t, **({"labels": labels} if grad_takes else {})))
 
 
 def _accumulate(total, grad, weight, who, what):

@@ -28,16 +28,27 @@ class RelationalDistillationStrategy(LayerwiseStrategy):
         relational_weight: in ``[0, 1]`` (default 0.5).
         distance_weight, angle_weight: RKD's ``w_d = 25`` and ``w_a = 50``.
         temperature, alpha: of the output ``kd_loss``.
+        missing_layer: ``"raise"`` (default) or ``"skip"`` (see
+            :class:`~kdnumba.strategies.feature.LayerwiseStrategy`).
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
     """
 
+    weight_arg = "relational_weight"
+
     def __init__(self, layer_name="embeddings", relational_weight: float = 0.5,
                  distance_weight: float = 25.0, angle_weight: float = 50.0,
-                 temperature: float = 3.0, alpha: float = 0.3, *, device: str = "auto"):
+                 temperature: float = 3.0, alpha: float = 0.3, *, missing_layer: str = "raise",
+                 device: str = "auto"):
         super().__init__(layer_name, relational_weight, temperature, alpha,
-                         layers_arg="layer_name", weight_arg="relational_weight", device=device)
+                         layers_arg="layer_name", weight_arg="relational_weight",
+                         missing_layer=missing_layer, device=device)
         self.distance_weight = v.check_non_negative(distance_weight, "distance_weight")
         self.angle_weight = v.check_non_negative(angle_weight, "angle_weight")
+
+    @property
+    def layer_name(self) -> dict[str, str]:
+        """The configured ``{student_layer: teacher_layer}`` pairs (a copy)."""
+        return dict(self.layers)
 
     @property
     def relational_weight(self) -> float:
@@ -46,9 +57,3 @@ class RelationalDistillationStrategy(LayerwiseStrategy):
     def _layer_loss(self, student, teacher, student_layer):
         return rkd_loss(student, teacher, distance_weight=self.distance_weight,
                         angle_weight=self.angle_weight, device=self.device)
-
-    def __repr__(self) -> str:
-        return (f"RelationalDistillationStrategy(layer_name={self.layers!r}, "
-                f"relational_weight={self.weight}, distance_weight={self.distance_weight}, "
-                f"angle_weight={self.angle_weight}, temperature={self.temperature}, "
-                f"alpha={self.alpha})")

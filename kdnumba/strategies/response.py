@@ -35,6 +35,3 @@ class DistillationLoss(DistillationStrategy):
         """Fused loss and gradient (see :func:`kdnumba.functional.kd_loss`)."""
         return kd_loss(student_output, teacher_output, labels,
                        temperature=self.temperature, alpha=self.alpha, device=self.device)
-
-    def __repr__(self) -> str:
-        return f"DistillationLoss(temperature={self.temperature}, alpha={self.alpha})"

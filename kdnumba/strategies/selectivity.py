@@ -18,7 +18,8 @@ from kdnumba.strategies.base import (
     IntermediateActivations,
     IntermediateStrategyMixin,
     check_activations,
-    warn_user,
+    check_missing_layer,
+    missing_layer_error,
 )
 
 
@@ -45,9 +46,14 @@ class NeuronSelectivityDistillationStrategy(DistillationStrategy, IntermediateSt
     ...     {"layer3": s_act}, {"layer3": t_act})
     >>> # backpropagate out_grad into the output layer, sel_grads["layer3"] into layer3
 
-    If ``target_layer_name`` is missing from the activations, the intermediate
-    loss is 0 and the gradient empty (AiDotNet's behaviour), and a
-    ``UserWarning`` names the missing layer and the available ones.
+    If ``target_layer_name`` is missing from the activations, a ``ValueError``
+    names it and the layers present (AiDotNet silently returns 0); with
+    ``missing_layer="skip"`` the intermediate loss is then 0 and the gradient
+    empty, without a warning.
+
+    Weights: ``selectivity_weight`` is the one exception to the strategies'
+    ``[0, 1]`` split rule (``docs/api.md``): a plain ``>= 0`` factor of the
+    intermediate loss, while the output loss is the full ``kd_loss``.
 
     Args:
         target_layer_name: the layer whose neurons are compared.
@@ -58,14 +64,18 @@ class NeuronSelectivityDistillationStrategy(DistillationStrategy, IntermediateSt
         threshold: ``> 0`` "near zero" bound of the sparsity metric (0.01).
         sharpness: ``> 0`` sharpness of the sparsity relaxation (10).
         eps: ``> 0`` denominator epsilon of the peak-to-average metric (1e-8).
+        missing_layer: ``"raise"`` (default) or ``"skip"`` (see above).
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
     """
+
+    weight_arg = "selectivity_weight"
+    weight_split = False  # SPEC: a plain factor; the output loss is the full kd_loss
 
     def __init__(self, target_layer_name: str = "default", selectivity_weight: float = 0.5,
                  metric=SelectivityMetric.VARIANCE, temperature: float = 3.0,
                  alpha: float = 0.3, *, threshold: float = DEFAULT_THRESHOLD,
                  sharpness: float = DEFAULT_SHARPNESS, eps: float = DEFAULT_EPS,
-                 device: str = "auto"):
+                 missing_layer: str = "raise", device: str = "auto"):
         super().__init__(device=device)
         self.target_layer_name = v.check_name(target_layer_name, "target_layer_name")
         self.selectivity_weight = v.check_non_negative(selectivity_weight, "selectivity_weight")
@@ -75,6 +85,7 @@ class NeuronSelectivityDistillationStrategy(DistillationStrategy, IntermediateSt
         self.threshold = v.check_positive(threshold, "threshold")
         self.sharpness = v.check_positive(sharpness, "sharpness")
         self.eps = v.check_positive(eps, "eps")
+        self.missing_layer = check_missing_layer(missing_layer)
 
     # --- output part -------------------------------------------------------------
     def loss_and_gradient(self, student_output, teacher_output, labels=None
@@ -101,23 +112,17 @@ class NeuronSelectivityDistillationStrategy(DistillationStrategy, IntermediateSt
     def intermediate_loss_and_gradient(self, student_acts, teacher_acts
                                        ) -> tuple[float, IntermediateActivations]:
         """``selectivity_weight *`` the selectivity loss on ``target_layer_name``
-        and its gradient as ``{target_layer_name: grad}`` (empty, with loss 0
-        and a warning, when the layer is missing)."""
+        and its gradient as ``{target_layer_name: grad}``. A layer missing from
+        either side raises ``ValueError`` (``missing_layer="raise"``) or gives
+        ``(0.0, empty)`` (``missing_layer="skip"``)."""
         check_activations(student_acts, "student_acts")
         check_activations(teacher_acts, "teacher_acts")
         name = self.target_layer_name
-        missing = [side for side, acts in (("student_acts", student_acts),
-                                           ("teacher_acts", teacher_acts)) if name not in acts]
-        if missing:
-            available = {side: sorted(map(str, acts)) for side, acts in
-                         (("student_acts", student_acts), ("teacher_acts", teacher_acts))}
-            warn_user(
-                f"NeuronSelectivityDistillationStrategy: target layer {name!r} is missing from "
-                f"{' and '.join(missing)}; available layers: student_acts "
-                f"{available['student_acts']}, teacher_acts {available['teacher_acts']}. "
-                "The selectivity loss is 0 and no gradient is returned; check "
-                "target_layer_name.")
-            return 0.0, IntermediateActivations()
+        for side, acts in (("student_acts", student_acts), ("teacher_acts", teacher_acts)):
+            if name not in acts:
+                if self.missing_layer == "skip":
+                    return 0.0, IntermediateActivations()
+                raise missing_layer_error(type(self).__name__, name, side, acts)
         try:
             loss, grad = selectivity_loss(
                 student_acts[name], teacher_acts[name], metric=self.metric,
@@ -126,10 +131,3 @@ class NeuronSelectivityDistillationStrategy(DistillationStrategy, IntermediateSt
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"layer {name!r}: {exc}") from exc
         return loss, IntermediateActivations({name: grad})
-
-    def __repr__(self) -> str:
-        return (f"NeuronSelectivityDistillationStrategy(target_layer_name="
-                f"{self.target_layer_name!r}, selectivity_weight={self.selectivity_weight}, "
-                f"metric={self.metric.name}, temperature={self.temperature}, "
-                f"alpha={self.alpha}, threshold={self.threshold}, "
-                f"sharpness={self.sharpness}, eps={self.eps})")
