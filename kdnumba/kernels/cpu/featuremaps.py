@@ -222,11 +222,6 @@ def _nst_channel_sample(sh, th, gh):
 _HCL_CHUNK = 64
 
 
-def hcl_chunks(n_rows: int) -> int:
-    """Parallel tasks of :func:`hcl_rows` for ``n_rows`` maps."""
-    return (n_rows + _HCL_CHUNK - 1) // _HCL_CHUNK
-
-
 @parallel_jit
 def hcl_rows(s, t, levels, coefs, grad, row_loss):
     """HCL per ``(b, c)`` map.
