@@ -87,12 +87,6 @@ class DecoupledDistillationStrategy(DistillationStrategy):
             grad += grad.dtype.type(self.ce_weight) * ce_grad
         return loss, grad
 
-    def __repr__(self) -> str:
-        return (f"DecoupledDistillationStrategy(alpha={self.alpha}, beta={self.beta}, "
-                f"temperature={self.temperature}, ce_weight={self.ce_weight}, "
-                f"warmup={self.warmup}, standardize={self.standardize}, "
-                f"device={self.device!r})")
-
 
 class DISTStrategy(DistillationStrategy):
     r"""DIST's training loss: ``ce_weight * CE(softmax(s), y) + dist_loss(s, t)``.
@@ -133,8 +127,3 @@ class DISTStrategy(DistillationStrategy):
             loss += self.ce_weight * ce
             grad += grad.dtype.type(self.ce_weight) * ce_grad
         return loss, grad
-
-    def __repr__(self) -> str:
-        return (f"DISTStrategy(beta={self.beta}, gamma={self.gamma}, "
-                f"temperature={self.temperature}, ce_weight={self.ce_weight}, "
-                f"device={self.device!r})")
