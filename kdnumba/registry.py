@@ -64,12 +64,15 @@ class Variant:
     """One way of calling a loss that the contract suite checks.
 
     ``options``: keyword options of the call; ``inputs``: keyword arguments of
-    the spec's ``make_inputs`` (e.g. ``{"labels": "dense"}``).
+    the spec's ``make_inputs`` (e.g. ``{"labels": "dense"}``); ``devices``: where
+    this way of calling is implemented (a subset of the loss's; a variant the
+    GPU lacks raises ``NotImplementedError`` there, and says so).
     """
 
     name: str
     options: Mapping[str, Any] = field(default_factory=dict)
     inputs: Mapping[str, Any] = field(default_factory=dict)
+    devices: tuple[str, ...] = DEVICES
 
 
 @dataclass(frozen=True)

@@ -314,7 +314,8 @@ register(LossSpec(
         Variant("paper variant, p=3, wider teacher", {"variant": "paper", "p": 3},
                 {"teacher_channels": 6}),
         Variant("pool: student map 2x the teacher's", {"pool": True},
-                {"shape": (3, 4, 4, 6), "teacher_spatial": (2, 3)}),
+                {"shape": (3, 4, 4, 6), "teacher_spatial": (2, 3)},
+                devices=("cpu",)),  # pooling of unequal maps is CPU-only so far
     ),
     medium={"shape": (16, 32, 8, 8)},
     bad_inputs=(
