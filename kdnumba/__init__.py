@@ -3,8 +3,9 @@
 Layers (arrows point down only)::
 
     strategies/   thin validated classes (DistillationLoss, ...)
-    functional/   pure (loss, grad) functions: validate -> dispatch -> kernel
-    _dispatch     (device, family) -> kernel module; CUDA imported lazily
+    functional/   pure (loss, grad) functions, one body for both devices;
+                  each loss declared once in ``registry``
+    _dispatch     the backend of a call (host or CUDA); CUDA imported lazily
     kernels/      @njit kernels on arrays (cpu/), numba.cuda variants (cuda/)
     _policy       the one Numba compilation policy
 
@@ -14,53 +15,9 @@ framework bridges ``kdnumba.torch`` / ``kdnumba.jax`` (imported only on
 request; ``import kdnumba`` never imports torch or jax).
 """
 
-from kdnumba import functional
-from kdnumba.strategies import (
-    AttentionDistillationStrategy,
-    AttentionMode,
-    ContrastiveDistillationStrategy,
-    CRDStrategy,
-    ContrastiveMode,
-    DecoupledDistillationStrategy,
-    DISTStrategy,
-    DistillationLoss,
-    DistillationStrategy,
-    FeatureDistillationStrategy,
-    HCLStrategy,
-    HybridDistillationStrategy,
-    IntermediateActivations,
-    IntermediateActivationStrategy,
-    NSTStrategy,
-    NeuronSelectivityDistillationStrategy,
-    PKTStrategy,
-    RelationalDistillationStrategy,
-    SelectivityMetric,
-    SimilarityPreservingStrategy,
-)
+from kdnumba import functional, strategies
+from kdnumba.strategies import *  # noqa: F403 -- the strategies' own export list
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CRDStrategy",
-    "AttentionDistillationStrategy",
-    "AttentionMode",
-    "ContrastiveDistillationStrategy",
-    "ContrastiveMode",
-    "DISTStrategy",
-    "DecoupledDistillationStrategy",
-    "DistillationLoss",
-    "DistillationStrategy",
-    "FeatureDistillationStrategy",
-    "HCLStrategy",
-    "HybridDistillationStrategy",
-    "IntermediateActivationStrategy",
-    "IntermediateActivations",
-    "NSTStrategy",
-    "NeuronSelectivityDistillationStrategy",
-    "PKTStrategy",
-    "RelationalDistillationStrategy",
-    "SelectivityMetric",
-    "SimilarityPreservingStrategy",
-    "functional",
-    "__version__",
-]
+__all__ = [*strategies.__all__, "functional", "__version__"]

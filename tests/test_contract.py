@@ -279,7 +279,7 @@ def test_loss_specific_bad_inputs(spec):
 
 #: Public names of kdnumba.functional that are not (loss, grad) functions.
 NOT_LOSSES = {"SelectivityMetric", "SelectivityStatistics", "selectivity_statistics", "specs",
-              "CRDMemory", "standardize_logits", "standardize_logits_backward"}
+              "CRDMemory", "ContrastSampler", "standardize_logits", "standardize_logits_backward"}
 
 
 def test_every_public_loss_is_registered():

@@ -1,13 +1,10 @@
-"""The functional layer: pure ``(loss, grad)`` functions.
+"""The functional layer: pure ``(loss, grad)`` functions, one module per family.
 
 Each function validates its inputs, dispatches on dtype and device, and runs
 fused kernels; ``grad`` is the exact derivative of ``loss`` with respect to
 the first (student) argument. They never modify their inputs. All losses are
 batch means; ``p^T(z) = softmax(z / T)``; ``cos`` clamps norms at 1e-12.
 
-=========================  ===================================================================
-function                   loss
-=========================  ===================================================================
 ``kd_loss``                ``alpha*CE(softmax(s), y) + (1-alpha)*T^2*KL(p^T(t) || p^T(s))``
 ``selectivity_loss``       ``mean_n (sel_n(s) - sel_n(t))^2``, sel = variance / relaxed
                            sparsity / peak-to-average over the batch
@@ -22,32 +19,26 @@ function                   loss
 ``sp_loss``                ``sum (N_s - N_t)^2 / B^2``, ``N`` = row-normalised Gram ``f f^T`` (SP)
 ``pkt_loss``               ``mean p_t log((p_t + eps)/(p_s + eps))`` over cosine-kernel rows (PKT)
 =========================  ===================================================================
+
+Every loss declares itself in :mod:`kdnumba.registry` next to its code;
+:func:`specs` lists them and ``docs/api.md`` has the generated table. This
+package exports every registered loss and the other public names its
+modules list in ``__all__`` (importing each module registers its losses), so
+a new module needs no edit here.
 """
 
-from kdnumba.functional.attention import attention_map_loss, attention_transfer
-from kdnumba.functional.contrastive import (
-    info_nce,
-    nt_xent,
-    supervised_contrastive,
-    triplet_loss,
-)
-from kdnumba.functional.decoupled import dkd_loss
-from kdnumba.functional.dist import dist_loss
-from kdnumba.functional.crd import CRDMemory, crd_loss
-from kdnumba.functional.feature import feature_loss
-from kdnumba.functional.featuremaps import hcl_loss, nst_loss
-from kdnumba.functional.relational import rkd_loss
-from kdnumba.functional.response import kd_loss, sparse_kd_loss
-from kdnumba.functional.selectivity import (
-    SelectivityMetric,
-    SelectivityStatistics,
-    selectivity_loss,
-    selectivity_statistics,
-)
-from kdnumba.functional.similarity import pkt_loss, sp_loss
-from kdnumba.functional.standardize import standardize_logits, standardize_logits_backward
-
+from kdnumba import _exports
 from kdnumba import registry as _registry
+
+
+def _modules_api(module) -> list[str]:
+    """A module without ``__all__`` exports just the losses it registered."""
+    registered = {spec.name for spec in _registry.specs()}
+    return [name for name in _exports.defined_here(module) if name in registered]
+
+
+_API = _exports.collect(__name__, __path__, default=_modules_api)
+globals().update(_API)
 
 
 def specs():
@@ -55,30 +46,4 @@ def specs():
     return _registry.specs()
 
 
-__all__ = [
-    "CRDMemory",
-    "SelectivityMetric",
-    "SelectivityStatistics",
-    "attention_map_loss",
-    "attention_transfer",
-    "dist_loss",
-    "dkd_loss",
-    "crd_loss",
-    "feature_loss",
-    "hcl_loss",
-    "info_nce",
-    "kd_loss",
-    "nst_loss",
-    "nt_xent",
-    "pkt_loss",
-    "rkd_loss",
-    "selectivity_loss",
-    "selectivity_statistics",
-    "sp_loss",
-    "sparse_kd_loss",
-    "specs",
-    "standardize_logits",
-    "standardize_logits_backward",
-    "supervised_contrastive",
-    "triplet_loss",
-]
+__all__ = sorted([*_API, "specs"])

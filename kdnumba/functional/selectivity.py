@@ -40,6 +40,8 @@ from kdnumba import _validation as v
 from kdnumba._constants import SELECTIVITY_EPS
 from kdnumba.registry import BadInput, LossSpec, Variant, Workload, register
 
+__all__ = ["SelectivityMetric", "SelectivityStatistics", "selectivity_loss", "selectivity_statistics"]
+
 #: Default threshold of "near zero" (AiDotNet's 0.01).
 DEFAULT_THRESHOLD = 0.01
 #: Default sharpness of the sparsity relaxation (dimensionless; the sigmoid's

@@ -51,6 +51,8 @@ from kdnumba import _dispatch
 from kdnumba import _validation as v
 from kdnumba._constants import STANDARDIZE_EPS
 
+__all__ = ["standardize_logits", "standardize_logits_backward"]
+
 
 def standardize_into(be, z, name: str, out=None):
     """``(y, sigma)``: the standardised rows of the kernel-ready ``(B, C)`` array

@@ -1,44 +1,15 @@
-"""Strategies: thin, validated, user-facing classes over :mod:`kdnumba.functional`."""
+"""Strategies: thin, validated, user-facing classes over :mod:`kdnumba.functional`.
 
-from kdnumba.functional.selectivity import SelectivityMetric
-from kdnumba.strategies.attention import AttentionDistillationStrategy, AttentionMode
-from kdnumba.strategies.base import (
-    DistillationStrategy,
-    IntermediateActivations,
-    IntermediateActivationStrategy,
-    IntermediateStrategyMixin,
-)
-from kdnumba.strategies.contrastive import ContrastiveDistillationStrategy, ContrastiveMode
-from kdnumba.strategies.crd import CRDStrategy
-from kdnumba.strategies.decoupled import DecoupledDistillationStrategy, DISTStrategy
-from kdnumba.strategies.feature import FeatureDistillationStrategy
-from kdnumba.strategies.featuremaps import HCLStrategy, NSTStrategy
-from kdnumba.strategies.hybrid import HybridDistillationStrategy
-from kdnumba.strategies.relational import RelationalDistillationStrategy
-from kdnumba.strategies.response import DistillationLoss
-from kdnumba.strategies.selectivity import NeuronSelectivityDistillationStrategy
-from kdnumba.strategies.similarity import PKTStrategy, SimilarityPreservingStrategy
+One module per family. The package exports each module's ``__all__``, or the
+public classes it defines, so a new strategy module needs no edit here (nor
+in ``kdnumba/__init__.py``, which re-exports this list).
+"""
 
-__all__ = [
-    "CRDStrategy",
-    "AttentionDistillationStrategy",
-    "AttentionMode",
-    "ContrastiveDistillationStrategy",
-    "ContrastiveMode",
-    "DISTStrategy",
-    "DecoupledDistillationStrategy",
-    "DistillationLoss",
-    "DistillationStrategy",
-    "FeatureDistillationStrategy",
-    "HCLStrategy",
-    "HybridDistillationStrategy",
-    "IntermediateActivationStrategy",
-    "IntermediateActivations",
-    "IntermediateStrategyMixin",
-    "NSTStrategy",
-    "NeuronSelectivityDistillationStrategy",
-    "PKTStrategy",
-    "RelationalDistillationStrategy",
-    "SelectivityMetric",
-    "SimilarityPreservingStrategy",
-]
+from kdnumba import _exports
+
+_API = _exports.collect(__name__, __path__, default=lambda module: [
+    name for name in _exports.defined_here(module)
+    if isinstance(getattr(module, name), type)])
+globals().update(_API)
+
+__all__ = sorted(_API)

@@ -22,6 +22,8 @@ from kdnumba.strategies.base import (
     missing_layer_error,
 )
 
+__all__ = ["NeuronSelectivityDistillationStrategy", "SelectivityMetric"]
+
 
 class NeuronSelectivityDistillationStrategy(DistillationStrategy, IntermediateStrategyMixin):
     r"""Match how selective each neuron of a student layer is to the teacher's
