@@ -348,7 +348,7 @@ def _div_row(sh, i, s, t, labels_index, labels_dense, labels_kind, divergence, b
         y_index = labels_index[i]
 
     if tid == 0:
-        loss = w_soft * (max(div, 0.0) if div == div else div)
+        loss = w_soft * (0.0 if div < 0.0 else div)  # D >= 0; NaN passes
         if labels_kind == LABELS_INDEX:
             if 0 <= y_index < n_cols:
                 loss += w_hard * ((big_s - s[i, y_index]) + math.log(z_h))
@@ -530,7 +530,7 @@ def _sparse_row(sh, i, s, top_v, top_i, labels_index, labels_dense, labels_kind,
     if tid == 0:
         row_status[i] = SPARSE_OK
         kl = w / z_q - math.log(z_q) + math.log(z_s)
-        loss = w_soft * (max(kl, 0.0) if kl == kl else kl) + 0.0 * s_sum
+        loss = w_soft * (0.0 if kl < 0.0 else kl) + 0.0 * s_sum  # NaN passes
         if labels_kind == LABELS_INDEX:
             if 0 <= y_index < n_cols:
                 loss += w_hard * ((big_s - s[i, y_index]) + math.log(z_h))
