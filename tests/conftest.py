@@ -30,3 +30,21 @@ def loss_cases(rng) -> dict:
         options = {k: val for k, val in made.items() if k not in spec.array_params}
         cases[spec.name] = (args, {**options, **variant.options})
     return cases
+
+
+# --- Hypothesis profiles -------------------------------------------------------------------
+# ``ci`` (default): few examples, no deadline (Numba compiles on first use), derandomized
+# so every CI run sees the same examples. ``dev``: many random examples, for local bug
+# hunting. Select with KDNUMBA_HYPOTHESIS_PROFILE=dev (or pytest's --hypothesis-profile).
+# Tests that set max_examples themselves keep it; see tests/test_properties.py.
+import os  # noqa: E402
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "ci", max_examples=8, deadline=None, derandomize=True, database=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "dev", max_examples=300, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("KDNUMBA_HYPOTHESIS_PROFILE", "ci"))
