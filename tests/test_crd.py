@@ -185,22 +185,93 @@ def test_strategy_is_the_weighted_loss_and_updates_after_the_step():
     from kdnumba.strategies.crd import CRDStrategy
     rng = np.random.default_rng(12)
     labels = np.repeat(np.arange(4), 10)
-    strategy = CRDStrategy(40, crd_weight=0.6, n_negatives=8, labels=labels, seed=3)
+    strategy = CRDStrategy(40, crd_weight=0.6, n_negatives=8, labels=labels, seed=3,
+                           embed_dim=None)  # no heads: the activations are the embeddings
     s = rng.standard_normal((5, 2, 3))  # flattened to width 6
     t = rng.standard_normal((5, 6))
     idx = np.array([0, 11, 22, 33, 39])
-    contrast = strategy.set_batch(idx)
+    contrast = strategy.on_batch(idx, labels[idx])
     assert (labels[contrast[:, 1:]] != labels[idx][:, None]).all()
     loss, grads = strategy.intermediate_loss_and_gradient({"embeddings": s}, {"embeddings": t})
-    memory = strategy.memory
+    memory = strategy.memory_bank
     ref = crd_loss(s.reshape(5, 6), t, idx, contrast, memory)
     assert loss == pytest.approx(0.6 * ref[0], rel=1e-14)
     np.testing.assert_allclose(grads["embeddings"], 0.6 * ref[1].reshape(5, 2, 3), rtol=1e-14)
-    np.testing.assert_allclose(strategy.teacher_gradient, 0.6 * ref[2], rtol=1e-14)
+    unweighted = strategy.crd_loss_and_gradients(s, t)
+    np.testing.assert_allclose(unweighted[2], ref[2], rtol=1e-14)
     expected = memory.copy()
     expected.update(idx, s.reshape(5, 6), t)
-    strategy.update_memory()
-    np.testing.assert_array_equal(strategy.memory.memory_student, expected.memory_student)
-    np.testing.assert_array_equal(strategy.memory.memory_teacher, expected.memory_teacher)
-    with pytest.raises(ValueError, match="update_memory"):
-        strategy.update_memory()
+    strategy.after_step()
+    np.testing.assert_array_equal(strategy.memory_bank.memory_student, expected.memory_student)
+    np.testing.assert_array_equal(strategy.memory_bank.memory_teacher, expected.memory_teacher)
+    assert strategy.memory is None  # the parameter keeps its value
+    with pytest.raises(ValueError, match="on_batch"):
+        strategy.after_step()
+    with pytest.raises(ValueError, match="on_batch"):
+        strategy.intermediate_loss_and_gradient({"embeddings": s}, {"embeddings": t})
+    with pytest.raises(ValueError, match="labels"):
+        strategy.on_batch(idx, labels[idx][::-1])
+
+
+def test_strategy_heads_chain_rule_and_step():
+    """Embed heads (different widths): the student gradient is ``w gs W_s^T``, the
+    heads' gradients ``x^T (w g)``; after_step moves both heads and writes the
+    pre-step head outputs into the banks."""
+    from kdnumba.strategies.crd import CRDStrategy
+    rng = np.random.default_rng(5)
+    n, b = 30, 6
+    strategy = CRDStrategy(n, crd_weight=0.5, n_negatives=7, embed_dim=4, seed=1,
+                           head_learning_rate=1e-2)
+    s = rng.standard_normal((b, 5))
+    t = rng.standard_normal((b, 9))
+    idx = rng.choice(n, b, replace=False)
+    contrast = strategy.on_batch(idx)
+    assert (contrast[:, 0] == idx).all()
+    loss, grads = strategy.intermediate_loss_and_gradient({"embeddings": s}, {"embeddings": t})
+    hs, ht = strategy.student_head, strategy.teacher_head
+    assert (hs.weight.shape, ht.weight.shape) == ((5, 4), (9, 4))
+    e_s, e_t = s @ hs.weight + hs.bias, t @ ht.weight + ht.bias
+    before = strategy.memory_bank.copy()
+    ref = crd_loss(e_s, e_t, idx, contrast, before)
+    assert loss == pytest.approx(0.5 * ref[0], rel=1e-13)
+    np.testing.assert_allclose(grads["embeddings"], 0.5 * ref[1] @ hs.weight.T, rtol=1e-12)
+    np.testing.assert_allclose(hs.weight_grad, s.T @ (0.5 * ref[1]), rtol=1e-12)
+    np.testing.assert_allclose(ht.weight_grad, t.T @ (0.5 * ref[2]), rtol=1e-12)
+    np.testing.assert_allclose(ht.bias_grad, (0.5 * ref[2]).sum(0), rtol=1e-12)
+    w_s, w_t = hs.weight.copy(), ht.weight.copy()
+    strategy.after_step()
+    assert not np.allclose(hs.weight, w_s) and not np.allclose(ht.weight, w_t)
+    before.update(idx, e_s, e_t)
+    np.testing.assert_allclose(strategy.memory_bank.memory_student, before.memory_student,
+                               rtol=1e-6)
+    np.testing.assert_allclose(strategy.memory_bank.memory_teacher, before.memory_teacher,
+                               rtol=1e-6)
+    # the student gradient by finite differences through the head
+    strategy.on_batch(idx, contrast_indices=contrast)
+    _, grads = strategy.intermediate_loss_and_gradient({"embeddings": s}, {"embeddings": t})
+    eps, (i, j) = 1e-6, (2, 3)
+    plus, minus = s.copy(), s.copy()
+    plus[i, j] += eps
+    minus[i, j] -= eps
+    lp = strategy.compute_intermediate_loss({"embeddings": plus}, {"embeddings": t})
+    lm = strategy.compute_intermediate_loss({"embeddings": minus}, {"embeddings": t})
+    assert grads["embeddings"][i, j] == pytest.approx((lp - lm) / (2 * eps), rel=1e-6)
+
+
+def test_strategy_state_dict_round_trip():
+    from kdnumba.strategies.crd import CRDStrategy
+    rng = np.random.default_rng(2)
+    a = CRDStrategy(20, n_negatives=5, embed_dim=3, seed=4)
+    s, t = rng.standard_normal((4, 6)), rng.standard_normal((4, 7))
+    for _ in range(2):
+        a.on_batch(rng.choice(20, 4, replace=False))
+        a.intermediate_loss_and_gradient({"embeddings": s}, {"embeddings": t})
+        a.after_step()
+    b = CRDStrategy(20, n_negatives=5, embed_dim=3, seed=99)
+    b.load_state_dict(a.state_dict())
+    idx = np.arange(4)
+    np.testing.assert_array_equal(a.on_batch(idx), b.on_batch(idx))  # same RNG state
+    la = a.intermediate_loss_and_gradient({"embeddings": s}, {"embeddings": t})
+    lb = b.intermediate_loss_and_gradient({"embeddings": s}, {"embeddings": t})
+    assert la[0] == lb[0]
+    np.testing.assert_array_equal(la[1]["embeddings"], lb[1]["embeddings"])

@@ -38,6 +38,7 @@ import kdnumba
 import kdnumba.strategies
 from kdnumba.strategies import DistillationLoss, DistillationStrategy, FeatureDistillationStrategy
 from kdnumba.training import is_intermediate, required_layers
+from kdnumba.training.loop import start_batch
 
 # --- the classes under test: derived, not listed ---------------------------------------
 
@@ -54,11 +55,7 @@ STRATEGIES = sorted((getattr(kdnumba, name) for name in kdnumba.__all__
 # Strategies that do not follow the conventions yet: each test of theirs is an
 # expected failure with the reason, so the suite stays green while the list
 # shows what is left. Remove an entry once its class conforms.
-PENDING = {
-    "CRDStrategy": "issue 12 conventions not applied yet: a missing layer warns (no "
-                   "missing_layer), hand-written __repr__, labels/seed/memory not stored "
-                   "under their names, set_batch() needed before a step",
-}
+PENDING: dict[str, str] = {}
 
 CASES = [pytest.param(cls, id=cls.__name__,
                       marks=[pytest.mark.xfail(reason=PENDING[cls.__name__], strict=False)]
@@ -91,6 +88,7 @@ REQUIRED = {
     "layer_mapping": lambda: LAYER,
     "attention_layers": lambda: LAYER,
     "strategies": _hybrid_members,
+    "n_data": lambda: B,  # CRD: rows of the memory (the batch below is the whole dataset)
 }
 
 
@@ -171,6 +169,9 @@ def _label_kw(fn, labels):
 
 
 def intermediate(strategy, s_acts, t_acts, labels):
+    """The intermediate call of one batch -- the dataset's rows ``0..B-1`` --
+    after the batch hooks (``on_batch``), as the Distiller makes it."""
+    start_batch(strategy, np.arange(B), labels)
     fn = strategy.intermediate_loss_and_gradient
     return fn(s_acts, t_acts, **_label_kw(fn, labels))
 

@@ -174,6 +174,13 @@ class CRDMemory:
         zt = v.check_positive(z_teacher, "z_teacher")
         self._log_z = (math.log(zs), math.log(zt))
 
+    def set_log_constants(self, log_z_student, log_z_teacher) -> None:
+        """Fix the constants by their logarithms (as :attr:`log_constants` gives
+        them: exact where ``Z`` itself would overflow); finite floats."""
+        pair = (v.check_real(log_z_student, "log_z_student"),
+                v.check_real(log_z_teacher, "log_z_teacher"))
+        self._log_z = pair
+
     def _set_log_constants(self, log_zs: float, log_zt: float) -> None:
         self._log_z = (float(log_zs), float(log_zt))
 

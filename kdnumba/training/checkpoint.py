@@ -15,8 +15,11 @@ it had never stopped:
   seed, layers, strategy class), checked on resume so that a checkpoint is
   never silently applied to another run.
 
-Not saved: the strategy's own state (e.g. a contrastive memory bank, refilled
-as training goes on), the teacher (offline outputs come back from the
+* the training state of strategies that have ``state_dict()`` /
+  ``load_state_dict()`` (CRD's memory banks, embed heads and sampling RNG).
+
+Not saved: strategy state without those methods (e.g. the negatives queue of a
+contrastive strategy, refilled as training goes on), the teacher (offline outputs come back from the
 :class:`~kdnumba.training.TeacherCache` or are recomputed), and
 hyper-parameters held by the student's constructor (learning rate, ...).
 """
@@ -61,6 +64,7 @@ class Checkpoint:
     stale: int
     best_state: dict | None
     fingerprint: dict
+    strategy: dict | None = None
 
 
 def _put(arrays: dict, prefix: str, state: dict | None) -> list[str] | None:
@@ -97,6 +101,7 @@ def save_checkpoint(path, ckpt: Checkpoint) -> str:
         "student_keys": _put(arrays, "student.", ckpt.student),
         "optimizer_keys": _put(arrays, "optimizer.", ckpt.optimizer),
         "best_keys": _put(arrays, "best.", ckpt.best_state),
+        "strategy_keys": _put(arrays, "strategy.", ckpt.strategy),
     }
     arrays["meta"] = np.asarray(json.dumps(meta, default=_jsonable))
     return write_npz(path, arrays)
@@ -118,7 +123,8 @@ def load_checkpoint(path) -> Checkpoint:
             rng_state=meta["rng_state"], history=meta["history"],
             best_value=None if best is None else float(best), stale=int(meta["stale"]),
             best_state=_get(arrays, "best.", meta["best_keys"]),
-            fingerprint=meta["fingerprint"])
+            fingerprint=meta["fingerprint"],
+            strategy=_get(arrays, "strategy.", meta.get("strategy_keys")))
     except (KeyError, ValueError, TypeError) as exc:
         raise CorruptFileError(f"{os.fspath(path)} is not a Distiller checkpoint "
                                f"({type(exc).__name__}: {exc})") from exc

@@ -74,6 +74,36 @@ def start_epoch(strategy, epoch: int) -> None:
             hook(epoch)
 
 
+def start_batch(strategy, indices, labels=None) -> None:
+    """Call ``on_batch(indices, labels)`` on every strategy in the tree of
+    ``strategy`` that has it, before the losses of a minibatch: ``indices`` the
+    dataset rows of the batch (int64 ``(B,)``, positions in the ``x`` given to
+    :meth:`Distiller.fit`), ``labels`` the batch's labels or ``None`` (e.g. the
+    negative sampling of :class:`~kdnumba.CRDStrategy`)."""
+    for hook in _hooks(strategy, "on_batch"):
+        hook(indices, labels)
+
+
+def end_step(strategy) -> None:
+    """Call ``after_step()`` on every strategy in the tree of ``strategy`` that
+    has it, after the student's update (e.g. CRD's memory update and the step
+    of its embed heads)."""
+    for hook in _hooks(strategy, "after_step"):
+        hook()
+
+
+def _hooks(strategy, name: str) -> list[Callable]:
+    return [h for h in (getattr(s, name, None) for s in _strategy_tree(strategy)) if callable(h)]
+
+
+def _stateful(strategy) -> list:
+    """The strategies of the tree with ``state_dict()``/``load_state_dict()``
+    (training state of their own, saved in checkpoints), in tree order."""
+    return [s for s in _strategy_tree(strategy)
+            if callable(getattr(s, "state_dict", None))
+            and callable(getattr(s, "load_state_dict", None))]
+
+
 def _strategy_tree(strategy) -> list:
     """``strategy`` and, recursively, its members: each object once, in pre-order,
     at most 16 levels deep."""
@@ -466,6 +496,8 @@ class Distiller:
         self.early_stopping = early_stopping
         self.progress = progress
         self._updaters = _memory_updaters(strategy) if update_memory else []
+        self._on_batch = _hooks(strategy, "on_batch")
+        self._after_step = _hooks(strategy, "after_step")
         self._has_output = (strategy is None
                             or callable(getattr(strategy, "loss_and_gradient", None)))
         (self._int_fn, self._int_labels,
@@ -568,10 +600,16 @@ class Distiller:
                 (same data, labels, batch size, shuffling, seed, layers and
                 strategy class; ``ValueError`` otherwise); ``epochs`` may be
                 larger, to extend a run. ``resume=False`` starts from scratch
-                and overwrites the checkpoint. Continuing from a checkpoint
-                gives the same parameters and history as a run that never
-                stopped (for strategies without state of their own, e.g. a
-                contrastive memory bank).
+                and overwrites the checkpoint. Strategies with training state
+                of their own that have ``state_dict()``/``load_state_dict()``
+                (:class:`~kdnumba.CRDStrategy`: memory banks, embed heads,
+                sampling RNG; members of a hybrid too) are saved and restored
+                with it, so continuing from a checkpoint gives the same
+                parameters and history as a run that never stopped. Not saved:
+                the negatives queue of a
+                :class:`~kdnumba.ContrastiveDistillationStrategy` (it refills
+                as training goes on; such a resumed run differs from an
+                uninterrupted one).
             checkpoint_every: epochs between checkpoints (>= 1).
 
         Raises:
@@ -760,12 +798,40 @@ class Distiller:
         if saved.optimizer is not None and callable(load_opt):
             load_opt(saved.optimizer)
         rng.bit_generator.state = saved.rng_state
+        self._load_strategy_state(saved.strategy)
         h = saved.history
         history.epochs = [dict(e) for e in h["epochs"]]
         history.best_epoch = h["best_epoch"]
         history.stopped_early = bool(h["stopped_early"])
         best_state = saved.best_state if restore else None
         return saved.best_value, best_state, saved.stale, saved.epoch
+
+    def _strategy_state(self) -> dict | None:
+        """``{"<position>.<key>": array}`` of the strategies with a ``state_dict``
+        (position in the strategy tree), or ``None`` when none has one."""
+        stateful = _stateful(self.strategy)
+        if not stateful:
+            return None
+        return {f"{i}.{k}": val for i, s in enumerate(stateful)
+                for k, val in s.state_dict().items()}
+
+    def _load_strategy_state(self, state: dict | None) -> None:
+        stateful = _stateful(self.strategy)
+        if state is None:
+            if stateful:
+                raise ValueError("the checkpoint holds no strategy state, but "
+                                 f"{type(stateful[0]).__name__} has state of its own; "
+                                 "it cannot resume exactly: pass resume=False")
+            return
+        parts: dict[int, dict] = {}
+        for key, val in state.items():
+            i, _, name = key.partition(".")
+            parts.setdefault(int(i), {})[name] = val
+        if sorted(parts) != list(range(len(stateful))):
+            raise ValueError("the checkpoint's strategy state does not match this strategy "
+                             f"({len(parts)} stateful part(s) saved, {len(stateful)} here)")
+        for i, s in enumerate(stateful):
+            s.load_state_dict(parts[i])
 
     def _write_checkpoint(self, path, epoch: int, rng, history, best, stale, best_state):
         opt = getattr(self.student, "optimizer_state", None)
@@ -775,7 +841,7 @@ class Distiller:
             history={"epochs": history.epochs, "best_epoch": history.best_epoch,
                      "stopped_early": history.stopped_early},
             best_value=best, stale=stale, best_state=best_state,
-            fingerprint=self._fingerprint_now)
+            fingerprint=self._fingerprint_now, strategy=self._strategy_state())
         try:
             save_checkpoint(path, ckpt)
         except OSError as exc:
@@ -805,6 +871,11 @@ class Distiller:
                     t1 = time.perf_counter()
                     t_out, t_acts = self.teacher.forward(xb, collect=self.teacher_layers)
                     teach_s += time.perf_counter() - t1
+            if self._on_batch:
+                t1 = time.perf_counter()
+                for hook in self._on_batch:
+                    hook(idx, yb)
+                strat_s += time.perf_counter() - t1
             s_out, s_acts = student.forward(xb, collect=self.layers)
             if check_classes is not None:  # before the first update
                 check_classes(np.shape(s_out)[1])
@@ -824,6 +895,11 @@ class Distiller:
             for update, layer in self._updaters:
                 t1 = time.perf_counter()
                 update(t_acts[layer])
+                strat_s += time.perf_counter() - t1
+            if self._after_step:
+                t1 = time.perf_counter()
+                for hook in self._after_step:
+                    hook()
                 strat_s += time.perf_counter() - t1
             rows = len(idx)
             sums += (losses.total * rows, losses.output_loss * rows,
