@@ -29,15 +29,15 @@ import numpy as np
 #: The strategies compared by default, in table order ("student" -- trained on the
 #: labels alone -- is always run first as the baseline).
 DEFAULT_STRATEGIES = ("kd", "selectivity", "contrastive", "hybrid", "relational", "dkd", "dist",
-                      "sp")
+                      "sp", "crd")
 ALL_STRATEGIES = ("student",) + DEFAULT_STRATEGIES
 ALIASES = {"response": "kd", "distillation": "kd", "baseline": "student", "none": "student",
            "alone": "student", "neuron_selectivity": "selectivity", "rkd": "relational",
-           "crd": "contrastive", "similarity_preserving": "sp"}
+           "similarity_preserving": "sp"}
 LABELS = {"student": "student alone", "dkd": "decoupled KD", "dist": "DIST",
           "kd": "response KD", "selectivity": "selectivity",
           "contrastive": "contrastive", "hybrid": "hybrid", "relational": "relational",
-          "sp": "similarity SP"}
+          "sp": "similarity SP", "crd": "CRD"}
 EMBEDDING_LAYER = "embeddings"
 _SPLIT_SEED = 20240521
 
@@ -80,6 +80,12 @@ class DemoConfig:
     dist_temperature: float = 4.0
     sp_weight: float = 0.3
     sp_gamma: float = 3000.0  # RepDistiller's SP weight (-b 3000)
+    crd_weight: float = 0.45  # RepDistiller's CE + 0.8 CRD (-r 1 -a 0 -b 0.8) as a [0, 1] split
+    crd_alpha: float = 1.0  # ... whose output term is the cross-entropy alone (-a 0: no KD)
+    crd_negatives: int = 64  # K (RepDistiller 16384 of 50k rows; the student sees 150)
+    crd_embed_dim: int = 32  # the heads' width (RepDistiller 128; the student's layer is 32)
+    crd_temperature: float = 0.07  # nce_t
+    crd_momentum: float = 0.5  # nce_m
     hybrid_members: tuple[tuple[str, float], ...] = (("kd", 0.5), ("relational", 0.25),
                                                      ("contrastive", 0.25))
     threads: int = 1
@@ -201,8 +207,12 @@ def _enum(class_name: str, member: str):
         return member.lower()
 
 
-def build_strategy(name: str, cfg: DemoConfig):
-    """A fresh strategy object for ``name`` (``None`` for the label-only baseline)."""
+def build_strategy(name: str, cfg: DemoConfig, labels=None):
+    """A fresh strategy object for ``name`` (``None`` for the label-only baseline).
+
+    ``labels`` are the student's training labels: ``crd`` needs them (its
+    memory has one row per training example and it draws negatives from the
+    other classes); the other strategies ignore them."""
     t, a = cfg.temperature, cfg.alpha
     if name == "student":
         return None
@@ -233,9 +243,20 @@ def build_strategy(name: str, cfg: DemoConfig):
     if name == "dist":
         return _lookup("DISTStrategy")(beta=cfg.dist_beta, gamma=cfg.dist_gamma,
                                        temperature=cfg.dist_temperature)
+    if name == "crd":
+        cls = _lookup("CRDStrategy")
+        if labels is None:
+            raise ValueError("the crd strategy needs the training labels: "
+                             "build_strategy('crd', cfg, labels=y_train)")
+        return cls(len(labels), embedding_layer_name=EMBEDDING_LAYER, crd_weight=cfg.crd_weight,
+                   n_negatives=cfg.crd_negatives, temperature=cfg.crd_temperature,
+                   momentum=cfg.crd_momentum, alpha=cfg.crd_alpha, output_temperature=t,
+                   embed_dim=cfg.crd_embed_dim, head_learning_rate=cfg.learning_rate,
+                   labels=labels, seed=0)
     if name == "hybrid":
         hybrid = _lookup("HybridDistillationStrategy")
-        members = [(build_strategy(member, cfg), weight) for member, weight in cfg.hybrid_members]
+        members = [(build_strategy(member, cfg, labels), weight)
+                   for member, weight in cfg.hybrid_members]
         return hybrid(strategies=members, temperature=t, alpha=a)
     raise ValueError(f"unknown strategy {name!r}")
 
@@ -379,7 +400,7 @@ def _run_strategy(name, cfg, split, pool_outputs, seeds, subsets, log) -> dict:
     from kdnumba.training import Distiller, TeacherOutputs
     record = {"label": LABELS[name], "status": "ok"}
     try:
-        probe = build_strategy(name, cfg)
+        probe = build_strategy(name, cfg, labels=split.y_pool[subsets[seeds[0]]])
     except Unavailable as exc:
         log(f"  {LABELS[name]:<14} unavailable: {exc}")
         return {**record, "status": "unavailable", "reason": str(exc)}
@@ -390,13 +411,15 @@ def _run_strategy(name, cfg, split, pool_outputs, seeds, subsets, log) -> dict:
     try:
         for seed in seeds:
             sub = subsets[seed]
-            strategy = probe if seed == seeds[0] else build_strategy(name, cfg)
+            labels = split.y_pool[sub]
+            strategy = probe if seed == seeds[0] else build_strategy(name, cfg, labels=labels)
             student = _student(cfg, split.x_pool.shape[1], split.n_classes, seed)
             teacher = TeacherOutputs(*pool_outputs.batch(sub)) if strategy is not None else None
             trainer = Distiller(student, teacher, strategy, batch_size=cfg.batch_size,
                                 epochs=cfg.epochs, seed=seed, progress=False)
             if first_s is None:  # compile (or load from Numba's cache) outside the timings
-                first_s = _warm_up(trainer, split, pool_outputs, sub)
+                first_s = _warm_up(trainer, split, sub,
+                                   build_strategy(name, cfg, labels=labels))
             history = trainer.fit(split.x_pool[sub], split.y_pool[sub],
                                   validation=(split.x_test, split.y_test))
             accs.append(history["val_accuracy"][-1])
@@ -416,13 +439,24 @@ def _run_strategy(name, cfg, split, pool_outputs, seeds, subsets, log) -> dict:
             "curve_std": np.std(curves, axis=0).tolist()}
 
 
-def _warm_up(trainer, split, pool_outputs, sub) -> float:
+def _warm_up(trainer, split, sub, fresh) -> float:
     """One forward + loss call on a small batch; returns its duration (dominated by
-    Numba compiling, or loading from its disk cache, the strategy's kernels)."""
-    idx = sub[: min(len(sub), 8)]
+    Numba compiling, or loading from its disk cache, the strategy's kernels).
+
+    The losses come from ``fresh``, a throwaway strategy built like the trained
+    one, so that the trained one's state (CRD's memory constants, set by its
+    first batch) is untouched."""
+    from kdnumba.training import Distiller
+    from kdnumba.training.loop import start_batch
+    rows = np.arange(min(len(sub), 8))
+    idx = sub[rows]
     start = time.perf_counter()
+    if fresh is not None:
+        trainer = Distiller(trainer.student, trainer.teacher, fresh, layers=trainer.layers,
+                            progress=False)
+        start_batch(fresh, rows, split.y_pool[idx])
     s_out, s_acts = trainer.student.forward(split.x_pool[idx], collect=trainer.layers)
-    t_out, t_acts = pool_outputs.batch(idx)
+    t_out, t_acts = (None, None) if fresh is None else trainer.teacher.batch(rows)
     trainer.compute_losses(s_out, s_acts, t_out, t_acts, split.y_pool[idx])
     return time.perf_counter() - start
 

@@ -130,10 +130,10 @@ def test_parse_strategies_and_config():
 def test_unavailable_strategy_is_listed_not_fatal(tmp_path, monkeypatch, capsys):
     real = demo.build_strategy
 
-    def fake(name, cfg):
+    def fake(name, cfg, labels=None):
         if name == "kd":
             raise demo.Unavailable("DistillationLoss is not available in this build of kdnumba")
-        return real(name, cfg)
+        return real(name, cfg, labels)
 
     monkeypatch.setattr(demo, "build_strategy", fake)
     data = _blobs_npz(tmp_path / "b.npz")
@@ -155,7 +155,8 @@ def test_a_failing_strategy_is_reported_and_exits_1(tmp_path, monkeypatch, capsy
             raise RuntimeError("boom")
 
     monkeypatch.setattr(demo, "build_strategy",
-                        lambda name, cfg: Broken() if name == "kd" else real(name, cfg))
+                        lambda name, cfg, labels=None: Broken() if name == "kd"
+                        else real(name, cfg, labels))
     data = _blobs_npz(tmp_path / "b.npz")
     code = demo.main(["--data", str(data), "--quick", "--seeds", "1", "--epochs", "2",
                       "--strategy", "kd", "--out", str(tmp_path / "o"), "--no-plot"])

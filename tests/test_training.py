@@ -19,6 +19,7 @@ from kdnumba.training import (
     required_layers,
     run_teacher,
 )
+from kdnumba.training.loop import start_batch
 from kdnumba.training.protocol import Student, Teacher
 
 
@@ -157,6 +158,7 @@ def loop_gradients(d, x, y, t_out, t_acts):
     reports, the parameter gradients the student gets from backpropagating
     them, and finite differences of the reported total."""
     student = d.student
+    start_batch(d.strategy, np.arange(len(x)))  # the batch hooks, as fit runs them
 
     def total():
         s_out, s_acts = student.forward(x, collect=d.layers)
@@ -573,7 +575,9 @@ def _real_strategies():
     out = []
     for name in demo.DEFAULT_STRATEGIES:
         try:
-            out.append(pytest.param(demo.build_strategy(name, cfg), id=name))
+            # labels: CRD's memory rows and sampler (the 12 rows of the check below)
+            out.append(pytest.param(demo.build_strategy(name, cfg, labels=np.arange(12) % 3),
+                                    id=name))
         except Unavailable as exc:
             out.append(pytest.param(None, id=name, marks=pytest.mark.skip(
                 reason=f"{name}: {exc} (built by another family)")))
