@@ -163,40 +163,44 @@ def wrap(fn: Callable, name: str | None = None):
 
 def intermediate_loss(strategy) -> Callable:
     """An intermediate-activation strategy as a JAX loss over dicts of arrays:
-    ``f(student_acts, teacher_acts) -> 0-d array``.
+    ``f(student_acts, teacher_acts, labels=None) -> 0-d array``.
 
     The value is the strategy's weighted intermediate loss (dtype: the
     promoted dtype of the student layers). ``jax.grad`` with respect to
     ``student_acts`` gives each contributing layer its exact gradient and
-    zeros for the layers the strategy ignores; teacher layers are constants.
-    Dicts are pytrees, so it works under ``jax.jit`` too.
+    zeros for the layers the strategy ignores; teacher layers and ``labels``
+    are constants. ``labels`` (``(B,)`` class indices) go to strategies whose
+    intermediate methods take them (contrastive ``SUPERVISED``/``TRIPLET``
+    need them). Dicts are pytrees, so it works under ``jax.jit`` too (labels
+    may be traced).
     """
     call = intermediate_loss_and_gradient(strategy)
     where = f"{type(strategy).__name__} intermediate loss"
 
-    def host(student, teacher):
+    def host(student, teacher, labels):
         student = {k: np.asarray(a) for k, a in student.items()}
-        loss, grads = call(student, {k: np.asarray(a) for k, a in teacher.items()})
+        loss, grads = call(student, {k: np.asarray(a) for k, a in teacher.items()},
+                           None if labels is None else np.asarray(labels))
         dtype = np.result_type(*student.values())
         return (np.asarray(loss, dtype=dtype),
                 {k: np.asarray(grads[k], dtype=a.dtype) if k in grads else np.zeros_like(a)
                  for k, a in student.items()})
 
-    def loss_and_grads(student, teacher):
+    def loss_and_grads(student, teacher, labels):
         shapes = (jax.ShapeDtypeStruct((), jnp.result_type(*student.values())),
                   {k: jax.ShapeDtypeStruct(a.shape, a.dtype) for k, a in student.items()})
-        return _fused(host, (student, teacher), shapes)
+        return _fused(host, (student, teacher, labels), shapes)
 
     @jax.custom_vjp
-    def fused(student, teacher):
-        return loss_and_grads(student, teacher)[0]
+    def fused(student, teacher, labels):
+        return loss_and_grads(student, teacher, labels)[0]
 
     def bwd(grads, cotangent):
-        return jax.tree.map(lambda g: cotangent.astype(g.dtype) * g, grads), None
+        return jax.tree.map(lambda g: cotangent.astype(g.dtype) * g, grads), None, None
 
     fused.defvjp(loss_and_grads, bwd)
 
-    def loss(student_acts: Mapping, teacher_acts: Mapping):
+    def loss(student_acts: Mapping, teacher_acts: Mapping, labels=None):
         acts = []
         for name, given in (("student_acts", student_acts), ("teacher_acts", teacher_acts)):
             if not isinstance(given, Mapping):
@@ -205,7 +209,12 @@ def intermediate_loss(strategy) -> Callable:
             acts.append({k: _operand(a, f"{name}[{k!r}]", where) for k, a in given.items()})
         if not acts[0]:
             raise ValueError(f"{where}: student_acts is empty")
-        return fused(*acts)
+        if labels is not None:
+            labels = jnp.asarray(labels)
+            if not jnp.issubdtype(labels.dtype, jnp.integer):
+                raise TypeError(f"{where}: labels must be integer class indices, got "
+                                f"{labels.dtype}")
+        return fused(*acts, labels)
 
     return loss
 

@@ -35,7 +35,10 @@ import (Python 3) and loads PyTorch itself, not this file. Importing
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
+
+import numpy as np
 
 try:
     import torch
@@ -293,7 +296,8 @@ class IntermediateModule(torch.nn.Module):
     contributed gets its exact gradient, the others and all teacher layers
     none. Uses the strategy's fused ``intermediate_loss_and_gradient`` when it
     has one (one kernel pass), else ``compute_intermediate_loss`` then
-    ``compute_intermediate_gradient``.
+    ``compute_intermediate_gradient``. ``forward(..., labels=y)`` passes the
+    batch labels on (as :class:`~kdnumba.Distiller` does).
     """
 
     def __init__(self, strategy):
@@ -301,13 +305,22 @@ class IntermediateModule(torch.nn.Module):
         self.strategy = strategy
         self._call = intermediate_loss_and_gradient(strategy)
 
-    def forward(self, student_acts: Mapping, teacher_acts: Mapping) -> torch.Tensor:
+    def forward(self, student_acts: Mapping, teacher_acts: Mapping, labels=None
+                ) -> torch.Tensor:
+        """The weighted intermediate loss; ``labels`` (``(B,)`` class indices, a
+        tensor or array) go to strategies whose intermediate methods take them
+        (contrastive ``SUPERVISED``/``TRIPLET`` need them)."""
         for name, acts in (("student_acts", student_acts), ("teacher_acts", teacher_acts)):
             if not isinstance(acts, Mapping):
                 raise TypeError(f"{name} must be a mapping layer name -> tensor, "
                                 f"got {type(acts).__name__}")
+        call = self._call
+        if labels is not None:
+            host = (labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor)
+                    else np.asarray(labels))
+            call = functools.partial(self._call, labels=host)
         return _IntermediateFunction.apply(
-            self._call, tuple(student_acts), tuple(teacher_acts),
+            call, tuple(student_acts), tuple(teacher_acts),
             getattr(self.strategy, "device", "auto"),
             *student_acts.values(), *teacher_acts.values())
 

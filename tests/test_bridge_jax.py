@@ -191,6 +191,30 @@ def test_intermediate_loss_over_dicts(rng, x64):
         kdj.intermediate_loss(kdnumba.DistillationLoss())
 
 
+@pytest.mark.parametrize("mode", ["supervised", "triplet"])
+def test_intermediate_loss_forwards_labels(rng, x64, mode):
+    """SUPERVISED/TRIPLET need labels: f(..., labels=) passes them on, under jit too."""
+    strategy = kdnumba.ContrastiveDistillationStrategy("emb", 0.6, mode=mode,
+                                                       negatives_sample_size=0)
+    f = kdj.intermediate_loss(strategy)
+    s = rng.standard_normal((6, 4))
+    t = rng.standard_normal((6, 4))
+    y = np.array([0, 1, 0, 1, 2, 2])
+    expected, grads = strategy.intermediate_loss_and_gradient({"emb": s}, {"emb": t}, labels=y)
+    student, teacher = {"emb": jnp.asarray(s)}, {"emb": jnp.asarray(t)}
+    loss, g = jax.jit(jax.value_and_grad(f))(student, teacher, jnp.asarray(y))
+    assert float(loss) == pytest.approx(expected, rel=1e-14)
+    np.testing.assert_allclose(np.asarray(g["emb"]), grads["emb"], rtol=1e-14)
+    assert float(f(student, teacher, y)) == pytest.approx(expected, rel=1e-14)
+    check_grads(lambda a: f(a, teacher, jnp.asarray(y)), (student,), order=1, modes=["rev"])
+    # the strategy's own error, raised in the host callback (JAX re-raises it as
+    # its runtime error, with the message)
+    with pytest.raises(Exception, match="needs labels"):
+        f(student, teacher)
+    with pytest.raises(TypeError, match="labels must be integer"):
+        f(student, teacher, jnp.asarray(y, jnp.float32))
+
+
 # --- training end to end ------------------------------------------------------
 
 def test_training_matches_plain_jax_kd_step_by_step(x64):

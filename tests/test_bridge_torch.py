@@ -312,6 +312,30 @@ def test_intermediate_module_errors(rng):
         module({"mid": torch.zeros(2, 2)}, {"mid": torch.zeros(2, 2, device="meta")})
 
 
+@pytest.mark.parametrize("mode", ["supervised", "triplet"])
+def test_intermediate_module_forwards_labels(rng, mode):
+    """SUPERVISED/TRIPLET need labels: forward(..., labels=) passes them on (a
+    tensor or an array), with the strategy's own value and gradient."""
+    strategy = kdnumba.ContrastiveDistillationStrategy("emb", 0.6, mode=mode,
+                                                       negatives_sample_size=0)
+    module = kdt.IntermediateModule(strategy)
+    s = rng.standard_normal((6, 4))
+    t = rng.standard_normal((6, 4))
+    y = np.array([0, 1, 0, 1, 2, 2])
+    expected, grads = strategy.intermediate_loss_and_gradient({"emb": s}, {"emb": t}, labels=y)
+    for labels in (torch.tensor(y), y):
+        emb = _t(s, requires_grad=True)
+        loss = module({"emb": emb}, {"emb": _t(t)}, labels=labels)
+        loss.backward()
+        assert loss.item() == pytest.approx(expected, rel=1e-14)
+        np.testing.assert_allclose(emb.grad.numpy(), grads["emb"], rtol=1e-14)
+    with pytest.raises(ValueError, match="labels"):
+        module({"emb": _t(s)}, {"emb": _t(t)})
+    assert torch.autograd.gradcheck(
+        lambda a: module({"emb": a}, {"emb": _t(t)}, labels=torch.tensor(y)),
+        (_t(s, requires_grad=True),))
+
+
 # --- training end to end ------------------------------------------------------
 
 def test_training_a_student_matches_pytorch_kd_step_by_step():

@@ -140,12 +140,25 @@ class LossAdapter:
         return float(loss), grad
 
 
+def _accepts_labels(fn) -> bool:
+    """True if ``fn`` takes a ``labels`` keyword (or ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "labels" or p.kind is p.VAR_KEYWORD for p in params)
+
+
 def intermediate_loss_and_gradient(strategy) -> Callable:
-    """``(student_acts, teacher_acts) -> (loss, {layer: grad})`` for an
+    """``(student_acts, teacher_acts, labels=None) -> (loss, {layer: grad})`` for an
     intermediate strategy (the weighted protocol values).
 
     Uses the fused ``intermediate_loss_and_gradient`` when the strategy has
     one; otherwise the protocol's two methods, called one after the other.
+    ``labels`` (a NumPy array) reach those methods as the keyword ``labels=``
+    when they accept it (contrastive ``SUPERVISED``/``TRIPLET`` need them, a
+    hybrid forwards them), as :class:`~kdnumba.Distiller` passes them; a
+    strategy whose methods take no labels is called without.
     """
     fused = getattr(strategy, "intermediate_loss_and_gradient", None)
     if fused is None:
@@ -154,16 +167,26 @@ def intermediate_loss_and_gradient(strategy) -> Callable:
             raise TypeError(
                 f"{type(strategy).__name__} is not an intermediate-activation strategy: it needs "
                 "compute_intermediate_loss and compute_intermediate_gradient")
+        loss_fn = strategy.compute_intermediate_loss
+        grad_fn = strategy.compute_intermediate_gradient
+        loss_labels, grad_labels = _accepts_labels(loss_fn), _accepts_labels(grad_fn)
 
-        def fused(student_acts, teacher_acts):
-            return (strategy.compute_intermediate_loss(student_acts, teacher_acts),
-                    strategy.compute_intermediate_gradient(student_acts, teacher_acts))
+        def fused(student_acts, teacher_acts, labels=None):
+            return (loss_fn(student_acts, teacher_acts,
+                            **({"labels": labels} if loss_labels else {})),
+                    grad_fn(student_acts, teacher_acts,
+                            **({"labels": labels} if grad_labels else {})))
 
-    def call(student_acts, teacher_acts):
+        takes_labels = True
+    else:
+        takes_labels = _accepts_labels(fused)
+
+    def call(student_acts, teacher_acts, labels=None):
         check_activations(student_acts, "student_acts")
         check_activations(teacher_acts, "teacher_acts")
+        kw = {"labels": labels} if labels is not None and takes_labels else {}
         loss, grads = fused(IntermediateActivations(student_acts),
-                            IntermediateActivations(teacher_acts))
+                            IntermediateActivations(teacher_acts), **kw)
         unknown = set(grads) - set(student_acts)
         if unknown:
             raise RuntimeError(f"{type(strategy).__name__} returned gradients for layers "
