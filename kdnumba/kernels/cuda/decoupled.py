@@ -34,7 +34,7 @@ _SIGNATURE = ("void({F}[:, ::1], {F}[:, ::1], int64[::1], {F}, float64, float64,
 
 @cuda.jit(device=True)
 def _logaddexp(a, b):
-    m = max(a, b)
+    m = a if a > b else b  # not max(a, b): this numba-cuda types it as max(iterable)
     return m + math.log(math.exp(a - m) + math.exp(b - m))
 
 
@@ -114,7 +114,10 @@ def _dkd_kernel(s, t, labels, inv_t, alpha, beta, w, c, grad, row_loss):
         nckd = (e_lt * v + math.exp(lz_t - lp_t) * (lp_s - lp_t)
                 + pg_t * (a_t - a_s + lp_s - lp_t))
         if tid == 0:
-            loss = w * (alpha * max(tckd, 0.0) + beta * max(nckd, 0.0))
+            # KL >= 0 exactly; clamp rounding, but let a NaN through (bad input is
+            # detected from the total; no max(a, b): see _logaddexp)
+            loss = w * (alpha * (0.0 if tckd < 0.0 else tckd)
+                        + beta * (0.0 if nckd < 0.0 else nckd))
             row_loss[i] = math.nan if bad else loss
         # -- gradient row ------------------------------------------------------------
         c_s = c * (beta * e_ls - alpha * delta / z_s)
