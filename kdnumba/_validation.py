@@ -38,7 +38,16 @@ def as_float_array(x, name: str, *, ndim: int | None = None, min_ndim: int | Non
     check_float_meta(arr.dtype, arr.shape, name, ndim=ndim, min_ndim=min_ndim)
     if dtype is not None and arr.dtype != dtype:
         arr = arr.astype(dtype)
-    return np.ascontiguousarray(arr)
+    return kernel_ready(arr)
+
+
+def kernel_ready(arr: np.ndarray, dtype=None) -> np.ndarray:
+    """``arr`` C-contiguous and writable (a copy only when it is not): Numba types
+    a read-only array as a different type, so handing one to a kernel would
+    compile a second specialisation of it (0.3-0.8 s per kernel and dtype).
+    Kernels never write their inputs; the copy keeps the caller's array as is."""
+    arr = np.ascontiguousarray(arr, dtype=dtype)
+    return arr if arr.flags.writeable else arr.copy()
 
 
 def reject_masked(x, name: str) -> None:
@@ -209,7 +218,7 @@ def as_labels(labels, name: str, n_rows: int, n_classes: int, dtype) -> tuple[st
         if lo < 0 or hi >= n_classes:
             bad = lo if lo < 0 else hi
             raise ValueError(f"{name} must be class indices in [0, {n_classes}), found {bad}")
-        return "index", np.ascontiguousarray(arr, dtype=np.int64)
+        return "index", kernel_ready(arr, np.int64)
     if arr.dtype.kind == "f" and arr.dtype in FLOAT_DTYPES:
         if arr.ndim != 2 or arr.shape != (n_rows, n_classes):
             raise ValueError(
@@ -224,7 +233,7 @@ def as_labels(labels, name: str, n_rows: int, n_classes: int, dtype) -> tuple[st
         if abs(sums[worst] - 1.0) > 1e-3:
             raise ValueError(
                 f"{name} rows must be probability vectors summing to 1, row {worst} sums to {sums[worst]:.6g}")
-        return "dense", np.ascontiguousarray(arr, dtype=dtype)
+        return "dense", kernel_ready(arr, dtype)
     raise TypeError(
         f"{name} must be None, integer class indices (B,), or float32/float64 targets (B, C); "
         f"got dtype {arr.dtype.name}")
@@ -280,7 +289,7 @@ def as_class_labels(labels, name: str, n_rows: int) -> np.ndarray:
         check_index_labels(arr, name, n_rows, "the embeddings")
         if arr.size and int(arr.min()) < 0:
             raise ValueError(f"{name} must be non-negative class indices, found {int(arr.min())}")
-        return np.ascontiguousarray(arr, dtype=np.int64)
+        return kernel_ready(arr, np.int64)
     if arr.dtype in FLOAT_DTYPES:
         if arr.ndim != 2 or arr.shape[0] != n_rows:
             raise ValueError(

@@ -125,26 +125,12 @@ F32_GRAD_ATOL = 1e-6
 ZERO_ULPS = 64.0
 
 #: Known bugs: (spec name, test name) -> reason; those cases xfail(strict=True).
-_READ_ONLY_COMPILES = (
-    "BUG: a read-only C-contiguous input reaches the kernels as a read-only array, and "
-    "Numba compiles a second specialisation of them (0.3-0.8 s per kernel and dtype, "
-    "and more cache entries); validation should hand kernels writable arrays")
-#: The losses whose validation already copies read-only inputs (every other one,
-#: including a newly registered loss, has the read-only compilation bug until fixed).
-_READ_ONLY_SAFE = {"attention_map_loss", "triplet_loss", "sp_loss"}
 KNOWN_BUGS: dict[tuple[str, str], str] = {
-    **{(spec.name, "views_compile_nothing"): _READ_ONLY_COMPILES
-       for spec in SPECS if spec.name not in _READ_ONLY_SAFE},
     ("pkt_loss", "float32_agrees_with_float64[eps 1e-7]"): (
         "BUG? (precision): pkt_loss float32 differs from float64 by 0.14% (loss) and 2.6% "
         "(gradient) when two rows are antiparallel (always for D=1): there K_ij = 0 "
         "exactly in float64 but ~6e-8 in float32, the size of eps=1e-7 in "
         "log((p_t + eps) / (p_s + eps))"),
-    ("attention_map_loss", "zero_when_equal[kl, probabilities]"): (
-        "BUG (registry declaration): zero_when_equal is declared for attention_map_loss, "
-        "but with kind='kl' on probabilities the gradient at student == teacher is "
-        "-t/s/N = -1/N per entry (the ambient gradient of KL; only its projection on "
-        "the simplex vanishes)"),
 }
 
 PROPERTY_SETTINGS = settings(

@@ -360,7 +360,7 @@ def _index_array(be, x, name: str, ndim: int, n_rows: int, n_data: int):
         raise ValueError(f"{name} needs at least one column (the positive), got shape {host.shape}")
     if host.size and (host.min() < 0 or host.max() >= n_data):
         raise ValueError(f"{name} must lie in [0, n_data) = [0, {n_data}) (memory rows)")
-    return be.to_device(np.ascontiguousarray(host, dtype=np.int64))
+    return be.to_device(v.kernel_ready(host, np.int64))
 
 
 def _normalized(be, kernels, x, name: str):

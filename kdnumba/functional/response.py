@@ -277,7 +277,7 @@ def _topk_indices(indices, shape) -> np.ndarray:
                          f"{tuple(shape)}, got {arr.shape}")
     if arr.dtype.kind == "u" and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
         raise ValueError("teacher_topk_indices must be column indices, found one beyond int64")
-    return np.ascontiguousarray(arr, dtype=np.int64)
+    return v.kernel_ready(arr, np.int64)
 
 
 def kernel_weights(kind: str, temperature: float, alpha: float, n_rows: int) -> tuple:
