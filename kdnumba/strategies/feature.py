@@ -130,6 +130,32 @@ class LayerwiseStrategy(DistillationStrategy, IntermediateStrategyMixin):
         """Unweighted ``(loss, d loss / d student)`` of one layer pair."""
 
 
+class ScaledLayerwiseStrategy(LayerwiseStrategy):
+    """A :class:`LayerwiseStrategy` whose per-pair loss is ``gamma * loss(s, t)``.
+
+    The zoo's papers weigh their feature terms by large factors (SP 3000,
+    PKT 30000, NST 50); ``gamma >= 0`` is that factor, applied here once for
+    every such strategy. Subclasses implement :meth:`_pair_loss`, the
+    unscaled ``(loss, grad)`` of one pair.
+    """
+
+    def __init__(self, layers, weight, gamma, temperature, alpha, *, layers_arg: str,
+                 weight_arg: str, missing_layer: str, device: str):
+        super().__init__(layers, weight, temperature, alpha, layers_arg=layers_arg,
+                         weight_arg=weight_arg, missing_layer=missing_layer, device=device)
+        self.gamma = v.check_non_negative(gamma, "gamma")
+
+    @abstractmethod
+    def _pair_loss(self, student, teacher) -> tuple[float, np.ndarray]:
+        """The unscaled ``(loss, d loss / d student)`` of one pair of arrays."""
+
+    def _layer_loss(self, student, teacher, student_layer):
+        loss, grad = self._pair_loss(student, teacher)
+        if self.gamma != 1.0:
+            grad *= grad.dtype.type(self.gamma)
+        return self.gamma * loss, grad
+
+
 class FeatureDistillationStrategy(LayerwiseStrategy):
     r"""FitNets hint matching of intermediate features (AiDotNet ``FeatureDistillationStrategy``).
 

@@ -4,21 +4,11 @@ context loss)."""
 
 from __future__ import annotations
 
-from kdnumba import _validation as v
 from kdnumba.functional import hcl_loss, nst_loss
-from kdnumba.strategies.feature import LayerwiseStrategy
+from kdnumba.strategies.feature import ScaledLayerwiseStrategy
 
 
-class _GammaLayerwise(LayerwiseStrategy):
-    """A :class:`LayerwiseStrategy` whose per-layer loss is ``gamma * loss_fn``."""
-
-    def _scaled(self, loss, grad):
-        if self.gamma != 1.0:
-            grad *= grad.dtype.type(self.gamma)
-        return self.gamma * loss, grad
-
-
-class NSTStrategy(_GammaLayerwise):
+class NSTStrategy(ScaledLayerwiseStrategy):
     r"""Neuron selectivity transfer (Huang & Wang 2017) over named layers, RepDistiller ``NSTLoss``.
 
     For each configured pair, student layer ``l`` (``(B, Cs, H, W)``) against
@@ -48,10 +38,9 @@ class NSTStrategy(_GammaLayerwise):
     def __init__(self, layer_names="features", nst_weight: float = 0.5, gamma: float = 1.0,
                  temperature: float = 3.0, alpha: float = 0.3, *, missing_layer: str = "raise",
                  device: str = "auto"):
-        super().__init__(layer_names, nst_weight, temperature, alpha,
+        super().__init__(layer_names, nst_weight, gamma, temperature, alpha,
                          layers_arg="layer_names", weight_arg="nst_weight",
                          missing_layer=missing_layer, device=device)
-        self.gamma = v.check_non_negative(gamma, "gamma")
 
     @property
     def layer_names(self) -> dict[str, str]:
@@ -62,11 +51,11 @@ class NSTStrategy(_GammaLayerwise):
     def nst_weight(self) -> float:
         return self.weight
 
-    def _layer_loss(self, student, teacher, student_layer):
-        return self._scaled(*nst_loss(student, teacher, device=self.device))
+    def _pair_loss(self, student, teacher):
+        return nst_loss(student, teacher, device=self.device)
 
 
-class HCLStrategy(_GammaLayerwise):
+class HCLStrategy(ScaledLayerwiseStrategy):
     r"""ReviewKD's hierarchical context loss (Chen et al. 2021) over named layers,
     mdistiller ``hcl_loss``.
 
@@ -98,10 +87,9 @@ class HCLStrategy(_GammaLayerwise):
     def __init__(self, layer_names="features", hcl_weight: float = 0.5, gamma: float = 1.0,
                  temperature: float = 3.0, alpha: float = 0.3, *, missing_layer: str = "raise",
                  device: str = "auto"):
-        super().__init__(layer_names, hcl_weight, temperature, alpha,
+        super().__init__(layer_names, hcl_weight, gamma, temperature, alpha,
                          layers_arg="layer_names", weight_arg="hcl_weight",
                          missing_layer=missing_layer, device=device)
-        self.gamma = v.check_non_negative(gamma, "gamma")
 
     @property
     def layer_names(self) -> dict[str, str]:
@@ -112,5 +100,5 @@ class HCLStrategy(_GammaLayerwise):
     def hcl_weight(self) -> float:
         return self.weight
 
-    def _layer_loss(self, student, teacher, student_layer):
-        return self._scaled(*hcl_loss(student, teacher, device=self.device))
+    def _pair_loss(self, student, teacher):
+        return hcl_loss(student, teacher, device=self.device)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from kdnumba import _validation as v
 from kdnumba.functional import pkt_loss, sp_loss
-from kdnumba.strategies.feature import LayerwiseStrategy
+from kdnumba.strategies.feature import ScaledLayerwiseStrategy
 
 
-class SimilarityPreservingStrategy(LayerwiseStrategy):
+class SimilarityPreservingStrategy(ScaledLayerwiseStrategy):
     r"""Similarity-preserving KD (Tung & Mori 2019) over named layers, RepDistiller ``Similarity``.
 
     For each configured pair, student layer ``l`` against teacher layer ``m(l)``
@@ -39,10 +39,9 @@ class SimilarityPreservingStrategy(LayerwiseStrategy):
     def __init__(self, layer_names="features", sp_weight: float = 0.5, gamma: float = 1.0,
                  temperature: float = 3.0, alpha: float = 0.3, *, missing_layer: str = "raise",
                  device: str = "auto"):
-        super().__init__(layer_names, sp_weight, temperature, alpha,
+        super().__init__(layer_names, sp_weight, gamma, temperature, alpha,
                          layers_arg="layer_names", weight_arg="sp_weight",
                          missing_layer=missing_layer, device=device)
-        self.gamma = v.check_non_negative(gamma, "gamma")
 
     @property
     def layer_names(self) -> dict[str, str]:
@@ -53,14 +52,11 @@ class SimilarityPreservingStrategy(LayerwiseStrategy):
     def sp_weight(self) -> float:
         return self.weight
 
-    def _layer_loss(self, student, teacher, student_layer):
-        loss, grad = sp_loss(student, teacher, device=self.device)
-        if self.gamma != 1.0:
-            grad *= grad.dtype.type(self.gamma)
-        return self.gamma * loss, grad
+    def _pair_loss(self, student, teacher):
+        return sp_loss(student, teacher, device=self.device)
 
 
-class PKTStrategy(LayerwiseStrategy):
+class PKTStrategy(ScaledLayerwiseStrategy):
     r"""Probabilistic knowledge transfer (Passalis & Tefas 2018) on embedding layers,
     RepDistiller ``PKT``.
 
@@ -88,10 +84,9 @@ class PKTStrategy(LayerwiseStrategy):
     def __init__(self, layer_name="embeddings", pkt_weight: float = 0.5, gamma: float = 1.0,
                  eps: float = 1e-7, temperature: float = 3.0, alpha: float = 0.3, *,
                  missing_layer: str = "raise", device: str = "auto"):
-        super().__init__(layer_name, pkt_weight, temperature, alpha,
+        super().__init__(layer_name, pkt_weight, gamma, temperature, alpha,
                          layers_arg="layer_name", weight_arg="pkt_weight",
                          missing_layer=missing_layer, device=device)
-        self.gamma = v.check_non_negative(gamma, "gamma")
         self.eps = v.check_positive(eps, "eps")
 
     @property
@@ -103,8 +98,5 @@ class PKTStrategy(LayerwiseStrategy):
     def pkt_weight(self) -> float:
         return self.weight
 
-    def _layer_loss(self, student, teacher, student_layer):
-        loss, grad = pkt_loss(student, teacher, eps=self.eps, device=self.device)
-        if self.gamma != 1.0:
-            grad *= grad.dtype.type(self.gamma)
-        return self.gamma * loss, grad
+    def _pair_loss(self, student, teacher):
+        return pkt_loss(student, teacher, eps=self.eps, device=self.device)
