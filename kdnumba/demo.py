@@ -387,8 +387,11 @@ def run_demo(cfg: DemoConfig, strategies, *, data: str | None = None, out: str |
         report["plot_path"] = None
         if plot:
             report["plot_path"] = _plot(report, out, log)
-        with open(report["json_path"], "w") as f:
-            json.dump(report, f, indent=2)
+        from kdnumba.training._atomic import atomic_write
+
+        # Atomic like every file kdnumba writes: a crash never leaves half a report.
+        atomic_write(report["json_path"],
+                     lambda f: f.write(json.dumps(report, indent=2).encode()))
         log(f"results: {report['json_path']}")
         if report["plot_path"]:
             log(f"plot:    {report['plot_path']}")
