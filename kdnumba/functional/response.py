@@ -78,9 +78,11 @@ def kd_loss(student_logits, teacher_logits, labels=None, *, temperature=3.0, alp
     Computed in one fused pass over each row (stable log-sum-exp; every log
     is of a sum or of a quantity bounded away from 0, never of a probability
     that may underflow; sums in float64), in the student's dtype (float32 or
-    float64). Known limit: in float32 the *loss value* loses accuracy for
-    ``T >= 1e3`` (the T^2-scaled divergence cancels; the gradient stays
-    accurate); use float64 there.
+    float64). Known limit: in float32 huge temperatures lose accuracy: the
+    *loss value* from ``T >= 1e3`` (the T^2-scaled divergence cancels; ~2e-3
+    relative at 1e3), and the gradient too as ``T`` grows further (~5e-2
+    relative at ``T = 1e6``, as in PyTorch float32, since ``p^T(s) - p^T(t)``
+    becomes a difference of nearly equal numbers); use float64 there.
 
     Args:
         student_logits: ``(B, C)`` float array.
