@@ -11,6 +11,12 @@
 * :class:`TeacherCache` / :class:`TeacherOutputs` -- the teacher run once, kept
   on disk (``.npz``, atomic, checksummed, safe to share between threads and
   processes) for offline distillation.
+* :func:`build_teacher_cache` / :func:`open_teacher_cache` -- the teacher run
+  once at corpus scale: a sharded Zarr store (dense or top-K outputs, named
+  activations, a manifest), built chunk by chunk across Dask workers or
+  locally, crash-safe and resumable; :class:`ShardedTeacherCache` is read out
+  of core by the :class:`Distiller` (``pip install 'kdnumba[scale]'``; Dask
+  and Zarr are imported only when used).
 * :class:`MLP` -- a NumPy multilayer perceptron implementing the protocol: the
   demo's student and teacher, and a template for your own model.
 """
@@ -28,21 +34,31 @@ from kdnumba.training.loop import (
 )
 from kdnumba.training.mlp import MLP
 from kdnumba.training.protocol import Student, Teacher
+from kdnumba.training.sharded_cache import (
+    ShardedTeacherCache,
+    build_teacher_cache,
+    open_teacher_cache,
+    topk_outputs,
+)
 
 __all__ = [
     "BatchLosses",
     "Distiller",
     "EarlyStopping",
     "MLP",
+    "ShardedTeacherCache",
     "Student",
     "Teacher",
     "TeacherCache",
     "TeacherOutputs",
     "TrainingDivergedError",
     "TrainingHistory",
+    "build_teacher_cache",
     "cross_entropy_and_accuracy",
     "dataset_fingerprint",
     "is_intermediate",
+    "open_teacher_cache",
     "required_layers",
     "run_teacher",
+    "topk_outputs",
 ]

@@ -29,8 +29,9 @@ from typing import NamedTuple
 import numpy as np
 
 from kdnumba import _validation as v
-from kdnumba.functional import kd_loss
+from kdnumba.functional import kd_loss, sparse_kd_loss
 from kdnumba.strategies.base import IntermediateActivations, IntermediateStrategyMixin
+from kdnumba.strategies.response import DistillationLoss
 from kdnumba.training._atomic import probe_writable, remove_temp_files
 from kdnumba.training.cache import (
     TeacherCache,
@@ -46,7 +47,9 @@ from kdnumba.training.checkpoint import (
     resolve_checkpoint_path,
     save_checkpoint,
 )
+from kdnumba.training.out_of_core import Prefetcher, chunk_shuffled_order
 from kdnumba.training.protocol import check_student, check_teacher
+from kdnumba.training.sharded_cache import ShardedTeacherCache
 
 #: Attributes through which strategies name the layers they read.
 _LAYER_ATTRIBUTES = ("layers", "layer_names", "layer_name", "target_layer_name",
@@ -408,8 +411,18 @@ class Distiller:
     Args:
         student: implements the ``Student`` protocol (e.g. :class:`MLP`).
         teacher: a model with ``forward(x, collect)``, a :class:`TeacherOutputs`
-            aligned with the training set, or ``None`` when ``strategy`` is
-            ``None``.
+            or a :class:`~kdnumba.training.ShardedTeacherCache`
+            (:func:`~kdnumba.training.open_teacher_cache`) aligned with the
+            training set, or ``None`` when ``strategy`` is ``None``. A sharded
+            cache is read out of core: minibatches in the order of
+            ``shuffle_chunk_rows``, assembled on a background thread two ahead,
+            memory bounded by two decoded chunks. A *top-K* sharded cache holds
+            no dense teacher logits: a :class:`~kdnumba.DistillationLoss`
+            strategy then trains with :func:`~kdnumba.functional.sparse_kd_loss`
+            at the same ``temperature`` and ``alpha`` (exactly its loss
+            against the teacher with ``-inf`` logits off the top K); strategies
+            with only intermediate terms use the cached activations; any other
+            strategy with an output term raises ``ValueError``.
         strategy: any kdnumba strategy (or an object with
             ``loss_and_gradient`` and/or the intermediate methods). ``None``
             trains the student on the labels alone (cross-entropy, computed by
@@ -422,6 +435,14 @@ class Distiller:
         seed: seeds the per-epoch shuffling (``np.random.default_rng(seed)``);
             same seed, same data order.
         shuffle: shuffle each epoch (else the data order).
+        shuffle_chunk_rows: ``None`` shuffles with one full permutation;
+            ``R`` shuffles blocks of ``R`` rows, then the rows within each block
+            (:func:`~kdnumba.training.out_of_core.chunk_shuffled_order`): the
+            order that reads a chunked store one chunk at a time. Default: the
+            cache's ``chunk_rows`` when ``teacher`` is a sharded cache, else
+            ``None``. Same seed and setting, same minibatches -- so an
+            in-memory run with ``shuffle_chunk_rows=cache.chunk_rows`` trains
+            step for step like one from the store.
         offline: compute the teacher's outputs for the whole training set once
             before training (default); ``False`` runs the teacher on every
             minibatch (for teachers that change, or augmented data).
@@ -441,7 +462,7 @@ class Distiller:
     def __init__(self, student, teacher=None, strategy=None, *,
                  layers: Collection[str] | Mapping[str, str] | None = None,
                  batch_size: int = 64, epochs: int = 10, seed: int | None = 0,
-                 shuffle: bool = True,
+                 shuffle: bool = True, shuffle_chunk_rows: int | None = None,
                  offline: bool = True, cache: TeacherCache | str | None = None,
                  teacher_key: str | None = None, early_stopping: EarlyStopping | None = None,
                  update_memory: bool = True, progress: bool | None = None):
@@ -457,7 +478,7 @@ class Distiller:
                                 f"and/or the intermediate methods; got {type(strategy).__name__}")
             if isinstance(teacher, (TeacherOutputs, tuple)):
                 teacher = as_teacher_outputs(teacher)
-            else:
+            elif not isinstance(teacher, ShardedTeacherCache):
                 check_teacher(teacher)
         self.student = student
         self.teacher = teacher
@@ -475,20 +496,27 @@ class Distiller:
         for model, role, wanted in ((student, "student", self.layers),
                                     (teacher, "teacher", self.teacher_layers)):
             known = getattr(model, "layer_names", None)
-            if known is not None and not isinstance(model, TeacherOutputs):
+            if known is not None and not isinstance(model, (TeacherOutputs,
+                                                            ShardedTeacherCache)):
                 missing = sorted(set(wanted) - set(known))
                 if missing:
                     raise ValueError(f"the strategy needs layer(s) {missing}, which the {role} "
                                      f"does not have (its layers: {tuple(known)})")
-        if isinstance(teacher, TeacherOutputs):
+        if isinstance(teacher, (TeacherOutputs, ShardedTeacherCache)):
             teacher.check_layers(self.teacher_layers)
         self.batch_size = v.check_int(batch_size, "batch_size", minimum=1)
         self.epochs = v.check_int(epochs, "epochs", minimum=0)
         self.seed = seed
         self.shuffle = bool(shuffle)
+        if shuffle_chunk_rows is None and isinstance(teacher, ShardedTeacherCache):
+            shuffle_chunk_rows = teacher.chunk_rows
+        self.shuffle_chunk_rows = (None if shuffle_chunk_rows is None else
+                                   v.check_int(shuffle_chunk_rows, "shuffle_chunk_rows",
+                                               minimum=1))
         self.offline = bool(offline)
-        if not self.offline and isinstance(teacher, TeacherOutputs):
-            raise ValueError("offline=False needs a teacher model, not precomputed TeacherOutputs")
+        if not self.offline and isinstance(teacher, (TeacherOutputs, ShardedTeacherCache)):
+            raise ValueError("offline=False needs a teacher model, not precomputed TeacherOutputs "
+                             "or a teacher cache")
         if isinstance(cache, str) or hasattr(cache, "__fspath__"):
             cache = TeacherCache(cache)
         self.cache = cache
@@ -500,11 +528,32 @@ class Distiller:
         self._after_step = _hooks(strategy, "after_step")
         self._has_output = (strategy is None
                             or callable(getattr(strategy, "loss_and_gradient", None)))
+        self._sparse = self._sparse_kd(strategy, teacher)
         (self._int_fn, self._int_labels,
          self._int_grad_fn, self._int_grad_labels) = self._intermediate_callable(strategy)
         self.history = TrainingHistory(layers=self.layers)
 
     # -- per-batch losses ---------------------------------------------------------
+    @staticmethod
+    def _sparse_kd(strategy, teacher) -> dict | None:
+        """The :func:`sparse_kd_loss` settings replacing the strategy's output loss
+        for a top-K teacher cache; ``None`` when the teacher is dense."""
+        k = getattr(teacher, "topk", None) if isinstance(teacher, ShardedTeacherCache) else None
+        if k is None or strategy is None:
+            return None
+        if not callable(getattr(strategy, "loss_and_gradient", None)):
+            return None  # intermediate terms only: the cached activations serve
+        if (isinstance(strategy, DistillationLoss)
+                and type(strategy).loss_and_gradient is DistillationLoss.loss_and_gradient):
+            # Response KD against the top-K teacher: the same loss with the teacher's
+            # logits -inf off its top K, which sparse_kd_loss computes exactly.
+            return {"temperature": strategy.temperature, "alpha": strategy.alpha,
+                    "device": strategy.device}
+        raise ValueError(
+            f"{type(strategy).__name__} needs the teacher's dense logits, but the teacher cache "
+            f"holds only its top-{k} logits per row; build the cache with topk=None, or "
+            "distil with DistillationLoss (trained with sparse_kd_loss on a top-K cache)")
+
     @staticmethod
     def _intermediate_callable(strategy):
         """``(fn, fn takes labels, gradient fn, it takes labels)``: the strategy's
@@ -523,7 +572,8 @@ class Distiller:
                        labels=None) -> BatchLosses:
         """Losses and gradients of one minibatch (no parameter update).
 
-        ``output_grad = dL_out/d student_outputs``; ``intermediate_grads`` hold
+        With a top-K teacher cache ``teacher_outputs`` is the pair
+        ``(topk_values, topk_indices)``. ``output_grad = dL_out/d student_outputs``; ``intermediate_grads`` hold
         ``dL_int/d student_acts[layer]`` for the contributing layers.
         """
         s = self.strategy
@@ -531,6 +581,10 @@ class Distiller:
             # Cross-entropy through kd_loss: with alpha=1 the soft term has weight 0,
             # so any teacher logits do; the student's own are at hand.
             loss_o, grad_o = kd_loss(student_outputs, student_outputs, labels, alpha=1.0)
+        elif self._sparse is not None:
+            values, indices = teacher_outputs
+            loss_o, grad_o = sparse_kd_loss(student_outputs, values, indices, labels,
+                                            **self._sparse)
         elif self._has_output:
             loss_o, grad_o = s.loss_and_gradient(student_outputs, teacher_outputs, labels)
         else:
@@ -552,10 +606,11 @@ class Distiller:
     def teacher_outputs(self, x) -> TeacherOutputs:
         """The teacher's outputs and activations for all of ``x`` (offline mode),
         through the cache when one is set."""
-        if isinstance(self.teacher, TeacherOutputs):
+        if isinstance(self.teacher, (TeacherOutputs, ShardedTeacherCache)):
             if len(self.teacher) != len(x):
-                raise ValueError(f"the TeacherOutputs hold {len(self.teacher)} rows but x has "
-                                 f"{len(x)}: they must be aligned with the training set")
+                raise ValueError(f"the {type(self.teacher).__name__} hold {len(self.teacher)} "
+                                 f"rows but x has {len(x)}: they must be aligned with the "
+                                 "training set")
             self.history.teacher_cache_hit = None
             return self.teacher
         if self.cache is not None:
@@ -760,6 +815,7 @@ class Distiller:
         return {"data": dataset_fingerprint(x),
                 "labels": None if y is None else dataset_fingerprint(y),
                 "batch_size": self.batch_size, "shuffle": self.shuffle,
+                "shuffle_chunk_rows": self.shuffle_chunk_rows,
                 "seed": int(seed) if isinstance(seed, (int, np.integer)) else None,
                 "layers": list(self.layers), "teacher_layers": list(self.teacher_layers),
                 "strategy": None if self.strategy is None else type(self.strategy).__name__}
@@ -854,18 +910,24 @@ class Distiller:
                check_classes: Callable[[int], None] | None = None) -> dict:
         start = time.perf_counter()
         n = len(x)
-        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        if not self.shuffle:
+            order = np.arange(n)
+        elif self.shuffle_chunk_rows is not None:
+            order = chunk_shuffled_order(rng, n, self.shuffle_chunk_rows)
+        else:
+            order = rng.permutation(n)
         sums = np.zeros(3)
         correct, strat_s, teach_s = 0, 0.0, 0.0
         student = self.student
         n_batches = -(-n // self.batch_size)
-        for batch, lo in enumerate(range(0, n, self.batch_size)):
-            idx = order[lo:lo + self.batch_size]
-            xb = x[idx]
+        for batch, (idx, loaded) in enumerate(self._minibatches(x, order, cached)):
+            xb = loaded[0] if loaded is not None else x[idx]
             yb = None if y is None else y[idx]
             t_out = t_acts = None
             if self.strategy is not None:
-                if cached is not None:
+                if loaded is not None:
+                    t_out, t_acts = loaded[1]
+                elif cached is not None:
                     t_out, t_acts = cached.batch(idx)
                 else:
                     t1 = time.perf_counter()
@@ -917,6 +979,16 @@ class Distiller:
                 "val_loss": math.nan, "val_accuracy": math.nan,
                 "epoch_seconds": time.perf_counter() - start,
                 "strategy_seconds": strat_s, "teacher_seconds": teach_s}
+
+    def _minibatches(self, x, order, cached):
+        """``(idx, loaded)`` per minibatch: ``loaded`` is ``(x[idx], cached.batch(idx))``
+        read ahead on a background thread for a sharded cache (reading it is
+        I/O and decoding, overlapping the student's arithmetic), else ``None``
+        (the loop indexes the arrays in memory)."""
+        if isinstance(cached, ShardedTeacherCache) and self.strategy is not None:
+            return Prefetcher(lambda idx: (x[idx], cached.batch(idx)), order, self.batch_size)
+        return ((order[lo:lo + self.batch_size], None)
+                for lo in range(0, len(order), self.batch_size))
 
     def evaluate(self, x, y) -> tuple[float, float]:
         """``(cross-entropy, accuracy)`` of the student on ``(x, y)``."""
