@@ -9,7 +9,9 @@ time spent inside kdnumba's strategy calls. A plot and a JSON file go to the
 output folder.
 
 The CLI (``kdnumba demo``) calls :func:`add_arguments` and :func:`run`;
-``python -m kdnumba.demo`` works too.
+``python -m kdnumba.demo`` works too. ``--scale`` runs another demo instead
+(:mod:`kdnumba.demo_scale`): the teacher's outputs cached through Dask in a
+sharded Zarr store, and students trained from it out of core.
 """
 
 from __future__ import annotations
@@ -568,6 +570,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plot", action="store_true", help="do not write demo.png")
     parser.add_argument("--no-cache", action="store_true",
                         help="retrain the teacher and do not cache its outputs")
+    scale = parser.add_argument_group(
+        "--scale", "a teacher cache built through Dask into a Zarr store, students trained "
+                   "from it out of core (needs pip install 'kdnumba[scale]')")
+    scale.add_argument("--scale", action="store_true",
+                       help="run the scale demo instead of the strategy comparison")
+    scale.add_argument("--workers", type=int, default=2, metavar="N",
+                       help="worker processes of the LocalCluster (default 2)")
+    scale.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="use the Dask cluster at ADDRESS (tcp://host:8786) instead of a "
+                            "LocalCluster; its workers must see --out")
 
 
 def config_from_args(args) -> DemoConfig:
@@ -615,6 +627,8 @@ def check_out(out: str | None) -> None:
 def run(args) -> int:
     """Run the demo from parsed arguments; returns the exit code (0 ok, 1 a strategy
     failed, 2 bad data or options)."""
+    if getattr(args, "scale", False):
+        return run_scale(args)
     try:
         cfg = config_from_args(args)
         strategies = parse_strategies(getattr(args, "strategy", None))
@@ -630,6 +644,47 @@ def run(args) -> int:
     if failed:
         print(f"kdnumba demo: failed: {', '.join(failed)}", file=sys.stderr)
         return 1
+    return 0
+
+
+def run_scale(args) -> int:
+    """``--scale``: the teacher (trained or loaded as in the comparison) labels a
+    noisy transfer set through Dask into sharded caches; students train from
+    them (:func:`kdnumba.demo_scale.run_scale_demo`). Exit code 0, or 2 for bad
+    options or a missing extra."""
+    try:
+        cfg = config_from_args(args)
+        workers = getattr(args, "workers", 2)
+        if workers < 1:
+            raise DemoError(f"--workers must be >= 1, got {workers}")
+        out = getattr(args, "out", "kdnumba-demo")
+        check_out(out)
+        x, y, description = load_dataset(getattr(args, "data", None))
+        split = split_dataset(x, y, cfg.test_fraction)
+        n_pool = len(split.x_pool)
+        train_size = n_pool if cfg.train_size is None else min(cfg.train_size, n_pool)
+        print(f"data: {description}; {n_pool} pool / {len(split.x_test)} test examples")
+        cache_dir = None if getattr(args, "no_cache", False) else os.path.join(out, "cache")
+        with _threads(cfg.threads):
+            teacher, seconds, loaded = _teacher(cfg, split, cache_dir, print)
+            print(f"teacher: {teacher} " + ("(loaded from cache)" if loaded
+                                            else f"(trained in {seconds:.1f} s)"))
+            labelled = np.sort(np.random.default_rng(cfg.first_seed).choice(
+                n_pool, train_size, replace=False))
+            try:
+                from kdnumba import demo_scale
+                demo_scale.run_scale_demo(
+                    teacher, split.x_pool, split.y_pool, split.x_test, split.y_test, labelled,
+                    student_factory=lambda seed: _student(cfg, split.x_pool.shape[1],
+                                                          split.n_classes, seed),
+                    out=os.path.join(out, "scale"), quick=getattr(args, "quick", False),
+                    workers=workers, scheduler=getattr(args, "scheduler", None),
+                    seed=cfg.first_seed)
+            except ImportError as exc:
+                raise DemoError(str(exc)) from None
+    except DemoError as exc:
+        print(f"kdnumba demo: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

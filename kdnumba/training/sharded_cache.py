@@ -689,15 +689,17 @@ def _data_fingerprint(spec: CacheSpec, records: dict[int, dict]) -> str:
 
 
 # -- reading --------------------------------------------------------------------------------------
-def open_teacher_cache(path) -> ShardedTeacherCache:
-    """A read-only view of the complete teacher cache at ``path``.
+def open_teacher_cache(path, *, keep_chunks: int = _LOADED_CHUNKS) -> ShardedTeacherCache:
+    """A read-only view of the complete teacher cache at ``path``; it keeps the
+    last ``keep_chunks`` decoded chunks in memory (default 2: the chunk being
+    read and the next; ``n_chunks`` holds the whole cache once read).
 
     Raises ``FileNotFoundError`` if there is no store, ``ValueError`` if its
     build did not finish (no manifest: resume it with
     :func:`build_teacher_cache`), if it is not a kdnumba teacher cache, or if an
     array's shape or dtype differs from the manifest's.
     """
-    return ShardedTeacherCache(path)
+    return ShardedTeacherCache(path, keep_chunks=keep_chunks)
 
 
 class ShardedTeacherCache:
@@ -706,17 +708,18 @@ class ShardedTeacherCache:
     ``len(cache)`` rows; ``cache.batch(index)`` as
     :meth:`~kdnumba.training.TeacherOutputs.batch`, except that a top-K cache
     returns ``((topk_values, topk_indices), activations)``. Reads load whole
-    chunks (verified against their checksums) and keep the last two decoded,
-    so reading rows chunk by chunk decodes each chunk once. Safe to share
-    between threads.
+    chunks (verified against their checksums) and keep the last
+    ``keep_chunks`` (default two) decoded, so reading rows chunk by chunk
+    decodes each chunk once. Safe to share between threads.
 
     Attributes: ``path``, ``manifest`` (the parsed ``manifest.json``),
     ``topk`` (``None`` for dense), ``layers``, ``chunk_rows``, ``n_chunks``,
     ``n_classes``, ``dtype``, ``teacher_fingerprint``, ``data_fingerprint``.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, *, keep_chunks: int = _LOADED_CHUNKS):
         zarr = _require_scale("open_teacher_cache")
+        self.keep_chunks = v.check_int(keep_chunks, "keep_chunks", minimum=1)
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a folder path, got {type(path).__name__}")
         path = os.path.abspath(os.fspath(path))
@@ -809,7 +812,7 @@ class ShardedTeacherCache:
             arrays.append(a)
         with self._lock:
             self._loaded[i] = arrays
-            while len(self._loaded) > _LOADED_CHUNKS:
+            while len(self._loaded) > self.keep_chunks:
                 self._loaded.popitem(last=False)
         return arrays
 
