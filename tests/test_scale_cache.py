@@ -264,6 +264,25 @@ def test_a_corrupted_chunk_fails_its_checksum(local_cache):
         open_teacher_cache(local_cache.path).verify()
 
 
+def test_verify_always_rechecks_a_chunk_damaged_after_its_first_read(local_cache):
+    always = open_teacher_cache(local_cache.path, keep_chunks=1, verify="always")
+    once = open_teacher_cache(local_cache.path, keep_chunks=1)
+    for view in (always, once):
+        view.batch(np.arange(192, 200))
+    path = _chunk_file(local_cache, "outputs", 3)
+    with open(path, "r+b") as f:
+        f.write(b"\x00\x01\x02\x03")
+    for view in (always, once):
+        view.batch(np.arange(0, 8))  # evicts chunk 3
+    with pytest.raises(CorruptFileError, match="chunk 3"):
+        always.batch(np.arange(192, 200))
+    once.batch(np.arange(192, 200))  # verified on its first read: not hashed again
+    with pytest.raises(CorruptFileError, match="chunk 3"):
+        once.verify()
+    with pytest.raises(ValueError, match="verify must be"):
+        open_teacher_cache(local_cache.path, verify="never")
+
+
 def test_fingerprint_and_shape_mismatches(local_cache, data, tmp_path):
     x = data[0]
     with pytest.raises(ValueError, match="fingerprint mismatch: the store was built by another "

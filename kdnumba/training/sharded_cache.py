@@ -689,17 +689,24 @@ def _data_fingerprint(spec: CacheSpec, records: dict[int, dict]) -> str:
 
 
 # -- reading --------------------------------------------------------------------------------------
-def open_teacher_cache(path, *, keep_chunks: int = _LOADED_CHUNKS) -> ShardedTeacherCache:
+def open_teacher_cache(path, *, keep_chunks: int = _LOADED_CHUNKS, verify: str = "once"
+                       ) -> ShardedTeacherCache:
     """A read-only view of the complete teacher cache at ``path``; it keeps the
     last ``keep_chunks`` decoded chunks in memory (default 2: the chunk being
     read and the next; ``n_chunks`` holds the whole cache once read).
+
+    ``verify``: ``"once"`` (default) checks each chunk's SHA-256 the first time
+    this view reads it; later epochs re-read it from disk without hashing it
+    again (an undecodable -- e.g. truncated -- chunk still raises; a
+    same-length change made during the run goes unnoticed). ``"always"``
+    hashes on every read (about 10 ms per 16 MB chunk here).
 
     Raises ``FileNotFoundError`` if there is no store, ``ValueError`` if its
     build did not finish (no manifest: resume it with
     :func:`build_teacher_cache`), if it is not a kdnumba teacher cache, or if an
     array's shape or dtype differs from the manifest's.
     """
-    return ShardedTeacherCache(path, keep_chunks=keep_chunks)
+    return ShardedTeacherCache(path, keep_chunks=keep_chunks, verify=verify)
 
 
 class ShardedTeacherCache:
@@ -717,9 +724,13 @@ class ShardedTeacherCache:
     ``n_classes``, ``dtype``, ``teacher_fingerprint``, ``data_fingerprint``.
     """
 
-    def __init__(self, path, *, keep_chunks: int = _LOADED_CHUNKS):
+    def __init__(self, path, *, keep_chunks: int = _LOADED_CHUNKS, verify: str = "once"):
         zarr = _require_scale("open_teacher_cache")
         self.keep_chunks = v.check_int(keep_chunks, "keep_chunks", minimum=1)
+        if verify not in ("once", "always"):
+            raise ValueError(f"verify must be 'once' or 'always', got {verify!r}")
+        self.verify_mode = verify
+        self._verified: set[int] = set()
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a folder path, got {type(path).__name__}")
         path = os.path.abspath(os.fspath(path))
@@ -800,12 +811,16 @@ class ShardedTeacherCache:
         # Decoded outside the lock: a prefetch thread and the trainer may read
         # different chunks at once.
         named = read_chunk(self.spec, i, self._arrays)
-        if chunk_checksum(named) != self._checksums[i]:
+        # Hashing costs about as much as reading; "once" pays it on the first epoch only.
+        if self.verify_mode == "once" and i in self._verified:
+            pass
+        elif chunk_checksum(named) != self._checksums[i]:
             lo, hi = self.spec.bounds(i)
             raise CorruptFileError(
                 f"teacher cache {self.path}: chunk {i} (rows {lo}..{hi - 1}) is corrupted "
                 "(checksum mismatch with the manifest); run build_teacher_cache(...) again "
                 "to recompute it")
+        self._verified.add(i)
         arrays = []
         for _, a in named:
             a.flags.writeable = False
@@ -852,7 +867,10 @@ class ShardedTeacherCache:
 
     def verify(self) -> None:
         """Read every chunk and check it against the manifest's checksum
-        (``CorruptFileError`` naming the first bad one)."""
+        (``CorruptFileError`` naming the first bad one), whatever was read before."""
+        with self._lock:
+            self._verified.clear()
+            self._loaded.clear()
         for i in range(self.n_chunks):
             self.chunk(i)
 
