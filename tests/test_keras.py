@@ -174,3 +174,41 @@ def test_unsupported_backend_raises_a_clear_import_error(backend, runs):
     assert code != 0
     assert "ImportError" in err
     assert f"{backend!r} backend" in err and "'jax', 'torch'" in err, err[-2000:]
+
+
+# --- the JAX bridge's in-place read of callback operands (kdnumba/jax.py) -------------------
+
+def test_jax_callback_operands_reach_registered_kernels_without_a_copy():
+    """JAX hands callbacks read-only buffers; kdnumba's own losses read them in
+    place (writable alias, no copy), any other wrapped function gets them read-only,
+    and the caller's arrays are never modified either way."""
+    jax = pytest.importorskip("jax", reason="JAX is not installed: pip install 'kdnumba[jax]'")
+    import numpy as np
+
+    import kdnumba.jax as kdj
+    from kdnumba.functional import kd_loss
+
+    frozen = np.arange(12, dtype=np.float32).reshape(3, 4)
+    frozen.flags.writeable = False
+    alias = kdj._kernel_view(frozen, trusted=True)
+    assert alias.flags.writeable and np.shares_memory(alias, frozen)
+    assert not kdj._kernel_view(frozen, trusted=False).flags.writeable
+
+    rng = np.random.default_rng(0)
+    s = rng.standard_normal((64, 10)).astype(np.float32)
+    t = rng.standard_normal((64, 10)).astype(np.float32)
+    s_j, t_j = jax.numpy.asarray(s), jax.numpy.asarray(t)
+    seen = []
+
+    def spy(student, teacher, *, temperature=3.0):
+        seen.append(student.flags.writeable)
+        return kd_loss(student, teacher, temperature=temperature)
+
+    for fn in (kdj.kd_loss, kdj.wrap(spy, "spy")):
+        value, grad = jax.jit(jax.value_and_grad(lambda a, b: fn(a, b, temperature=2.0)))(s_j, t_j)
+        want_value, want_grad = kd_loss(s, t, temperature=2.0)
+        assert float(value) == pytest.approx(want_value, rel=1e-6)
+        np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-5, atol=1e-8)
+    assert seen == [False]  # a user's function never gets a writable alias
+    np.testing.assert_array_equal(np.asarray(s_j), s)
+    np.testing.assert_array_equal(np.asarray(t_j), t)
