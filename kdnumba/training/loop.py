@@ -573,8 +573,9 @@ class Distiller:
         """Losses and gradients of one minibatch (no parameter update).
 
         With a top-K teacher cache ``teacher_outputs`` is the pair
-        ``(topk_values, topk_indices)``. ``output_grad = dL_out/d student_outputs``; ``intermediate_grads`` hold
-        ``dL_int/d student_acts[layer]`` for the contributing layers.
+        ``(topk_values, topk_indices)``. ``output_grad = dL_out/d student_outputs``;
+        ``intermediate_grads`` hold ``dL_int/d student_acts[layer]`` for the
+        contributing layers.
         """
         s = self.strategy
         if s is None:

@@ -100,9 +100,10 @@ def _require_scale(what: str):
 # -- pure helpers (no Zarr) -------------------------------------------------------------
 def topk_outputs(outputs, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` largest entries of each row of ``outputs`` ``(B, C)``:
-    ``(values (B, k), indices (B, k))``, values descending, ties broken by the
-    lower column (deterministic: same input, same bits). Indices are int16 when
-    ``C <= 32767``, else int32. The caller's array is not modified."""
+    ``(values (B, k), indices (B, k))``, values descending, equal values among
+    the k in column order. Which of several values tied at the k-th place is
+    kept is unspecified but deterministic (same input, same bits). Indices are
+    int16 when ``C <= 32767``, else int32. The caller's array is not modified."""
     out = np.asarray(outputs)
     if out.ndim != 2:
         raise ValueError(f"outputs must be 2-D (B, C), got shape {out.shape}")
@@ -113,9 +114,10 @@ def topk_outputs(outputs, k: int) -> tuple[np.ndarray, np.ndarray]:
     if k == n_cols:
         cand = np.broadcast_to(np.arange(n_cols), out.shape)
     else:
-        # argpartition selects a superset-free K; which of several values tied at the
-        # K-th place it keeps is deterministic (introselect has no randomness).
-        cand = np.argpartition(-out, k - 1, axis=1)[:, :k]
+        # Partitioning at C - k (not -out at k - 1) spares a negated copy of the
+        # chunk; introselect has no randomness, so ties at the boundary resolve
+        # the same way every time.
+        cand = np.argpartition(out, n_cols - k, axis=1)[:, n_cols - k:]
     vals = np.take_along_axis(out, cand, axis=1)
     order = np.lexsort((cand, -vals), axis=-1)
     idx = np.take_along_axis(cand, order, axis=1)
@@ -851,14 +853,20 @@ class ShardedTeacherCache:
         IntermediateActivations)`` for a dense cache, ``((topk_values,
         topk_indices), IntermediateActivations)`` for a top-K one; new arrays."""
         idx = self._rows(index)
-        shapes = self.spec.arrays()
-        outs = [np.empty((len(idx), *shape[1:]), dtype) for _, shape, dtype in shapes]
         chunk_of = idx // self.chunk_rows
-        for c in np.unique(chunk_of):
-            sel = np.flatnonzero(chunk_of == c)
-            local = idx[sel] - int(c) * self.chunk_rows
-            for out, arr in zip(outs, self.chunk(int(c))):
-                out[sel] = arr[local]
+        first_chunk = int(chunk_of[0]) if len(idx) else 0
+        if len(idx) and (chunk_of == first_chunk).all():
+            # The usual minibatch of the chunk-shuffled order: one gather, one copy.
+            local = idx - first_chunk * self.chunk_rows
+            outs = [arr[local] for arr in self.chunk(first_chunk)]
+        else:
+            outs = [np.empty((len(idx), *shape[1:]), dtype)
+                    for _, shape, dtype in self.spec.arrays()]
+            for c in np.unique(chunk_of):
+                sel = np.flatnonzero(chunk_of == c)
+                local = idx[sel] - int(c) * self.chunk_rows
+                for out, arr in zip(outs, self.chunk(int(c))):
+                    out[sel] = arr[local]
         n_out = 1 if self.topk is None else 2
         acts = IntermediateActivations({name: outs[n_out + j]
                                         for j, name in enumerate(self.layers)})
