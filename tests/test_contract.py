@@ -33,7 +33,7 @@ from testkit import (
     one_and_two_threads,
 )
 
-from kdnumba import functional, registry
+from kdnumba import _policy, functional, registry
 
 SPECS = functional.specs()
 FLOATS = (np.float32, np.float64)
@@ -137,6 +137,23 @@ def test_one_and_two_threads_bit_identical(spec, dtype):
     one, two = one_and_two_threads(call)
     assert_same_loss_and_grad(one, two)
     assert_same_loss_and_grad(call(), one)  # and run to run
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=["float32", "float64"])
+@pytest.mark.parametrize("spec", LOSSES)
+def test_serial_and_parallel_builds_bit_identical(spec, dtype, monkeypatch):
+    """Small calls run each kernel's serial build (``_policy.ParallelKernel``);
+    both builds must give the same bits, so that the size threshold is never
+    visible in a result."""
+    args = arguments(spec, None, dtype, seed=5, **(spec.medium or {}))
+
+    def call():
+        loss, grads = run(spec, args)
+        return loss, np.concatenate([g.ravel() for g in grads])
+
+    parallel = call()
+    monkeypatch.setattr(_policy, "SERIAL_BELOW", 1 << 62)  # every launch serial
+    assert_same_loss_and_grad(call(), parallel)
 
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=["float32", "float64"])
