@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
-import subprocess
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -32,6 +30,7 @@ import numpy as np  # noqa: E402
 import keras  # noqa: E402
 
 import kdnumba.keras as kdk  # noqa: E402
+from kdnumba.benchmarking.machine import cpu_model  # noqa: E402
 
 ops = keras.ops
 
@@ -48,16 +47,6 @@ class KerasOpsLogits(keras.distillation.DistillationLoss):
         ls = ops.log_softmax(student_outputs / T, axis=-1)
         return T * T * ops.mean(ops.sum(ops.exp(lt) * (lt - ls), axis=-1))
 
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def models(features: int, classes: int, hidden: int):

@@ -28,26 +28,16 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
-import subprocess
 import tempfile
 import time
 
 import numpy as np
 
+from kdnumba.benchmarking.machine import cpu_model
+
 F, C, K, CHUNK = 64, 1000, 32, 4096
 
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except Exception:
-        pass
-    return platform.processor() or "unknown"
 
 
 def make_teacher():
