@@ -48,7 +48,6 @@ class KerasOpsLogits(keras.distillation.DistillationLoss):
         return T * T * ops.mean(ops.sum(ops.exp(lt) * (lt - ls), axis=-1))
 
 
-
 def models(features: int, classes: int, hidden: int):
     keras.utils.set_random_seed(0)
     x = keras.Input((features,))

@@ -39,7 +39,6 @@ from kdnumba.benchmarking.machine import cpu_model
 F, C, K, CHUNK = 64, 1000, 32, 4096
 
 
-
 def make_teacher():
     from kdnumba.training import MLP
     return MLP([F, 256, C], layer_names=["hidden", "logits"], seed=1)
