@@ -64,10 +64,18 @@ class TeacherOutputs:
                 IntermediateActivations({k: a[index] for k, a in self.activations.items()}))
 
     def check_layers(self, layers: Collection[str]) -> None:
-        missing = sorted(set(layers) - set(self.activations))
-        if missing:
-            raise ValueError(f"the teacher outputs lack the layer(s) {missing} the strategy "
-                             f"needs; they hold {sorted(self.activations)}")
+        check_layers_held(layers, self.activations, "the teacher outputs lack")
+
+
+def check_layers_held(needed: Collection[str], held: Collection[str], holder: str) -> None:
+    """Raise ``ValueError`` naming the layers in ``needed`` that ``held`` lacks.
+
+    ``holder`` starts the message, e.g. ``"the teacher outputs lack"``.
+    """
+    missing = sorted(set(needed) - set(held))
+    if missing:
+        raise ValueError(f"{holder} the layer(s) {missing} the strategy needs; "
+                         f"present: {sorted(held)}")
 
 
 def dataset_fingerprint(x) -> str:

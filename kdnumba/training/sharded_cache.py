@@ -76,7 +76,7 @@ import numpy as np
 from kdnumba import _validation as v
 from kdnumba.strategies.base import IntermediateActivations
 from kdnumba.training._atomic import CorruptFileError, atomic_write, remove_temp_files
-from kdnumba.training.cache import dataset_fingerprint
+from kdnumba.training.cache import check_layers_held, dataset_fingerprint
 from kdnumba.training.protocol import check_teacher
 
 FORMAT = "kdnumba-teacher-cache/1"
@@ -788,10 +788,7 @@ class ShardedTeacherCache:
         return self.spec.bounds(i)
 
     def check_layers(self, layers: Collection[str]) -> None:
-        missing = sorted(set(layers) - set(self.layers))
-        if missing:
-            raise ValueError(f"the teacher cache {self.path} lacks the layer(s) {missing} the "
-                             f"strategy needs; it holds {sorted(self.layers)}")
+        check_layers_held(layers, self.layers, f"the teacher cache {self.path} lacks")
 
     def nbytes_on_disk(self) -> int:
         """Bytes of every file in the store."""
