@@ -130,6 +130,19 @@ def parallel_jit(fn=None, **overrides):
     return jit(fn, parallel=True, **overrides)
 
 
+def _once(owner, attribute: str, lock, build):
+    """``owner.attribute``, set to ``build()`` by the first caller (thread-safe:
+    double-checked under ``lock``, so concurrent first calls build once)."""
+    value = getattr(owner, attribute)
+    if value is None:
+        with lock:
+            value = getattr(owner, attribute)
+            if value is None:
+                value = build()
+                setattr(owner, attribute, value)
+    return value
+
+
 class ParallelKernel:
     """A ``prange`` kernel with a serial twin for small calls.
 
@@ -155,11 +168,7 @@ class ParallelKernel:
     @property
     def serial(self):
         """The serial build (built on first use)."""
-        if self._serial is None:
-            with self._serial_lock:
-                if self._serial is None:
-                    self._serial = self._build_serial()
-        return self._serial
+        return _once(self, "_serial", self._serial_lock, self._build_serial)
 
     def __call__(self, *args):
         if getattr(_launch_state, "serial", False):
@@ -302,11 +311,7 @@ class _KernelCache(_caching._Cache):
         return f"<{type(self).__name__} py_func={self._py_func!r}>"
 
     def _files(self):
-        if self._resolved is None:
-            with self._resolve_lock:
-                if self._resolved is None:
-                    self._resolved = self._resolve()
-        return self._resolved
+        return _once(self, "_resolved", self._resolve_lock, self._resolve)
 
     def _resolve(self):
         _config.reload_config()  # NUMBA_CACHE_DIR as the environment says now
