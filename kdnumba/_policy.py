@@ -170,6 +170,11 @@ class ParallelKernel:
         """The serial build (built on first use)."""
         return _once(self, "_serial", self._serial_lock, self._build_serial)
 
+    @property
+    def builds(self) -> tuple:
+        """The dispatchers built so far: the parallel one, and the serial one once used."""
+        return (self.parallel,) if self._serial is None else (self.parallel, self._serial)
+
     def __call__(self, *args):
         if getattr(_launch_state, "serial", False):
             return self.serial(*args)

@@ -46,13 +46,17 @@ with warnings.catch_warnings(record=True) as caught:
     t = rng.standard_normal((64, 48)).astype(np.float32)
     loss, grad = feature_loss(s, t)
     again = feature_loss(s, t)[0]
+from kdnumba._policy import ParallelKernel
 hits = misses = 0
 for name, mod in list(sys.modules.items()):
     if name.startswith("kdnumba"):
         for obj in vars(mod).values():
-            if isinstance(obj, numba.core.dispatcher.Dispatcher):
-                hits += sum(obj.stats.cache_hits.values())
-                misses += sum(obj.stats.cache_misses.values())
+            # A parallel kernel is a ParallelKernel holding a parallel and a serial build.
+            builds = obj.builds if isinstance(obj, ParallelKernel) else (obj,)
+            for build in builds:
+                if isinstance(build, numba.core.dispatcher.Dispatcher):
+                    hits += sum(build.stats.cache_hits.values())
+                    misses += sum(build.stats.cache_misses.values())
 pkg = os.path.dirname(kdnumba.__file__)
 try:
     open(os.path.join(pkg, "probe"), "w").close()

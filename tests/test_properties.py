@@ -74,6 +74,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 
+from kdnumba._policy import ParallelKernel
 from kdnumba import functional, registry
 
 SPECS = functional.specs()
@@ -278,8 +279,10 @@ def cpu_dispatchers() -> list:
         module = sys.modules.get(f"{cpu.__name__}.{info.name}")
         if module is None:
             module = importlib.import_module(f"{cpu.__name__}.{info.name}")
-        found += [obj for obj in vars(module).values()
-                  if isinstance(obj, numba.core.dispatcher.Dispatcher)]
+        for obj in vars(module).values():
+            # A parallel kernel is a ParallelKernel holding a parallel and a serial build.
+            builds = obj.builds if isinstance(obj, ParallelKernel) else (obj,)
+            found += [b for b in builds if isinstance(b, numba.core.dispatcher.Dispatcher)]
     return found
 
 

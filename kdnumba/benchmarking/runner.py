@@ -35,6 +35,7 @@ import time
 
 import numpy as np
 
+from kdnumba._policy import ParallelKernel
 from kdnumba.benchmarking import FAMILIES, BenchCase, all_cases
 from kdnumba.benchmarking import bounds as _bounds
 from kdnumba.benchmarking.compile_probe import measure_compile
@@ -123,10 +124,11 @@ def kernel_cache_stats() -> tuple[int, int]:
         if module is None or not name.startswith("kdnumba."):
             continue
         for obj in list(vars(module).values()):
-            if isinstance(obj, CPUDispatcher):
-                stats = obj.stats
-                hits += sum(stats.cache_hits.values())
-                misses += sum(stats.cache_misses.values())
+            # A parallel kernel is a ParallelKernel holding a parallel and a serial build.
+            for build in obj.builds if isinstance(obj, ParallelKernel) else (obj,):
+                if isinstance(build, CPUDispatcher):
+                    hits += sum(build.stats.cache_hits.values())
+                    misses += sum(build.stats.cache_misses.values())
     return hits, misses
 
 
