@@ -319,3 +319,64 @@ def test_an_os_error_while_running_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(runner, "run_from_args", disk_full)
     assert cli.main(["bench", "--quick"]) == 1
     assert capsys.readouterr().err == "kdnumba bench: error: [Errno 28] No space left on device\n"
+
+
+# --- kdnumba bench --compile-only ------------------------------------------------------
+
+def test_first_call_cases_cover_every_loss_in_both_dtypes():
+    from kdnumba import functional
+    from kdnumba.benchmarking.registry_cases import first_call_cases
+
+    names = [c.name for c in first_call_cases()]
+    expected = [f"first-call/{spec.name}/{dtype}" for spec in functional.specs()
+                if spec.workloads for dtype in ("float32", "float64")]
+    assert names == expected
+    inputs = first_call_cases(("feature",), ("float64",))[0].make_inputs(np.random.default_rng(0))
+    assert all(a.dtype == np.float64 for a in inputs["args"].values()
+               if isinstance(a, np.ndarray) and a.dtype.kind == "f")
+
+
+def test_compile_only_measures_each_loss_and_all_together(monkeypatch, capsys):
+    from kdnumba.benchmarking import compile_table
+
+    calls = []
+
+    def fake_measure(names, *, family=None, threads=None, **_):
+        calls.append((names, family))
+        if isinstance(names, str):
+            return {"cold_s": 2.0, "cached_s": 0.25}
+        return {"cold_s": 3.0, "cached_s": 0.5}
+
+    monkeypatch.setattr(compile_table, "measure_compile", fake_measure)
+    assert cli.main(["bench", "--compile-only", "--family", "relational", "--family",
+                     "feature", "--markdown", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "| `rkd_loss` | float32 | 2.00 s | 0.25 s |" in out
+    assert "| `feature_loss` | float64 | 2.00 s | 0.25 s |" in out
+    assert "| sum of the 2 rows | float32 | 4.00 s | 0.50 s |" in out
+    assert "| all in one process | float64 | 3.00 s | 0.50 s |" in out
+    together = [names for names, _ in calls if not isinstance(names, str)]
+    assert together == [["first-call/feature_loss/float32", "first-call/rkd_loss/float32"],
+                        ["first-call/feature_loss/float64", "first-call/rkd_loss/float64"]]
+
+
+def test_compile_only_reports_a_failing_loss_and_exits_1(monkeypatch, capsys):
+    from kdnumba.benchmarking import compile_table
+
+    def broken(names, **_):
+        raise RuntimeError("compile probe failed (exit 1): boom")
+
+    monkeypatch.setattr(compile_table, "measure_compile", broken)
+    assert cli.main(["bench", "--compile-only", "--family", "feature", "-q"]) == 1
+    out = capsys.readouterr().out
+    assert "RuntimeError: compile probe failed (exit 1): boom" in out
+
+
+def test_compile_probe_sums_several_cases_in_one_process(tmp_path):
+    from kdnumba.benchmarking.compile_probe import measure_compile
+
+    # The same small case twice: the second call in the process finds the
+    # kernel compiled, and the probe still adds both first calls up.
+    name = "kd_loss/B256_C10/float32"
+    result = measure_compile([name, name], timeout_s=300)
+    assert result["cold_s"] > result["cached_s"] > 0

@@ -15,7 +15,11 @@ gradients written, unless the spec says otherwise); ``flops`` the spec's.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+
+from kdnumba import functional
 
 from kdnumba.benchmarking.case import BenchCase, torch_backward
 from kdnumba.registry import LossSpec, Workload
@@ -83,3 +87,26 @@ def torch_closure(spec: LossSpec, args: dict, options: dict):
             tensors[name] = value
     loss_fn = spec.torch_function()
     return torch_backward(tensors[spec.array_params[0]], lambda: loss_fn(**tensors, **options))
+
+
+#: The dtypes of :func:`first_call_cases`.
+FIRST_CALL_DTYPES = ("float32", "float64")
+
+#: Prefix of a first-call case's name (``first-call/<loss>/<dtype>``).
+FIRST_CALL_PREFIX = "first-call"
+
+
+def first_call_cases(families=None, dtypes=FIRST_CALL_DTYPES) -> list[BenchCase]:
+    """One case per registered loss of ``families`` (all by default) and dtype:
+    the loss's first (headline) workload re-typed to that dtype, named
+    ``first-call/<loss>/<dtype>``. They measure time to first result
+    (:mod:`kdnumba.benchmarking.compile_table`)."""
+    cases = []
+    for spec in functional.specs():
+        if (families is not None and spec.family not in families) or not spec.workloads:
+            continue
+        for dtype in dtypes:
+            case = case_of(spec, dataclasses.replace(spec.workloads[0], dtype=dtype))
+            cases.append(dataclasses.replace(
+                case, name=f"{FIRST_CALL_PREFIX}/{spec.name}/{dtype}", compile_group=None))
+    return cases

@@ -391,6 +391,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the compile-time measurement in fresh processes "
                              "(--quick always does; it reports the first call in-process)")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="only the time to first result: every loss's first call per "
+                             "dtype with an empty and a warm cache, in fresh processes")
     parser.add_argument("--save", metavar="FILE.json",
                         help="also write the results as JSON to this file")
     parser.add_argument("--load", metavar="FILE.json",
@@ -429,6 +432,9 @@ def run_from_args(args: argparse.Namespace) -> int:
             return fail(f"--threads must be at most {limit} (NUMBA_NUM_THREADS), "
                         f"got {args.threads}")
         numba.set_num_threads(args.threads)
+
+    if args.compile_only:
+        return _compile_only(args)
 
     load_errors: dict[str, str] = {}
     cases = select_cases(args.family, args.case, args.quick, errors=load_errors)
@@ -476,6 +482,25 @@ def run_from_args(args: argparse.Namespace) -> int:
     # A family that does not even import is a broken installation: say so in
     # the exit status too, after printing what could be measured.
     return 1 if load_errors else 0
+
+
+def _compile_only(args: argparse.Namespace) -> int:
+    """``kdnumba bench --compile-only``: the cold-compile table."""
+    from kdnumba.benchmarking import compile_table
+
+    def progress(msg: str) -> None:
+        if not args.quiet:
+            print(f"kdnumba bench: {msg}", file=sys.stderr, flush=True)
+
+    table = compile_table.measure(args.family, threads=args.threads, progress=progress)
+    table["machine"] = machine_info()
+    if args.json:
+        print(json.dumps(table, indent=2, allow_nan=False))
+    elif args.markdown:
+        print(compile_table.format_markdown(table))
+    else:
+        print(compile_table.format_text(table))
+    return 1 if any("error" in r for r in table["rows"]) else 0
 
 
 def _emit(doc: dict, args: argparse.Namespace) -> None:
