@@ -8,7 +8,8 @@ For each loss and size (``B*C`` = 320, 1k, 4k, 16k, 32k) it prints:
 * ``call``: the public function (``kdnumba.functional.<loss>``), arguments
   already NumPy arrays of the right dtype (the common case);
 * ``kernel``: every Numba dispatcher that call runs (kernels, and the ordered
-  sums of their partials), replayed back to back with the same arguments and
+  sums of their partials) and every BLAS product (``np.matmul``, the
+  contrastive kernels'), replayed back to back with the same arguments and
   the same builds (the serial twin of a ``ParallelKernel`` where the call used
   it) -- compiled work plus Numba's own argument typing, nothing of kdnumba's
   Python;
@@ -20,8 +21,9 @@ a name in a ``kdnumba`` module is wrapped for one call, so the replay follows
 the kernels' current signatures without this file knowing them. Times are
 minima over ``--rounds`` rounds of samples (each sample the mean of enough
 back-to-back calls to last >= 2 ms), call and kernel interleaved round by
-round so load from other processes hits both; Numba runs ``--threads``
-threads (default 1: the figures are per-call costs, not parallel speed).
+round so load from other processes hits both; Numba and BLAS run
+``--threads`` threads (default 1: the figures are per-call costs, not
+parallel speed; an OPENBLAS_NUM_THREADS already set is kept).
 
 ``--profile kd_loss:320`` prints a cProfile of many calls of one case instead.
 """
@@ -31,11 +33,17 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
+import os
 import pstats
 import sys
 import time
 
-import numpy as np
+if __name__ == "__main__":  # BLAS threads as Numba's (before NumPy loads its BLAS)
+    _threads = sys.argv[sys.argv.index("--threads") + 1] if "--threads" in sys.argv else "1"
+    for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, _threads)
+
+import numpy as np  # noqa: E402
 
 SIZES = (320, 1_000, 4_000, 16_000, 32_000)
 
@@ -101,10 +109,25 @@ class _Recorder:
         return getattr(self.target, name)
 
 
+class _MatmulRecorder:
+    """Stands in for ``np.matmul`` (the BLAS products of some CPU kernels)."""
+
+    def __init__(self, log):
+        self.log = log
+        self.real = np.matmul
+
+    def __call__(self, *args, **kwargs):
+        real = self.real
+        self.log.append((lambda *a, _k=kwargs: real(*a, **_k), args))
+        return real(*args, **kwargs)
+
+
 def record(fn, args, kwargs) -> list:
-    """``[(dispatcher, args)]`` run by ``fn(*args, **kwargs)`` (already compiled)."""
+    """``[(callable, args)]``: the Numba dispatchers and BLAS products (``np.matmul``)
+    run by ``fn(*args, **kwargs)`` (already compiled)."""
     log: list = []
-    patched = []
+    patched = [(np, "matmul", np.matmul)]
+    np.matmul = _MatmulRecorder(log)
     for name, module in list(sys.modules.items()):
         if not name.startswith("kdnumba") or module is None:
             continue
@@ -178,7 +201,7 @@ def case(loss: str, size: int, dtype, rounds: int) -> dict:
     call_s, kernel_s = interleaved_minima([public, kernels], rounds)
     return {"loss": loss, "size": size, "shape": _shape(loss, size), "call_us": call_s * 1e6,
             "kernel_us": kernel_s * 1e6, "overhead_us": (call_s - kernel_s) * 1e6,
-            "dispatches": len(calls)}
+            "kernels": len(calls)}
 
 
 def profile(loss: str, size: int, dtype, calls: int = 20_000) -> None:
@@ -219,13 +242,13 @@ def main(argv=None) -> None:
     print(f"# kdnumba {kdnumba.__version__}, {cpu_model()}, {usable_cores()} cores, "
           f"{numba.get_num_threads()} Numba thread(s), {dtype.name}; minima of "
           f"{opts.rounds} rounds; us per call")
-    print("| loss | B*C | shape | call | kernel | overhead | dispatches |")
+    print("| loss | B*C | shape | call | kernel | overhead | kernels |")
     print("|---|---:|---|---:|---:|---:|---:|")
     for loss in opts.losses.split(","):
         for size in map(int, opts.sizes.split(",")):
             r = case(loss, size, dtype, opts.rounds)
             print(f"| {loss} | {size} | {r['shape'][0]}x{r['shape'][1]} | {r['call_us']:.1f} "
-                  f"| {r['kernel_us']:.1f} | {r['overhead_us']:.1f} | {r['dispatches']} |",
+                  f"| {r['kernel_us']:.1f} | {r['overhead_us']:.1f} | {r['kernels']} |",
                   flush=True)
 
 
