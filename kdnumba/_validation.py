@@ -311,9 +311,12 @@ def check_out(out, shape, dtype, inputs=()) -> None:
             f"got {out.dtype.name} {out.shape}")
     if not out.flags.writeable:
         raise ValueError("out must be a writeable array, got a read-only one")
+    checked = []  # a validated input is often the caller's array itself: check it once
     for array in inputs:
-        if isinstance(array, np.ndarray) and np.shares_memory(out, array):
-            raise ValueError("out must not share memory with the inputs")
+        if isinstance(array, np.ndarray) and not any(array is c for c in checked):
+            checked.append(array)
+            if np.shares_memory(out, array):
+                raise ValueError("out must not share memory with the inputs")
 
 
 def as_class_labels(labels, name: str, n_rows: int) -> np.ndarray:
