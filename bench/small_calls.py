@@ -239,7 +239,8 @@ def main(argv=None) -> None:
         loss, size = opts.profile.split(":")
         profile(loss, int(size), dtype)
         return
-    print(f"# kdnumba {kdnumba.__version__}, {cpu_model()}, {usable_cores()} cores, "
+    print(f"# kdnumba {kdnumba.__version__} ({os.path.dirname(kdnumba.__file__)}), "
+          f"{cpu_model()}, {usable_cores()} cores, "
           f"{numba.get_num_threads()} Numba thread(s), {dtype.name}; minima of "
           f"{opts.rounds} rounds; us per call")
     print("| loss | B*C | shape | call | kernel | overhead | kernels |")

@@ -41,13 +41,16 @@ class HostBackend:
         return module
 
     # --- inputs ------------------------------------------------------------------------
-    def float_array(self, x, name: str, *, ndim=None, min_ndim=None, dtype=None) -> np.ndarray:
-        """``x`` validated and kernel-ready (see ``_validation.as_float_array``)."""
-        return v.as_float_array(x, name, ndim=ndim, min_ndim=min_ndim, dtype=dtype)
+    # The methods that only forward to a function are that function (one Python
+    # call less each; a small call makes a dozen of them, issue #16).
 
-    def labels(self, labels, name: str, n_rows: int, n_classes: int, dtype):
-        """``(kind, array or None)`` as ``_validation.as_labels``."""
-        return v.as_labels(labels, name, n_rows, n_classes, dtype)
+    #: ``float_array(x, name, *, ndim=None, min_ndim=None, dtype=None)``: ``x``
+    #: validated and kernel-ready (``_validation.as_float_array``).
+    float_array = staticmethod(v.as_float_array)
+
+    #: ``labels(labels, name, n_rows, n_classes, dtype)``: ``(kind, array or None)``
+    #: (``_validation.as_labels``).
+    labels = staticmethod(v.as_labels)
 
     def host_object(self, x):
         """``x`` readable by NumPy: itself on the host (small integer inputs such
@@ -62,11 +65,9 @@ class HostBackend:
             return np.empty_like(like)
         return v.gradient_buffer(out, like, inputs)
 
-    def empty(self, shape, dtype) -> np.ndarray:
-        return np.empty(shape, dtype=dtype)
-
-    def zeros(self, shape, dtype) -> np.ndarray:
-        return np.zeros(shape, dtype=dtype)
+    #: ``empty(shape, dtype)`` and ``zeros(shape, dtype)``: NumPy's.
+    empty = staticmethod(np.empty)
+    zeros = staticmethod(np.zeros)
 
     def placeholder(self, ndim: int, dtype) -> np.ndarray:
         """A typed stand-in for a kernel argument the call does not read (one
