@@ -1,7 +1,7 @@
 """Per-call overhead of small calls (issue #16): the Python side of a loss.
 
     python3 bench/small_calls.py [--losses kd_loss,nt_xent] [--dtype float32]
-                                 [--threads 1] [--rounds 15] [--profile LOSS:SIZE]
+                                 [--threads 1] [--rounds 100] [--profile LOSS:SIZE]
 
 For each loss and size (``B*C`` = 320, 1k, 4k, 16k, 32k) it prints:
 
@@ -19,9 +19,11 @@ For each loss and size (``B*C`` = 320, 1k, 4k, 16k, 32k) it prints:
 The dispatchers a call runs are found by recording: every dispatcher bound to
 a name in a ``kdnumba`` module is wrapped for one call, so the replay follows
 the kernels' current signatures without this file knowing them. Times are
-minima over ``--rounds`` rounds of samples (each sample the mean of enough
-back-to-back calls to last >= 2 ms), call and kernel interleaved round by
-round so load from other processes hits both; Numba and BLAS run
+minima over ``--rounds`` rounds; each round takes two samples of every call
+and every replay of every case in turn (a sample is the mean of enough
+back-to-back calls to last >= 0.2 ms), so the samples of one case are spread
+over the whole run and a burst of load from another process spoils some
+rounds of every case rather than one case; Numba and BLAS run
 ``--threads`` threads (default 1: the figures are per-call costs, not
 parallel speed; an OPENBLAS_NUM_THREADS already set is kept).
 
@@ -163,7 +165,7 @@ def _sample(fn, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def interleaved_minima(fns, rounds: int, per_round: int = 5) -> list[float]:
+def interleaved_minima(fns, rounds: int, per_round: int = 2) -> list[float]:
     """Minimum seconds per call of each of ``fns``, sampled round by round."""
     numbers = [_number(f) for f in fns]
     best = [float("inf")] * len(fns)
@@ -180,7 +182,9 @@ def interleaved_minima(fns, rounds: int, per_round: int = 5) -> list[float]:
     return best
 
 
-def case(loss: str, size: int, dtype, rounds: int) -> dict:
+def prepare(loss: str, size: int, dtype) -> tuple:
+    """``(public, kernels, n_kernels)``: the call of one case, and the replay of the
+    dispatchers and BLAS products it runs (compiled, and checked to repeat bit for bit)."""
     import kdnumba.functional as F
 
     fn = getattr(F, loss)
@@ -196,12 +200,24 @@ def case(loss: str, size: int, dtype, rounds: int) -> dict:
         for dispatcher, a in calls:
             dispatcher(*a)
 
+    kernels()
     again = fn(*args, **kwargs)
     assert again[0] == reference[0] and np.array_equal(again[1], reference[1])
-    call_s, kernel_s = interleaved_minima([public, kernels], rounds)
-    return {"loss": loss, "size": size, "shape": _shape(loss, size), "call_us": call_s * 1e6,
-            "kernel_us": kernel_s * 1e6, "overhead_us": (call_s - kernel_s) * 1e6,
-            "kernels": len(calls)}
+    return public, kernels, len(calls)
+
+
+def measure(cases: list[tuple[str, int]], dtype, rounds: int) -> list[dict]:
+    """Time every case. Each round samples every case (call and kernel in turn),
+    so each case's samples are spread over the whole run and a burst of load
+    from another process spoils some rounds of every case rather than all the
+    rounds of one."""
+    prepared = [prepare(loss, size, dtype) for loss, size in cases]
+    fns = [f for public, kernels, _ in prepared for f in (public, kernels)]
+    best = interleaved_minima(fns, rounds)
+    return [{"loss": loss, "size": size, "shape": _shape(loss, size),
+             "call_us": best[2 * i] * 1e6, "kernel_us": best[2 * i + 1] * 1e6,
+             "overhead_us": (best[2 * i] - best[2 * i + 1]) * 1e6, "kernels": prepared[i][2]}
+            for i, (loss, size) in enumerate(cases)]
 
 
 def profile(loss: str, size: int, dtype, calls: int = 20_000) -> None:
@@ -224,7 +240,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--profile", default=None, metavar="LOSS:SIZE")
     opts = parser.parse_args(argv)
 
@@ -245,12 +261,12 @@ def main(argv=None) -> None:
           f"{opts.rounds} rounds; us per call")
     print("| loss | B*C | shape | call | kernel | overhead | kernels |")
     print("|---|---:|---|---:|---:|---:|---:|")
-    for loss in opts.losses.split(","):
-        for size in map(int, opts.sizes.split(",")):
-            r = case(loss, size, dtype, opts.rounds)
-            print(f"| {loss} | {size} | {r['shape'][0]}x{r['shape'][1]} | {r['call_us']:.1f} "
-                  f"| {r['kernel_us']:.1f} | {r['overhead_us']:.1f} | {r['kernels']} |",
-                  flush=True)
+    cases = [(loss, size) for loss in opts.losses.split(",")
+             for size in map(int, opts.sizes.split(","))]
+    for r in measure(cases, dtype, opts.rounds):
+        print(f"| {r['loss']} | {r['size']} | {r['shape'][0]}x{r['shape'][1]} "
+              f"| {r['call_us']:.1f} | {r['kernel_us']:.1f} | {r['overhead_us']:.1f} "
+              f"| {r['kernels']} |")
 
 
 if __name__ == "__main__":
