@@ -23,8 +23,8 @@ _ndarray = np.ndarray
 
 # Fast paths. A call of a few microseconds of kernel work must not spend tens
 # in its checks (issue #16), so the common case -- an exact ``np.ndarray`` of
-# a native float dtype, C-contiguous and writable, or a plain ``float`` /
-# ``int`` scalar -- is recognised by a few attribute reads and identity tests
+# a native float dtype, C-contiguous and writable, int64 labels, or a finite
+# ``float`` scalar -- is recognised by a few attribute reads and identity tests
 # (``dtype is``: NumPy's native dtypes are singletons) and returned as is.
 # Anything else, including every input that is wrong, takes the general path
 # below it, which alone raises: the messages cannot differ.
