@@ -13,6 +13,7 @@ asks which device it is on.
 from __future__ import annotations
 
 import importlib
+import math
 from types import ModuleType
 
 import numpy as np
@@ -27,18 +28,29 @@ class HostBackend:
 
     device = "cpu"
 
+    def __init__(self):
+        self._modules: dict[str, ModuleType] = {}
+        self._placeholders: dict = {}
+
     def kernels(self, family: str) -> ModuleType:
         """The CPU kernel module of ``family`` (``kdnumba.kernels.cpu.<family>``)."""
-        return importlib.import_module(f"kdnumba.kernels.cpu.{family}")
+        module = self._modules.get(family)
+        if module is None:  # imported once; later calls skip importlib (~2 us)
+            module = importlib.import_module(f"kdnumba.kernels.cpu.{family}")
+            self._modules[family] = module
+        return module
 
     # --- inputs ------------------------------------------------------------------------
-    def float_array(self, x, name: str, *, ndim=None, min_ndim=None, dtype=None) -> np.ndarray:
-        """``x`` validated and kernel-ready (see ``_validation.as_float_array``)."""
-        return v.as_float_array(x, name, ndim=ndim, min_ndim=min_ndim, dtype=dtype)
+    # The methods that only forward to a function are that function (one Python
+    # call less each; a small call makes a dozen of them, issue #16).
 
-    def labels(self, labels, name: str, n_rows: int, n_classes: int, dtype):
-        """``(kind, array or None)`` as ``_validation.as_labels``."""
-        return v.as_labels(labels, name, n_rows, n_classes, dtype)
+    #: ``float_array(x, name, *, ndim=None, min_ndim=None, dtype=None)``: ``x``
+    #: validated and kernel-ready (``_validation.as_float_array``).
+    float_array = staticmethod(v.as_float_array)
+
+    #: ``labels(labels, name, n_rows, n_classes, dtype)``: ``(kind, array or None)``
+    #: (``_validation.as_labels``).
+    labels = staticmethod(v.as_labels)
 
     def host_object(self, x):
         """``x`` readable by NumPy: itself on the host (small integer inputs such
@@ -49,17 +61,23 @@ class HostBackend:
     def gradient_buffer(self, out, like: np.ndarray, inputs=()) -> np.ndarray:
         """``out`` checked, or a new array like ``like``; ``inputs`` are the caller's
         arrays ``out`` must not overlap."""
+        if out is None:  # the common case, without a call into _validation
+            return np.empty_like(like)
         return v.gradient_buffer(out, like, inputs)
 
-    def empty(self, shape, dtype) -> np.ndarray:
-        return np.empty(shape, dtype=dtype)
-
-    def zeros(self, shape, dtype) -> np.ndarray:
-        return np.zeros(shape, dtype=dtype)
+    #: ``empty(shape, dtype)`` and ``zeros(shape, dtype)``: NumPy's.
+    empty = staticmethod(np.empty)
+    zeros = staticmethod(np.zeros)
 
     def placeholder(self, ndim: int, dtype) -> np.ndarray:
-        """A typed stand-in for a kernel argument the call does not read."""
-        return np.zeros((0,) * ndim, dtype=dtype)
+        """A typed stand-in for a kernel argument the call does not read (one
+        shared empty array per rank and dtype: having no element, it cannot be
+        written)."""
+        key = (ndim, dtype)
+        arr = self._placeholders.get(key)
+        if arr is None:
+            arr = self._placeholders[key] = np.zeros((0,) * ndim, dtype=dtype)
+        return arr
 
     def to_device(self, host_array: np.ndarray) -> np.ndarray:
         return host_array
@@ -73,9 +91,9 @@ class HostBackend:
         return grad if out is None else out
 
     # --- running and reducing ------------------------------------------------------------
-    def launch(self, work: int | None = None):
-        """Context around a kernel launch (see ``_policy.kernel_launch``)."""
-        return _policy.kernel_launch(work)
+    #: ``launch(work=None)``: the context around a kernel launch
+    #: (``_policy.kernel_launch`` itself, no wrapper call in between).
+    launch = staticmethod(_policy.kernel_launch)
 
     def total(self, partials) -> float:
         """Sum of a float64 vector of partials in index order (deterministic)."""
@@ -84,7 +102,7 @@ class HostBackend:
     def check_finite(self, value: float, named_arrays, what: str = "the loss") -> None:
         """Raise ``ValueError`` naming the first non-finite input when ``value``
         (a kernel's total) is not finite; inputs are only read on that path."""
-        if not np.isfinite(value):
+        if not math.isfinite(value):
             v.raise_non_finite([(name, self.to_host(arr)) for name, arr in named_arrays], what)
 
 

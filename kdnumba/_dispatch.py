@@ -15,6 +15,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+import numpy as np
+
 from kdnumba._backend_host import HOST
 
 DEVICES = ("cpu", "cuda", "auto")
@@ -70,6 +72,18 @@ def kernels(family: str, device: str) -> ModuleType:
     raise ValueError(f"device must be 'cpu' or 'cuda' here, got {device!r}")
 
 
+_HOST_TYPES = (np.ndarray, type(None))
+
+
+def _all_host(arrays) -> bool:
+    """Whether every one of ``arrays`` is ``None`` or an exact ``np.ndarray``
+    (never a device array): the common case, answered by type identity."""
+    for a in arrays:
+        if type(a) not in _HOST_TYPES:
+            return False
+    return True
+
+
 def backend(device: str, *arrays):
     """The backend one call runs on, for its ``device`` argument and its array
     arguments (student first: a GPU student gets its gradient on the GPU).
@@ -77,6 +91,8 @@ def backend(device: str, *arrays):
     ``"cuda"`` without a usable GPU raises ``RuntimeError`` saying why, before
     anything is copied.
     """
+    if type(device) is str and (device == "cpu" or (device == "auto" and _all_host(arrays))):
+        return HOST
     if resolve_device(device, *arrays) == "cpu":
         return HOST
     reason = cuda_unavailable_reason()

@@ -68,7 +68,6 @@ import sys
 import tempfile
 import threading
 import warnings
-from contextlib import contextmanager
 
 import numba
 from numba.core import caching as _caching
@@ -176,8 +175,9 @@ class ParallelKernel:
         return (self.parallel,) if self._serial is None else (self.parallel, self._serial)
 
     def __call__(self, *args):
-        if getattr(_launch_state, "serial", False):
-            return self.serial(*args)
+        if _launch_state.serial:
+            serial = self._serial
+            return (serial if serial is not None else self.serial)(*args)
         return self.parallel(*args)
 
     def __getattr__(self, name):
@@ -502,12 +502,18 @@ def _active_threading_layer() -> str | None:
 #: 23 us on 1 thread and up to 3.5 ms on 2 threads of a busy machine).
 SERIAL_BELOW = 1 << 15
 
-#: Per Python thread: whether kernels launched now run their serial build.
-_launch_state = threading.local()
+
+class _LaunchState(threading.local):
+    """Per Python thread: whether kernels launched now run their serial build
+    (a class attribute default, so reading it never needs ``getattr``)."""
+
+    serial = False
 
 
-@contextmanager
-def kernel_launch(work: int | None = None):
+_launch_state = _LaunchState()
+
+
+class kernel_launch:  # lower case: used like a function, ``with kernel_launch(work):``
     """Context for launching a parallel kernel safely from any Python thread.
 
     ``work`` (element count) below :data:`SERIAL_BELOW` runs the kernel on one
@@ -517,26 +523,39 @@ def kernel_launch(work: int | None = None):
     Starts the threading layer (fork-safe first) on first use, and raises
     :class:`RuntimeError` in a child forked from a process that used the GNU
     OpenMP layer, where Numba would kill the process.
+
+    A class rather than a ``contextmanager`` generator: a small call enters
+    one per kernel, and a generator context costs about a microsecond more
+    (issue #16).
     """
-    if _forked_from_omp:
-        raise RuntimeError(_FORKED_FROM_OMP_MESSAGE)
-    if work is not None and work < SERIAL_BELOW:
-        # Serial builds (ParallelKernel.serial): no pool, no lock needed.
-        outer = getattr(_launch_state, "serial", False)
-        _launch_state.serial = True
-        try:
-            yield
-        finally:
-            _launch_state.serial = outer
-        return
-    start_threading_layer()
-    outer = getattr(_launch_state, "serial", False)
-    _launch_state.serial = False
-    try:
-        if _active_threading_layer() in _THREAD_SAFE_LAYERS:
-            yield
-        else:
-            with _launch_lock:
-                yield
-    finally:
-        _launch_state.serial = outer
+
+    __slots__ = ("serial", "outer", "lock")
+
+    def __init__(self, work: int | None = None):
+        self.serial = work is not None and work < SERIAL_BELOW
+        self.lock = None
+
+    def __enter__(self):
+        if _forked_from_omp:
+            raise RuntimeError(_FORKED_FROM_OMP_MESSAGE)
+        if self.serial:
+            # Serial builds (ParallelKernel.serial): no pool, no lock needed.
+            self.outer = _launch_state.serial
+            _launch_state.serial = True
+            return None
+        start_threading_layer()
+        if _active_threading_layer() not in _THREAD_SAFE_LAYERS:
+            lock = _launch_lock  # the current one (a forked child replaces it)
+            lock.acquire()
+            self.lock = lock
+        self.outer = _launch_state.serial
+        _launch_state.serial = False
+        return None
+
+    def __exit__(self, *exc_info):
+        _launch_state.serial = self.outer
+        lock = self.lock
+        if lock is not None:
+            self.lock = None
+            lock.release()
+        return False

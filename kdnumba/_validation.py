@@ -9,12 +9,25 @@ when it must (dtype cast, non-contiguous input).
 from __future__ import annotations
 
 import enum
+import functools
 import math
 import numbers
 
 import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_F32, _F64 = FLOAT_DTYPES
+_INT64 = np.dtype(np.int64)
+_UINT64 = np.dtype(np.uint64)
+_ndarray = np.ndarray
+
+# Fast paths. A call of a few microseconds of kernel work must not spend tens
+# in its checks (issue #16), so the common case -- an exact ``np.ndarray`` of
+# a native float dtype, C-contiguous and writable, int64 labels, or a finite
+# ``float`` scalar -- is recognised by a few attribute reads and identity tests
+# (``dtype is``: NumPy's native dtypes are singletons) and returned as is.
+# Anything else, including every input that is wrong, takes the general path
+# below it, which alone raises: the messages cannot differ.
 
 
 def as_float_array(x, name: str, *, ndim: int | None = None, min_ndim: int | None = None,
@@ -26,6 +39,13 @@ def as_float_array(x, name: str, *, ndim: int | None = None, min_ndim: int | Non
     for a float32 student). Integer, bool, float16, complex and object input
     raise ``TypeError``; wrong rank or an empty batch raise ``ValueError``.
     """
+    if type(x) is _ndarray:  # fast path: nothing to convert, only to look at
+        x_dtype, x_ndim = x.dtype, x.ndim
+        if ((x_dtype is _F32 or x_dtype is _F64) and (dtype is None or x_dtype is dtype)
+                and x_ndim and (ndim is None or x_ndim == ndim)
+                and (min_ndim is None or x_ndim >= min_ndim)
+                and x.size and (flags := x.flags).c_contiguous and flags.writeable):
+            return x  # ndim, size > 0: at least one row and no zero-length dimension
     reject_masked(x, name)
     if hasattr(x, "__cuda_array_interface__") and not hasattr(x, "__array__"):
         raise TypeError(
@@ -90,6 +110,8 @@ def check_same_batch(a, b, name_a: str, name_b: str) -> None:
 
 def check_same_shape(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:
     """Raise ``ValueError`` unless ``a`` and ``b`` have the same shape."""
+    if a.shape == b.shape:
+        return
     check_same_batch(a, b, name_a, name_b)
     if a.shape != b.shape:
         raise ValueError(
@@ -139,6 +161,8 @@ def check_non_negative(value, name: str) -> float:
 
 def check_real(value, name: str) -> float:
     """A finite real number (bool rejected: ``True`` is not a temperature)."""
+    if type(value) is float and math.isfinite(value):  # fast path
+        return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     v = float(value)
@@ -170,6 +194,10 @@ def parse_choice(value, choices: type[enum.Enum], name: str, aliases=None):
     Non-strings raise ``TypeError``; unknown strings ``ValueError`` listing
     the valid values.
     """
+    if type(value) is str and (aliases is None or value not in aliases):
+        member = _exact_values(choices).get(value)  # fast path: a member's exact value
+        if member is not None:
+            return member
     if isinstance(value, choices):
         return value
     if not isinstance(value, str):
@@ -182,6 +210,14 @@ def parse_choice(value, choices: type[enum.Enum], name: str, aliases=None):
     except ValueError:
         valid = ", ".join(repr(m.value) for m in choices)
         raise ValueError(f"{name} must be one of {valid}, got {value!r}") from None
+
+
+@functools.cache
+def _exact_values(choices: type[enum.Enum]) -> dict:
+    """``{value: member}`` of the members whose value is already in the form
+    :func:`parse_choice` normalises to (so looking it up gives the same member)."""
+    return {m.value: m for m in choices
+            if isinstance(m.value, str) and m.value == m.value.strip().lower().replace("-", "_")}
 
 
 def _labels_array(labels, name: str) -> np.ndarray:
@@ -211,6 +247,11 @@ def as_labels(labels, name: str, n_rows: int, n_classes: int, dtype) -> tuple[st
     """
     if labels is None:
         return "none", None
+    if (type(labels) is _ndarray and labels.dtype is _INT64 and labels.ndim == 1
+            and labels.shape[0] == n_rows and n_rows
+            and (flags := labels.flags).c_contiguous and flags.writeable
+            and labels.view(_UINT64).max() < n_classes):
+        return "index", labels  # fast path: in range (a negative index is >= 2**63 here)
     arr = _labels_array(labels, name)
     if arr.dtype.kind in "iu":
         check_index_labels(arr, name, n_rows, "the logits")
@@ -270,9 +311,12 @@ def check_out(out, shape, dtype, inputs=()) -> None:
             f"got {out.dtype.name} {out.shape}")
     if not out.flags.writeable:
         raise ValueError("out must be a writeable array, got a read-only one")
+    checked = []  # a validated input is often the caller's array itself: check it once
     for array in inputs:
-        if isinstance(array, np.ndarray) and np.shares_memory(out, array):
-            raise ValueError("out must not share memory with the inputs")
+        if isinstance(array, np.ndarray) and not any(array is c for c in checked):
+            checked.append(array)
+            if np.shares_memory(out, array):
+                raise ValueError("out must not share memory with the inputs")
 
 
 def as_class_labels(labels, name: str, n_rows: int) -> np.ndarray:

@@ -242,6 +242,23 @@ def test_kernel_launch_serialises_only_unsafe_layers(monkeypatch, layer, seriali
     assert not _policy._launch_lock.locked()  # released on errors too
 
 
+def test_kernel_launch_nests_and_restores_the_serial_choice():
+    state = _policy._launch_state
+    assert state.serial is False
+    with _policy.kernel_launch(10):
+        assert state.serial is True
+        with _policy.kernel_launch(_policy.SERIAL_BELOW):
+            assert state.serial is False
+        with _policy.kernel_launch(None):
+            assert state.serial is False
+        assert state.serial is True
+    assert state.serial is False
+    with pytest.raises(RuntimeError, match="boom"):
+        with _policy.kernel_launch(10):
+            raise RuntimeError("boom")
+    assert state.serial is False
+
+
 def test_active_threading_layer_is_reported(rng):
     kd_loss(*problem(rng, 2, 3, np.float64, "none"))  # a parallel kernel has run
     layer = _policy._active_threading_layer()

@@ -194,6 +194,55 @@ def test_as_labels_rejects(labels, exc, pattern):
         v.as_labels(labels, "labels", 3, 4, np.float64)
 
 
+def test_index_labels_fast_path_agrees_with_the_general_path():
+    """int64 C-contiguous labels skip the copy and take one range reduction; a
+    negative index, one equal to C, read-only or strided labels behave as ever."""
+    y = np.array([0, 3, 1], np.int64)
+    kind, out = v.as_labels(y, "labels", 3, 4, np.float32)
+    assert kind == "index" and out is y
+    for bad, found in (([0, -1, 1], -1), ([0, 4, 1], 4), ([np.iinfo(np.int64).min, 0, 0], None)):
+        with pytest.raises(ValueError, match=r"labels must be class indices in \[0, 4\)"
+                           + (f", found {found}" if found is not None else "")):
+            v.as_labels(np.array(bad, np.int64), "labels", 3, 4, np.float32)
+    frozen = y.copy()
+    frozen.flags.writeable = False
+    kind, out = v.as_labels(frozen, "labels", 3, 4, np.float32)
+    assert out.flags.writeable and out.tolist() == [0, 3, 1]
+    strided = np.array([0, 9, 3, 9, 1, 9], np.int64)[::2]
+    kind, out = v.as_labels(strided, "labels", 3, 4, np.float32)
+    assert out.flags.c_contiguous and out.tolist() == [0, 3, 1]
+
+
+def test_float_array_fast_path_only_for_kernel_ready_arrays(rng):
+    """An exact ndarray of a native float dtype, C-contiguous and writable, is
+    returned as is; anything else is converted, or rejected, as before."""
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    assert v.as_float_array(x, "x", ndim=2) is x
+    assert v.as_float_array(x, "x", dtype=x.dtype) is x
+    assert v.as_float_array(x, "x", dtype=np.float64).dtype == np.float64
+    frozen = x.copy()
+    frozen.flags.writeable = False
+    assert v.as_float_array(frozen, "x").flags.writeable
+    big_endian = x.astype(">f4")
+    with pytest.raises(TypeError, match=r"x must be a float32 or float64 array"):
+        v.as_float_array(big_endian, "x")
+    with pytest.raises(ValueError, match=r"x is empty"):
+        v.as_float_array(np.float32(1.0) * np.ones((), np.float32), "x")
+    with pytest.raises(TypeError, match=r"x is a masked array"):
+        v.as_float_array(np.ma.masked_array(x), "x")
+
+
+def test_parse_choice_exact_values_and_aliases():
+    from kdnumba.functional.response import Divergence
+    from kdnumba.functional.selectivity import SelectivityMetric
+    assert v.parse_choice("jsd", Divergence, "divergence") is Divergence.JSD
+    assert v.parse_choice(" JSD", Divergence, "divergence") is Divergence.JSD
+    assert SelectivityMetric.parse("peak") is SelectivityMetric.PEAK_TO_AVERAGE
+    assert SelectivityMetric.parse("variance") is SelectivityMetric.VARIANCE
+    # An alias wins over an exact value it shadows (none of kdnumba's does).
+    assert v.parse_choice("kl", Divergence, "d", {"kl": "tvd"}) is Divergence.TVD
+
+
 def test_as_layer_array_names_the_layer():
     acts = {"layer3": np.ones((2, 3), np.int32)}
     with pytest.raises(TypeError, match=r"student_acts\['layer3'\] must be a float32 or float64"):
@@ -371,6 +420,18 @@ def test_resolve_device():
     assert _dispatch.resolve_device("cuda", host) == "cuda"
     with pytest.raises(ValueError, match=r"device must be one of"):
         _dispatch.resolve_device("gpu", host)
+
+
+def test_backend_fast_path():
+    from kdnumba._backend_host import HOST
+    host = np.ones(3)
+    assert _dispatch.backend("auto", host, None, host) is HOST
+    assert _dispatch.backend("cpu", FakeCudaArray()) is HOST  # the array is refused later
+    assert _dispatch.backend("auto", [1.0, 2.0]) is HOST  # lists: the general path
+    with pytest.raises(ValueError, match=r"device must be one of"):
+        _dispatch.backend("gpu", host)
+    with pytest.raises(ValueError, match=r"device must be one of"):
+        _dispatch.backend(None, host)
 
 
 def test_kernels_lookup():

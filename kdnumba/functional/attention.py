@@ -95,7 +95,7 @@ def attention_transfer(student_feats, teacher_feats, *, p=2, variant="repdistill
     n_sp = math.prod(s_in.shape[2:])
     paper = variant == "paper"
     row_loss = be.empty(n_rows, np.float64)
-    with be.launch():
+    with be.launch(n_rows * (s_in.shape[1] + t_in.shape[1]) * n_sp):
         kernels.at_rows(s_in.reshape(n_rows, s_in.shape[1], n_sp),
                         t_in.reshape(n_rows, t_in.shape[1], n_sp), p, paper, not paper, paper,
                         NORM_EPS, 1.0 / n_rows if paper else 1.0 / (n_rows * n_sp),
@@ -219,7 +219,7 @@ def attention_map_loss(student_attn, teacher_attn, *, kind="mse", inputs="probs"
         return loss, be.deliver(grad, out)
     dtype = np.dtype(s.dtype)
     row_loss = be.empty(n_rows, np.float64)
-    with be.launch():
+    with be.launch(n_rows * n_cols):
         be.kernels("attention").kl_prob_rows(s2, t2, dtype.type(NORM_EPS),
                                              dtype.type(1.0 / n_rows), g2, row_loss)
     loss = be.total(row_loss) / n_rows

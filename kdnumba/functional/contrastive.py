@@ -44,6 +44,8 @@ rounded logits as its log-sum-exp, so it is never negative, also in float32.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from kdnumba import _dispatch
@@ -112,7 +114,7 @@ def _row_norms(be, kernels, x, name: str):
         return None
     norms = be.empty(x.shape[0], np.float64)
     kernels.row_norms(x, norms)
-    if not np.isfinite(be.total(norms)):  # one number back; the rows only on this path
+    if not math.isfinite(be.total(norms)):  # one number back; the rows only on this path
         host = be.to_host(norms)
         if not np.isfinite(host).all():
             if not np.isfinite(be.to_host(x)).all():

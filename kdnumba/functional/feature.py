@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from kdnumba import _dispatch
@@ -49,9 +51,9 @@ def squared_error_into(be, s, t, grad, names) -> float:
     ``be``, its gradient ``2 (s - t) / n`` written into ``grad``; a non-finite
     result raises ``ValueError`` naming ``names[0]`` or ``names[1]``."""
     kernels = be.kernels("feature")
-    n = int(np.prod(s.shape))
+    n = math.prod(s.shape)
     partial = be.empty(kernels.n_chunks(n), np.float64)
-    with be.launch():
+    with be.launch(n):
         kernels.sq_diff_chunks(s.reshape(n), t.reshape(n), np.dtype(s.dtype).type(2.0 / n),
                                grad.reshape(n), partial)
     loss = be.total(partial) / n

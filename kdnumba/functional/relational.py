@@ -78,7 +78,7 @@ def rkd_loss(student_emb, teacher_emb, *, distance_weight=25.0, angle_weight=50.
     # Q and iota of both embeddings, and their rows' distance sums (float64).
     q_s, ins, q_t, int_ = (be.empty((n, n), np.float64) for _ in range(4))
     sum_s, sum_t = be.empty(n, np.float64), be.empty(n, np.float64)
-    with be.launch():
+    with be.launch(n * n * (s.shape[1] + t.shape[1])):
         kernels.geometry(s, NORM_EPS, q_s, ins, sum_s)
         kernels.geometry(t, NORM_EPS, q_t, int_, sum_t)
     # A NaN/inf input makes its rows' distance sums NaN (the clamps would hide it).
@@ -91,7 +91,7 @@ def rkd_loss(student_emb, teacher_emb, *, distance_weight=25.0, angle_weight=50.
     k_mean = 0.0
     if n > 1 and w_d != 0.0:
         row_loss, row_hd = be.empty(n, np.float64), be.empty(n, np.float64)
-        with be.launch():
+        with be.launch(n * n):
             kernels.distance_rows(q_s, q_t, NORM_EPS, 1.0 / mu_s, 1.0 / mu_t, row_loss, row_hd)
         loss_d = be.total(row_loss) / (n * n)
         k_mean = be.total(row_hd) / (mu_s * mu_s * n * (n - 1))
@@ -101,14 +101,14 @@ def rkd_loss(student_emb, teacher_emb, *, distance_weight=25.0, angle_weight=50.
     r = be.placeholder(2, np.float64)
     if n > 1 and w_a != 0.0:
         r, row_loss = be.empty((n, n), np.float64), be.empty(n, np.float64)
-        with be.launch():
+        with be.launch(n * n * n):
             kernels.angle_rows(q_s, ins, q_t, int_, r, row_loss)
         loss_a = be.total(row_loss) / float(n) ** 3
         w_a_mean = w_a / float(n) ** 3
     m = ins  # dead after the angle term: reuse its memory
     del ins, int_
     ec = be.empty(s.shape, np.float64)
-    with be.launch():
+    with be.launch(n * n * s.shape[1]):
         kernels.assemble(r, w_a_mean, q_s, q_t, NORM_EPS, 1.0 / mu_s, 1.0 / mu_t, k_mean,
                          w_d / (n * n), m)
         del r, q_s, q_t

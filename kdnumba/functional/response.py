@@ -5,6 +5,7 @@ teacher stored as its top-K logits)."""
 from __future__ import annotations
 
 import enum
+import math
 
 import numpy as np
 
@@ -166,7 +167,7 @@ def kd_loss(student_logits, teacher_logits, labels=None, *, temperature=3.0, alp
             soft_and_hard(s_std, t_std, LABELS_NONE, 0.0, 0.0, g_soft, row_loss)
             standardize_backward_into(be, g_soft, s_std, sigma, grad, accumulate=True)
             loss = be.total(row_loss) + be.total(hard_rows)
-    if not np.isfinite(loss):
+    if not math.isfinite(loss):
         if kind != "none":  # GPU labels are range-checked by the kernel only
             v.as_labels(be.to_host(y), "labels", n_rows, n_cols, dtype)
         be.check_finite(loss, [("student_logits", s), ("teacher_logits", t),
@@ -247,7 +248,7 @@ def sparse_kd_loss(student_logits, teacher_topk_logits, teacher_topk_indices, la
             *kernel_weights(kind, temperature, alpha, n_rows),
             grad, row_loss, row_status)
     loss = be.total(row_loss)
-    if not np.isfinite(loss):
+    if not math.isfinite(loss):
         status = np.asarray(be.to_host(row_status))
         for code, what in ((SPARSE_OUT_OF_RANGE, f"column indices in [0, {n_cols})"),
                            (SPARSE_DUPLICATE, "unique within each row")):

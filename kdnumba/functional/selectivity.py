@@ -71,8 +71,11 @@ class SelectivityMetric(enum.StrEnum):
     def parse(cls, metric) -> SelectivityMetric:
         """``metric`` as a member: a member, its value or its name (any case;
         AiDotNet's ``"PeakToAverage"`` spelling is accepted too)."""
-        return v.parse_choice(metric, cls, "metric",
-                              {"peaktoaverage": "peak_to_average", "peak": "peak_to_average"})
+        return v.parse_choice(metric, cls, "metric", _METRIC_ALIASES)
+
+
+#: Other spellings :meth:`SelectivityMetric.parse` accepts (normalised form -> value).
+_METRIC_ALIASES = {"peaktoaverage": "peak_to_average", "peak": "peak_to_average"}
 
 
 class SelectivityStatistics(NamedTuple):
@@ -116,6 +119,8 @@ def as_batch(be, x, name: str, dtype=None):
 def check_pair(s, t) -> None:
     """Student and teacher activations describe the same samples and neurons,
     laid out alike (``ValueError`` saying how to fix it otherwise)."""
+    if s.shape == t.shape:
+        return
     if s.shape[0] != t.shape[0]:
         raise ValueError(
             f"batch size mismatch: student_acts has {s.shape[0]} rows, teacher_acts has "
@@ -142,7 +147,9 @@ def _per_sample(x) -> int:
 
 
 def _rows(x):
-    """A C-contiguous (host or device) array viewed as ``(B, N)``."""
+    """A C-contiguous (host or device) array viewed as ``(B, N)`` (itself when it is)."""
+    if len(x.shape) == 2:
+        return x
     return x.reshape(x.shape[0], _per_sample(x))
 
 

@@ -537,7 +537,7 @@ def student_anchored(s, s_norms, t, t_norms, neg, neg_norms, pos, pos_class, mem
         pos = cand
     bounds, use_bound, lo = _bounds_and_mode(s_norms, temperature, s.dtype)
     inv_sum = np.empty(s.shape[0], dtype=np.float64)
-    saved = np.empty(int(np.max(np.diff(starts))), dtype=s.dtype)
+    saved = np.empty(int((starts[1:] - starts[:-1]).max()), dtype=s.dtype)  # np.diff: ~5 us
     for r0, r1, block in _tiles(anchors, cand, tile_rows):
         softmax_rows(block, bounds, use_bound, lo, r0, pos_class, members, starts, saved,
                      inv_sum, row_loss)
