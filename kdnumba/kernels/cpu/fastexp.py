@@ -49,13 +49,20 @@ _bits_to_f32 = _bitcast("_bits_to_f32", types.int32, types.float32)
 _LOG2E = 1.4426950408889634
 _LN2_HI = 0.6931471803691238  # ln2 split so n*_LN2_HI is exact for |n| < 2**20
 _LN2_LO = 1.9082149292705877e-10
+_SHIFTER_F64 = 6755399441055744.0  # 1.5 * 2**52
 
 
 @jit
 def exp_nonpos_f64(x):
     """``exp(x)`` for float64 ``x <= 0``; 0.0 below -708 (underflow)."""
     xc = max(x, -708.0)
-    n = np.floor(xc * _LOG2E + 0.5)
+    # n = round(x / ln2) by the 1.5 * 2**52 shifter: the sum's low mantissa bits
+    # hold n in two's complement, so 2**n needs no float -> int64 conversion
+    # (AVX2 has none for vectors: with np.floor and np.int64 every float64 exp
+    # of a loop ran scalar; LLVM turns floor + bit tricks back into that
+    # conversion, so the rounding itself must be the shifter's).
+    shifted = xc * _LOG2E + _SHIFTER_F64
+    n = shifted - _SHIFTER_F64
     r = (xc - n * _LN2_HI) - n * _LN2_LO
     # Taylor series of exp(r) to degree 13 on |r| <= 0.347: error < 5e-18.
     p = 1.0 / 6227020800.0
@@ -72,7 +79,10 @@ def exp_nonpos_f64(x):
     p = p * r + 0.5
     p = p * r + 1.0
     p = p * r + 1.0
-    scale = _bits_to_f64((np.int64(n) + np.int64(1023)) << np.int64(52))
+    # n is integral in [-1021, 0]: converting through int32 gives the same bits
+    # as int64 directly, but AVX2 converts four doubles to int32 in one
+    # instruction and has none for int64 (that made every float64 exp scalar).
+    scale = _bits_to_f64((_f64_to_bits(shifted) + np.int64(1023)) << np.int64(52))
     return p * scale if x >= -708.0 else 0.0
 
 
