@@ -24,7 +24,7 @@ import numpy as np
 from numba import types
 from numba.extending import intrinsic, overload
 
-from kdnumba._policy import jit
+from kdnumba._policy import FASTMATH_FLAGS, jit
 
 
 def _bitcast(name: str, source, target):
@@ -164,10 +164,13 @@ def exp_nonpos(x):
     raise NotImplementedError("exp_nonpos is only callable from Numba kernels")
 
 
-@overload(exp_nonpos)
+@overload(exp_nonpos, jit_options=dict(fastmath=set(FASTMATH_FLAGS), error_model="numpy"))
 def _exp_nonpos_overload(x):
+    # The implementation itself, compiled with the kernels' float options, not
+    # a lambda calling the dispatcher: one compilation instead of two (a
+    # kernel's cold compile compiles every callee as its own library).
     if x == types.float32:
-        return lambda x: exp_nonpos_f32(x)
+        return exp_nonpos_f32.py_func
     if x == types.float64:
-        return lambda x: exp_nonpos_f64(x)
+        return exp_nonpos_f64.py_func
     return None
