@@ -5,9 +5,11 @@ Numba loop is a scalar libm call and blocks vectorisation. Range reduction, a
 polynomial and building ``2**n`` from its bits are all plain arithmetic that
 LLVM turns into AVX2/AVX-512 code.
 
-Method (Cody-Waite): ``x = n*ln2 + r`` with ``n = round(x/ln2)``, ``|r| <= ln2/2``;
-``exp(r)`` by a minimax-quality Taylor polynomial evaluated with Horner's rule;
-``2**n`` by writing ``n + bias`` into the exponent field.
+Method (Cody-Waite): ``x = n*ln2 + r`` with ``n = round(x/ln2)`` (by the
+``1.5 * 2**k`` shifter, whose low mantissa bits then hold ``n``),
+``|r| <= ln2/2``; ``exp(r)`` by a Taylor polynomial (Horner's rule for
+float64, Estrin's scheme for float32); ``2**n`` by writing ``n + bias`` into
+the exponent field.
 
 Accuracy (measured in tests against ``np.exp``): float64 < 2 ulp, float32 < 2 ulp
 on ``[-700, 0]`` / ``[-87, 0]``. Arguments below the underflow threshold return

@@ -8,11 +8,14 @@ hot in cache:
    by ``reductions.lane_max`` (explicit SIMD lanes);
 2. the exponentials ``e^T_s = exp((s - m_s)/T)``, ``e^T_t = exp((t - m_t)/T)``
    and, when a hard term is present, ``e_s = exp(s - m_s)`` (at ``T = 1``
-   that is ``e^T_s`` itself, bit for bit, and is not recomputed), element-wise
+   that is ``e^T_s`` itself, bit for bit, and is not recomputed; at an
+   integer ``T`` in 2..4 it is ``(e^T_s)**T``, see :func:`hard_power`), element-wise
    into the gradient row and per-chunk scratch rows (so pass 3 needs no
    second ``exp``); then their sums ``Z`` and ``W = sum_j e^T_t (u_t - u_s)``
    with ``u = (z - m)/T`` by ``reductions.lane_sum`` (explicit SIMD lanes in a
    fixed order, block totals in float64);
+   Rows ``i + 1`` of ``s`` and ``t`` are prefetched before pass 2 of row
+   ``i``, so that pass 1 of the next row finds them in cache;
 3. the gradient row
    ``g = c_soft (e^T_s/Z^T_s - e^T_t/Z^T_t) + c_hard (sum(y) e_s/Z_s - y)``.
 
