@@ -52,7 +52,7 @@ from kdnumba._constants import (
 from kdnumba.kernels.cpu.dtypes import cast_like
 from kdnumba.kernels.cpu.fastexp import exp_nonpos, log_pos_f64
 from kdnumba.kernels.cpu.reductions import lane_dot, lane_max, lane_sum
-from kdnumba.kernels.cpu.simd import prefetch
+from kdnumba.kernels.cpu.simd import prefetch_row
 
 
 _ROWS_PER_CHUNK = 16
@@ -177,9 +177,8 @@ def kd_rows(s, t, labels_index, labels_dense, labels_kind, inv_t,
             g_row = grad[i]
             m_s = lane_max(s_row)
             m_t = lane_max(t_row)
-            if i + 1 < n_rows:  # the next rows load from DRAM during this row's work
-                prefetch(s[i + 1])
-                prefetch(t[i + 1])
+            prefetch_row(s, i + 1)  # the next rows load from DRAM during this row's work
+            prefetch_row(t, i + 1)
             _exponentials(s_row, t_row, m_s, m_t, inv_t, g_row, e_t_t, w_terms, e_s,
                           has_hard and not unit_t, power)
             z_s = lane_sum(g_row)
