@@ -672,7 +672,16 @@ def test_distillation_loss_validates_its_inputs(rng):
 def test_unit_temperature_reuses_the_soft_exponentials_bit_for_bit(rng, dtype, kind):
     # At T = 1 the kernel takes exp(s - m_s) from the soft pass instead of a
     # third exp pass. With alpha = 1 only the hard term is left, and it must
-    # be the very same bits as at T = 3, where it is computed separately.
+    # be the very same bits as at T = 2.5, where it is computed separately
+    # (at an integer T it is a power of the soft exponentials: next test).
+    s, t, y = _hard_term_case(rng, dtype, kind)
+    loss_1, grad_1 = kd_loss(s, t, y, temperature=1.0, alpha=1.0)
+    loss_3, grad_3 = kd_loss(s, t, y, temperature=2.5, alpha=1.0)
+    assert loss_1 == loss_3
+    np.testing.assert_array_equal(grad_1, grad_3)
+
+
+def _hard_term_case(rng, dtype, kind):
     s = (3.0 * rng.standard_normal((40, 1000))).astype(dtype)
     t = (s + rng.standard_normal(s.shape)).astype(dtype)
     if kind == "index":
@@ -680,7 +689,19 @@ def test_unit_temperature_reuses_the_soft_exponentials_bit_for_bit(rng, dtype, k
     else:
         y = rng.random(s.shape).astype(dtype)
         y /= y.sum(axis=1, keepdims=True)
+    return s, t, y
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind", ["index", "dense"])
+@pytest.mark.parametrize("temperature", [2.0, 3.0, 4.0])
+def test_integer_temperature_hard_term_from_powers(rng, dtype, kind, temperature):
+    # At T = 2, 3, 4 the hard exponentials are exp((s - m)/T)**T: the hard
+    # term (alone at alpha = 1) matches the separately computed one (T = 1)
+    # to a few ulp of the dtype, far inside the tolerances against NumPy.
+    s, t, y = _hard_term_case(rng, dtype, kind)
     loss_1, grad_1 = kd_loss(s, t, y, temperature=1.0, alpha=1.0)
-    loss_3, grad_3 = kd_loss(s, t, y, temperature=3.0, alpha=1.0)
-    assert loss_1 == loss_3
-    np.testing.assert_array_equal(grad_1, grad_3)
+    loss_t, grad_t = kd_loss(s, t, y, temperature=temperature, alpha=1.0)
+    e = eps(dtype)
+    assert abs(loss_t - loss_1) <= 16 * e * abs(loss_1)
+    np.testing.assert_allclose(grad_t, grad_1, rtol=0, atol=16 * e * np.abs(grad_1).max())
