@@ -119,10 +119,36 @@ def n_chunks(n_rows: int, rows_per_chunk: int) -> int:
 # loops, never by array-to-array slice assignment (whose shape check costs
 # seconds of compilation).
 
+#: Rows of the ``part`` buffer of :func:`column_stats_grid` (per matrix).
+P_S1, P_S2, P_HARD, P_SOFT, P_ABS = 0, 1, 2, 3, 4
+N_PARTIALS = 5
+#: Rows of the ``stats`` output of :func:`column_stats` (per matrix).
+ST_MEAN, ST_VAR, ST_HARD, ST_SOFT, ST_MEAN_ABS, ST_PEAK, ST_RATIO = 0, 1, 2, 3, 4, 5, 6
+N_STATS = 7
+
+
 @jit
-def _var_task(x, r0, r1, c0, c1, shift, s1, s2):
+def _box(task, n_rows, n_cols, col_block, rows_per_chunk):
+    """``(matrix, chunk, r0, r1, c0, c1)`` of task number ``task`` (tasks are
+    numbered matrix-major, then by row chunk, then by column block)."""
+    n_col_blocks = (n_cols + col_block - 1) // col_block
+    per_mat = ((n_rows + rows_per_chunk - 1) // rows_per_chunk) * n_col_blocks
+    m = task // per_mat
+    rest = task % per_mat
+    ch = rest // n_col_blocks
+    c0 = (rest % n_col_blocks) * col_block
+    r0 = ch * rows_per_chunk
+    return m, ch, r0, min(n_rows, r0 + rows_per_chunk), c0, min(n_cols, c0 + col_block)
+
+
+@jit
+def _var_task(task, a, b, col_block, rows_per_chunk, shift, part):
     """``S1 = sum d``, ``S2 = sum d**2`` with ``d = x - shift``."""
-    sh = shift[c0:c1]
+    m, ch, r0, r1, c0, c1 = _box(task, a.shape[0], a.shape[1], col_block, rows_per_chunk)
+    x = a if m == 0 else b
+    sh = shift[m, c0:c1]
+    s1 = part[m, ch, P_S1, c0:c1]
+    s2 = part[m, ch, P_S2, c0:c1]
     n = sh.shape[0]
     for j in range(n):
         s1[j] = 0.0
@@ -163,7 +189,7 @@ def sigmoid(z):
 
 
 @jit
-def _soft_task(x, r0, r1, c0, c1, sharp, k, soft, asum):
+def _soft_task(task, a, b, col_block, rows_per_chunk, sharp, k, part):
     """``R = sum sigmoid(sharp - k |x|)`` and ``A = sum |x|``.
 
     The sigmoid terms are summed in ``x``'s dtype over ``SOFT_FLUSH_ROWS``
@@ -172,6 +198,10 @@ def _soft_task(x, r0, r1, c0, c1, sharp, k, soft, asum):
     (measured 2x slower in float32). ``A`` goes through float64 per element
     (a sum of float32 values can overflow float32).
     """
+    m, ch, r0, r1, c0, c1 = _box(task, a.shape[0], a.shape[1], col_block, rows_per_chunk)
+    x = a if m == 0 else b
+    soft = part[m, ch, P_SOFT, c0:c1]
+    asum = part[m, ch, P_ABS, c0:c1]
     n = c1 - c0
     acc = np.empty(n, dtype=x.dtype)
     for j in range(n):
@@ -208,10 +238,13 @@ def _soft_task(x, r0, r1, c0, c1, sharp, k, soft, asum):
 
 
 @jit
-def _hard_task(x, r0, r1, c0, c1, thr, hard):
+def _hard_task(task, a, b, col_block, rows_per_chunk, thr, part):
     """``H = #{|x| < thr}`` (``thr`` float64 and the comparison exact: a float32
     threshold would be rounded (float32(0.01) < 0.01) and misclassify values
     between the two)."""
+    m, ch, r0, r1, c0, c1 = _box(task, a.shape[0], a.shape[1], col_block, rows_per_chunk)
+    x = a if m == 0 else b
+    hard = part[m, ch, P_HARD, c0:c1]
     n = c1 - c0
     for j in range(n):
         hard[j] = 0.0
@@ -222,7 +255,7 @@ def _hard_task(x, r0, r1, c0, c1, thr, hard):
 
 
 @jit
-def _peak_task(x, r0, r1, c0, c1, with_abs, pmax, parg, asum):
+def _peak_task(task, a, b, col_block, rows_per_chunk, with_abs, part, p_max, p_arg):
     """``M = max x`` with its first row (an int32 offset within the chunk), and
     ``A = sum |x|`` when ``with_abs``.
 
@@ -230,6 +263,11 @@ def _peak_task(x, r0, r1, c0, c1, with_abs, pmax, parg, asum):
     selects are branch-free, and int32 offsets keep the vector width of the
     float32 loop (int64 lanes would halve it).
     """
+    m, ch, r0, r1, c0, c1 = _box(task, a.shape[0], a.shape[1], col_block, rows_per_chunk)
+    x = a if m == 0 else b
+    pmax = p_max[m, ch, c0:c1]
+    parg = p_arg[m, ch, c0:c1]
+    asum = part[m, ch, P_ABS, c0:c1]
     n = c1 - c0
     first = x[r0, c0:c1]
     for j in range(n):
@@ -249,14 +287,6 @@ def _peak_task(x, r0, r1, c0, c1, with_abs, pmax, parg, asum):
         if with_abs:
             for j in range(n):
                 asum[j] += abs(np.float64(a0[j]))
-
-
-#: Rows of the ``part`` buffer of :func:`column_stats_grid` (per matrix).
-P_S1, P_S2, P_HARD, P_SOFT, P_ABS = 0, 1, 2, 3, 4
-N_PARTIALS = 5
-#: Rows of the ``stats`` output of :func:`column_stats` (per matrix).
-ST_MEAN, ST_VAR, ST_HARD, ST_SOFT, ST_MEAN_ABS, ST_PEAK, ST_RATIO = 0, 1, 2, 3, 4, 5, 6
-N_STATS = 7
 
 
 # --- combining the chunks (serial, in chunk order) -----------------------------------
@@ -312,32 +342,6 @@ def _combine_peak(rows_per_chunk, eps, p_max, p_arg, stats, argmax):
 
 # --- the task grid ---------------------------------------------------------------------
 
-@jit
-def _first_rows(a, b, n_mats):
-    """Shift of the variance sums: the first row of each matrix, exactly
-    (float64 holds F)."""
-    shift = np.empty((n_mats, a.shape[1]), dtype=np.float64)
-    for j in range(a.shape[1]):
-        shift[0, j] = a[0, j]
-        if n_mats == 2:
-            shift[1, j] = b[0, j]
-    return shift
-
-
-@jit
-def _box(task, n_rows, n_cols, col_block, rows_per_chunk):
-    """``(matrix, chunk, r0, r1, c0, c1)`` of task number ``task`` (tasks are
-    numbered matrix-major, then by row chunk, then by column block)."""
-    n_col_blocks = (n_cols + col_block - 1) // col_block
-    per_mat = ((n_rows + rows_per_chunk - 1) // rows_per_chunk) * n_col_blocks
-    m = task // per_mat
-    rest = task % per_mat
-    ch = rest // n_col_blocks
-    c0 = (rest % n_col_blocks) * col_block
-    r0 = ch * rows_per_chunk
-    return m, ch, r0, min(n_rows, r0 + rows_per_chunk), c0, min(n_cols, c0 + col_block)
-
-
 def _n_tasks(n_mats, n_rows, n_cols, col_block, rows_per_chunk):
     return (n_mats * -(-n_rows // rows_per_chunk) * -(-n_cols // col_block))
 
@@ -348,58 +352,43 @@ def _n_tasks(n_mats, n_rows, n_cols, col_block, rows_per_chunk):
 # one parallel loop over the tasks; the chunks are then combined serially.
 
 @parallel_jit
-def _variance_grid(a, b, n_mats, n_tasks, col_block, rows_per_chunk, part, stats):
-    n_rows, n_cols = a.shape
-    shift = _first_rows(a, b, n_mats)
+def _variance_grid(a, b, n_mats, n_tasks, col_block, rows_per_chunk, shift, part, stats):
     for task in prange(n_tasks):
-        m, ch, r0, r1, c0, c1 = _box(task, n_rows, n_cols, col_block, rows_per_chunk)
-        _var_task(a if m == 0 else b, r0, r1, c0, c1, shift[m],
-                  part[m, ch, P_S1, c0:c1], part[m, ch, P_S2, c0:c1])
+        _var_task(np.int64(task), a, b, col_block, rows_per_chunk, shift, part)
     for m in range(n_mats):
-        _combine_var(shift[m], n_rows, part[m], stats[m])
+        _combine_var(shift[m], a.shape[0], part[m], stats[m])
 
 
 @parallel_jit
 def _sparsity_grid(a, b, n_mats, n_tasks, sharpness, k, col_block, rows_per_chunk, part,
                    stats):
-    n_rows, n_cols = a.shape
     for task in prange(n_tasks):
-        m, ch, r0, r1, c0, c1 = _box(task, n_rows, n_cols, col_block, rows_per_chunk)
-        _soft_task(a if m == 0 else b, r0, r1, c0, c1, sharpness, k,
-                   part[m, ch, P_SOFT, c0:c1], part[m, ch, P_ABS, c0:c1])
+        _soft_task(np.int64(task), a, b, col_block, rows_per_chunk, sharpness, k, part)
     for m in range(n_mats):
-        _combine_mean(n_rows, part[m], P_SOFT, stats[m, ST_SOFT])
-        _combine_mean(n_rows, part[m], P_ABS, stats[m, ST_MEAN_ABS])
+        _combine_mean(a.shape[0], part[m], P_SOFT, stats[m, ST_SOFT])
+        _combine_mean(a.shape[0], part[m], P_ABS, stats[m, ST_MEAN_ABS])
 
 
 @parallel_jit
 def _peak_grid(a, b, n_mats, n_tasks, eps, col_block, rows_per_chunk, part, p_max, p_arg,
                stats, argmax):
-    n_rows, n_cols = a.shape
     for task in prange(n_tasks):
-        m, ch, r0, r1, c0, c1 = _box(task, n_rows, n_cols, col_block, rows_per_chunk)
-        _peak_task(a if m == 0 else b, r0, r1, c0, c1, True, p_max[m, ch, c0:c1],
-                   p_arg[m, ch, c0:c1], part[m, ch, P_ABS, c0:c1])
+        _peak_task(np.int64(task), a, b, col_block, rows_per_chunk, True, part, p_max, p_arg)
     for m in range(n_mats):
-        _combine_mean(n_rows, part[m], P_ABS, stats[m, ST_MEAN_ABS])
+        _combine_mean(a.shape[0], part[m], P_ABS, stats[m, ST_MEAN_ABS])
         _combine_peak(rows_per_chunk, eps, p_max[m], p_arg[m], stats[m], argmax[m])
 
 
 @parallel_jit
 def _all_grid(a, b, n_mats, n_tasks, threshold, sharpness, k, eps, col_block, rows_per_chunk,
-              part, p_max, p_arg, stats, argmax):
-    n_rows, n_cols = a.shape
-    shift = _first_rows(a, b, n_mats)
+              shift, part, p_max, p_arg, stats, argmax):
     for task in prange(n_tasks):
-        m, ch, r0, r1, c0, c1 = _box(task, n_rows, n_cols, col_block, rows_per_chunk)
-        x = a if m == 0 else b
-        _var_task(x, r0, r1, c0, c1, shift[m],
-                  part[m, ch, P_S1, c0:c1], part[m, ch, P_S2, c0:c1])
-        _hard_task(x, r0, r1, c0, c1, threshold, part[m, ch, P_HARD, c0:c1])
-        _soft_task(x, r0, r1, c0, c1, sharpness, k,
-                   part[m, ch, P_SOFT, c0:c1], part[m, ch, P_ABS, c0:c1])
-        _peak_task(x, r0, r1, c0, c1, False, p_max[m, ch, c0:c1], p_arg[m, ch, c0:c1],
-                   part[m, ch, P_ABS, c0:c1])
+        t = np.int64(task)
+        _var_task(t, a, b, col_block, rows_per_chunk, shift, part)
+        _hard_task(t, a, b, col_block, rows_per_chunk, threshold, part)
+        _soft_task(t, a, b, col_block, rows_per_chunk, sharpness, k, part)
+        _peak_task(t, a, b, col_block, rows_per_chunk, False, part, p_max, p_arg)
+    n_rows = a.shape[0]
     for m in range(n_mats):
         _combine_var(shift[m], n_rows, part[m], stats[m])
         _combine_mean(n_rows, part[m], P_HARD, stats[m, ST_HARD])
@@ -474,8 +463,13 @@ def column_stats_grid(a, b, n_mats, flags, threshold, sharpness, k, eps, col_blo
     """
     n_rows, n_cols = a.shape
     n_tasks = _n_tasks(n_mats, n_rows, n_cols, col_block, rows_per_chunk)
+    if flags & WANT_VARIANCE:
+        # Shift of the variance sums: the first row, exactly (float64 holds F).
+        shift = np.empty((n_mats, n_cols), np.float64)
+        shift[0] = a[0]
+        shift[n_mats - 1] = b[0] if n_mats == 2 else a[0]
     if flags == WANT_VARIANCE:
-        _variance_grid(a, b, n_mats, n_tasks, col_block, rows_per_chunk, part, stats)
+        _variance_grid(a, b, n_mats, n_tasks, col_block, rows_per_chunk, shift, part, stats)
     elif flags == WANT_SPARSITY:
         _sparsity_grid(a, b, n_mats, n_tasks, sharpness, k, col_block, rows_per_chunk,
                        part, stats)
@@ -484,7 +478,7 @@ def column_stats_grid(a, b, n_mats, flags, threshold, sharpness, k, eps, col_blo
                    p_max, p_arg, stats, argmax)
     else:
         _all_grid(a, b, n_mats, n_tasks, float(threshold), sharpness, k, float(eps),
-                  col_block, rows_per_chunk, part, p_max, p_arg, stats, argmax)
+                  col_block, rows_per_chunk, shift, part, p_max, p_arg, stats, argmax)
 
 
 # --- loss terms and gradient coefficients ----------------------------------------
@@ -493,9 +487,6 @@ def column_stats_grid(a, b, n_mats, flags, threshold, sharpness, k, eps, col_blo
 CF_A, CF_B, CF_C, CF_BOUND = 0, 1, 2, 3
 N_COEFS = 4
 
-# No fast-math: the coefficients are exactly the IEEE float64 expressions below
-# (no FMA contraction), whatever the device.
-@jit(fastmath=False)
 def coefficients(metric, stats, weight, eps, k, n_rows, sq, coef):
     """Per-column loss terms and gradient coefficients.
 
@@ -515,35 +506,66 @@ def coefficients(metric, stats, weight, eps, k, n_rows, sq, coef):
             (off the peak's row: ``|s_ij - mean_j| <= sqrt(B var_j)``,
             ``sigmoid' <= 1/4``, ``|sign| <= 1``).
     """
-    n_cols = sq.shape[0]
-    row = ST_VAR if metric == VARIANCE else (ST_SOFT if metric == SPARSITY else ST_RATIO)
-    scale = 2.0 * weight / n_cols
-    for j in range(n_cols):
-        diff = stats[1, row, j] - stats[0, row, j]
-        term = diff * diff
-        if metric != VARIANCE and not (np.isfinite(stats[0, ST_MEAN_ABS, j])
-                                       and np.isfinite(stats[1, ST_MEAN_ABS, j])):
-            term = np.nan
-        sq[j] = term
-        c = scale * diff
-        a = 0.0
-        cc = 0.0
-        if metric == VARIANCE:
-            a = stats[1, ST_MEAN, j]
-            b = c * (2.0 / n_rows)
-            bound = abs(b) * np.sqrt(n_rows * stats[1, ST_VAR, j])
-        elif metric == SPARSITY:
-            b = c * (-k / n_rows)
-            bound = 0.25 * abs(b)
-        else:
-            d = stats[1, ST_MEAN_ABS, j] + eps
-            b = -c * stats[1, ST_PEAK, j] / (n_rows * d * d)
-            cc = c / d
-            bound = abs(b)
-        coef[CF_A, j] = a
+    if metric == VARIANCE:
+        _coef_variance(stats, float(weight), int(n_rows), sq, coef)
+    elif metric == SPARSITY:
+        _coef_sparsity(stats, float(weight), float(k), int(n_rows), sq, coef)
+    else:
+        _coef_peak(stats, float(weight), float(eps), int(n_rows), sq, coef)
+
+
+# One function per metric (a call compiles its own metric's only). No
+# fast-math: the coefficients are exactly the IEEE float64 expressions below
+# (no FMA contraction), whatever the device.
+
+@jit(fastmath=False)
+def _coef_variance(stats, weight, n_rows, sq, coef):
+    scale = 2.0 * weight / sq.shape[0]
+    for j in range(sq.shape[0]):
+        diff = stats[1, ST_VAR, j] - stats[0, ST_VAR, j]
+        sq[j] = diff * diff
+        b = (scale * diff) * (2.0 / n_rows)
+        coef[CF_A, j] = stats[1, ST_MEAN, j]
         coef[CF_B, j] = b
-        coef[CF_C, j] = cc
-        coef[CF_BOUND, j] = bound
+        coef[CF_C, j] = 0.0
+        coef[CF_BOUND, j] = abs(b) * np.sqrt(n_rows * stats[1, ST_VAR, j])
+
+
+@jit(fastmath=False)
+def _finite_sq(stats, row, j):
+    """``(sel_s - sel_t)_j**2`` and the difference; the square is NaN where a
+    mean magnitude is not finite (inf/NaN input that the sigmoid or the
+    maximum hide)."""
+    diff = stats[1, row, j] - stats[0, row, j]
+    if np.isfinite(stats[0, ST_MEAN_ABS, j]) and np.isfinite(stats[1, ST_MEAN_ABS, j]):
+        return diff * diff, diff
+    return np.nan, diff
+
+
+@jit(fastmath=False)
+def _coef_sparsity(stats, weight, k, n_rows, sq, coef):
+    scale = 2.0 * weight / sq.shape[0]
+    for j in range(sq.shape[0]):
+        sq[j], diff = _finite_sq(stats, ST_SOFT, j)
+        b = (scale * diff) * (-k / n_rows)
+        coef[CF_A, j] = 0.0
+        coef[CF_B, j] = b
+        coef[CF_C, j] = 0.0
+        coef[CF_BOUND, j] = 0.25 * abs(b)
+
+
+@jit(fastmath=False)
+def _coef_peak(stats, weight, eps, n_rows, sq, coef):
+    scale = 2.0 * weight / sq.shape[0]
+    for j in range(sq.shape[0]):
+        sq[j], diff = _finite_sq(stats, ST_RATIO, j)
+        c = scale * diff
+        d = stats[1, ST_MEAN_ABS, j] + eps
+        b = -c * stats[1, ST_PEAK, j] / (n_rows * d * d)
+        coef[CF_A, j] = 0.0
+        coef[CF_B, j] = b
+        coef[CF_C, j] = c / d
+        coef[CF_BOUND, j] = abs(b)
 
 
 def gradient_rows(x, metric, sharpness, k, coef, argmax, grad, flag):
