@@ -189,6 +189,15 @@ def sigmoid(z):
 
 
 @jit
+def _abs_rows4(r0, r1, r2, r3, asum):
+    """``asum += |r0| + |r1| + |r2| + |r3|`` (float64 before adding: a sum of
+    float32 values can overflow float32)."""
+    for j in range(r0.shape[0]):
+        asum[j] += ((abs(np.float64(r0[j])) + abs(np.float64(r1[j])))
+                    + (abs(np.float64(r2[j])) + abs(np.float64(r3[j]))))
+
+
+@jit
 def _soft_task(task, a, b, col_block, rows_per_chunk, sharp, k, part):
     """``R = sum sigmoid(sharp - k |x|)`` and ``A = sum |x|``.
 
@@ -214,15 +223,11 @@ def _soft_task(task, a, b, col_block, rows_per_chunk, sharp, k, part):
         a1 = x[i + 1, c0:c1]
         a2 = x[i + 2, c0:c1]
         a3 = x[i + 3, c0:c1]
+        # Two loops: a float64 operation in the first would set its vector width.
         for j in range(n):
-            v0 = a0[j]
-            v1 = a1[j]
-            v2 = a2[j]
-            v3 = a3[j]
-            acc[j] += ((sigmoid(sharp - k * abs(v0)) + sigmoid(sharp - k * abs(v1)))
-                       + (sigmoid(sharp - k * abs(v2)) + sigmoid(sharp - k * abs(v3))))
-            asum[j] += ((abs(np.float64(v0)) + abs(np.float64(v1)))
-                        + (abs(np.float64(v2)) + abs(np.float64(v3))))
+            acc[j] += ((sigmoid(sharp - k * abs(a0[j])) + sigmoid(sharp - k * abs(a1[j])))
+                       + (sigmoid(sharp - k * abs(a2[j])) + sigmoid(sharp - k * abs(a3[j]))))
+        _abs_rows4(a0, a1, a2, a3, asum)
         i += 4
         if (i - r0) % SOFT_FLUSH_ROWS == 0:
             for j in range(n):
@@ -232,6 +237,7 @@ def _soft_task(task, a, b, col_block, rows_per_chunk, sharp, k, part):
         a0 = x[i, c0:c1]
         for j in range(n):
             acc[j] += sigmoid(sharp - k * abs(a0[j]))
+        for j in range(n):
             asum[j] += abs(np.float64(a0[j]))
     for j in range(n):
         soft[j] += acc[j]
@@ -276,7 +282,38 @@ def _peak_task(task, a, b, col_block, rows_per_chunk, with_abs, part, p_max, p_a
     if with_abs:
         for j in range(n):
             asum[j] = 0.0
-    for i in range(r0, r1):
+    i = r0
+    while i + 4 <= r1:
+        a0 = x[i, c0:c1]
+        a1 = x[i + 1, c0:c1]
+        a2 = x[i + 2, c0:c1]
+        a3 = x[i + 3, c0:c1]
+        off = np.int32(i - r0)
+        for j in range(n):
+            m = pmax[j]
+            a = parg[j]
+            v = a0[j]
+            t = v > m
+            m = v if t else m
+            a = off if t else a
+            v = a1[j]
+            t = v > m
+            m = v if t else m
+            a = off + np.int32(1) if t else a
+            v = a2[j]
+            t = v > m
+            m = v if t else m
+            a = off + np.int32(2) if t else a
+            v = a3[j]
+            t = v > m
+            m = v if t else m
+            a = off + np.int32(3) if t else a
+            pmax[j] = m
+            parg[j] = a
+        if with_abs:
+            _abs_rows4(a0, a1, a2, a3, asum)
+        i += 4
+    for i in range(i, r1):
         a0 = x[i, c0:c1]
         off = np.int32(i - r0)
         for j in range(n):
