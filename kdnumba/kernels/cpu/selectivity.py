@@ -127,7 +127,9 @@ ST_MEAN, ST_VAR, ST_HARD, ST_SOFT, ST_MEAN_ABS, ST_PEAK, ST_RATIO = 0, 1, 2, 3, 
 N_STATS = 7
 
 
-@jit
+# Inlined into the Numba IR of each task (``inline="always"``): four copies of
+# seven integer operations type faster than a function compiled on its own.
+@jit(inline="always")
 def _box(task, n_rows, n_cols, col_block, rows_per_chunk):
     """``(matrix, chunk, r0, r1, c0, c1)`` of task number ``task`` (tasks are
     numbered matrix-major, then by row chunk, then by column block)."""
@@ -198,21 +200,22 @@ def _abs_rows4(r0, r1, r2, r3, asum):
 
 
 @jit
-def _soft_task(task, a, b, col_block, rows_per_chunk, sharp, k, part):
+def _soft_task(task, a, b, col_block, rows_per_chunk, sharp, k, part, acc_all):
     """``R = sum sigmoid(sharp - k |x|)`` and ``A = sum |x|``.
 
     The sigmoid terms are summed in ``x``'s dtype over ``SOFT_FLUSH_ROWS``
     rows, then added to the float64 ``soft``: with a float64 accumulator LLVM
     would run the whole loop, exp included, at the float64 vector width
     (measured 2x slower in float32). ``A`` goes through float64 per element
-    (a sum of float32 values can overflow float32).
+    (a sum of float32 values can overflow float32). ``acc_all``: ``(tasks,
+    col_block)`` scratch in ``x``'s dtype, one row per task.
     """
     m, ch, r0, r1, c0, c1 = _box(task, a.shape[0], a.shape[1], col_block, rows_per_chunk)
     x = a if m == 0 else b
     soft = part[m, ch, P_SOFT, c0:c1]
     asum = part[m, ch, P_ABS, c0:c1]
     n = c1 - c0
-    acc = np.empty(n, dtype=x.dtype)
+    acc = acc_all[task, :n]
     for j in range(n):
         soft[j] = 0.0
         asum[j] = 0.0
@@ -351,13 +354,15 @@ def _combine_var(shift, n_rows, part, stats):
 
 
 @jit(fastmath=False)
-def _combine_mean(n_rows, part, p, out):
-    """``out = sum_ch part[ch, p] / B`` in chunk order."""
+def _combine_mean(n_rows, part, out):
+    """``out = sum_ch part[ch] / B`` in chunk order (``part``: ``(C, N)``, one
+    partial's row of every chunk; not a literal row number, which Numba would
+    compile a function for each of)."""
     b = np.float64(n_rows)
-    for j in range(part.shape[2]):
+    for j in range(part.shape[1]):
         total = 0.0
         for ch in range(part.shape[0]):
-            total += part[ch, p, j]
+            total += part[ch, j]
         out[j] = total / b
 
 
@@ -379,6 +384,12 @@ def _combine_peak(rows_per_chunk, eps, p_max, p_arg, stats, argmax):
 
 # --- the task grid ---------------------------------------------------------------------
 
+def _soft_scratch(n_tasks, col_block, dtype):
+    """Each task's row of relaxed-sparsity terms in ``dtype``
+    (:func:`_soft_task`)."""
+    return np.empty((n_tasks, col_block), dtype)
+
+
 def _n_tasks(n_mats, n_rows, n_cols, col_block, rows_per_chunk):
     return (n_mats * -(-n_rows // rows_per_chunk) * -(-n_cols // col_block))
 
@@ -397,13 +408,14 @@ def _variance_grid(a, b, n_mats, n_tasks, col_block, rows_per_chunk, shift, part
 
 
 @parallel_jit
-def _sparsity_grid(a, b, n_mats, n_tasks, sharpness, k, col_block, rows_per_chunk, part,
+def _sparsity_grid(a, b, n_mats, n_tasks, sharpness, k, col_block, rows_per_chunk, part, acc,
                    stats):
     for task in prange(n_tasks):
-        _soft_task(np.int64(task), a, b, col_block, rows_per_chunk, sharpness, k, part)
+        _soft_task(np.int64(task), a, b, col_block, rows_per_chunk, sharpness, k, part,
+                   acc)
     for m in range(n_mats):
-        _combine_mean(a.shape[0], part[m], P_SOFT, stats[m, ST_SOFT])
-        _combine_mean(a.shape[0], part[m], P_ABS, stats[m, ST_MEAN_ABS])
+        _combine_mean(a.shape[0], part[m, :, P_SOFT], stats[m, ST_SOFT])
+        _combine_mean(a.shape[0], part[m, :, P_ABS], stats[m, ST_MEAN_ABS])
 
 
 @parallel_jit
@@ -412,25 +424,25 @@ def _peak_grid(a, b, n_mats, n_tasks, eps, col_block, rows_per_chunk, part, p_ma
     for task in prange(n_tasks):
         _peak_task(np.int64(task), a, b, col_block, rows_per_chunk, True, part, p_max, p_arg)
     for m in range(n_mats):
-        _combine_mean(a.shape[0], part[m], P_ABS, stats[m, ST_MEAN_ABS])
+        _combine_mean(a.shape[0], part[m, :, P_ABS], stats[m, ST_MEAN_ABS])
         _combine_peak(rows_per_chunk, eps, p_max[m], p_arg[m], stats[m], argmax[m])
 
 
 @parallel_jit
 def _all_grid(a, b, n_mats, n_tasks, threshold, sharpness, k, eps, col_block, rows_per_chunk,
-              shift, part, p_max, p_arg, stats, argmax):
+              shift, part, acc, p_max, p_arg, stats, argmax):
     for task in prange(n_tasks):
         t = np.int64(task)
         _var_task(t, a, b, col_block, rows_per_chunk, shift, part)
         _hard_task(t, a, b, col_block, rows_per_chunk, threshold, part)
-        _soft_task(t, a, b, col_block, rows_per_chunk, sharpness, k, part)
+        _soft_task(t, a, b, col_block, rows_per_chunk, sharpness, k, part, acc)
         _peak_task(t, a, b, col_block, rows_per_chunk, False, part, p_max, p_arg)
     n_rows = a.shape[0]
     for m in range(n_mats):
         _combine_var(shift[m], n_rows, part[m], stats[m])
-        _combine_mean(n_rows, part[m], P_HARD, stats[m, ST_HARD])
-        _combine_mean(n_rows, part[m], P_SOFT, stats[m, ST_SOFT])
-        _combine_mean(n_rows, part[m], P_ABS, stats[m, ST_MEAN_ABS])
+        _combine_mean(n_rows, part[m, :, P_HARD], stats[m, ST_HARD])
+        _combine_mean(n_rows, part[m, :, P_SOFT], stats[m, ST_SOFT])
+        _combine_mean(n_rows, part[m, :, P_ABS], stats[m, ST_MEAN_ABS])
         _combine_peak(rows_per_chunk, eps, p_max[m], p_arg[m], stats[m], argmax[m])
 
 
@@ -509,13 +521,14 @@ def column_stats_grid(a, b, n_mats, flags, threshold, sharpness, k, eps, col_blo
         _variance_grid(a, b, n_mats, n_tasks, col_block, rows_per_chunk, shift, part, stats)
     elif flags == WANT_SPARSITY:
         _sparsity_grid(a, b, n_mats, n_tasks, sharpness, k, col_block, rows_per_chunk,
-                       part, stats)
+                       part, _soft_scratch(n_tasks, col_block, a.dtype), stats)
     elif flags == WANT_PEAK:
         _peak_grid(a, b, n_mats, n_tasks, float(eps), col_block, rows_per_chunk, part,
                    p_max, p_arg, stats, argmax)
     else:
         _all_grid(a, b, n_mats, n_tasks, float(threshold), sharpness, k, float(eps),
-                  col_block, rows_per_chunk, shift, part, p_max, p_arg, stats, argmax)
+                  col_block, rows_per_chunk, shift, part, _soft_scratch(n_tasks, col_block, a.dtype),
+                  p_max, p_arg, stats, argmax)
 
 
 # --- loss terms and gradient coefficients ----------------------------------------
