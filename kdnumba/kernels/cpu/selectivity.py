@@ -46,6 +46,12 @@ a function of the element itself (``d stat_j / d x_ij`` depends on column
 pass; the peak-to-average metric then adds one extra term per column at the
 row of the column maximum.
 
+Compilation is per metric: each of the loss's three metrics has its own
+statistics kernel, coefficient function and gradient kernel, so a call
+compiles only its metric's code (``selectivity_statistics`` has one kernel
+with every statistic); :func:`column_stats_grid`, :func:`coefficients` and
+:func:`gradient_rows` are Python launchers choosing among them.
+
 The launch functions -- :func:`column_stats`, :func:`coefficients`,
 :func:`gradient_rows` -- are the interface shared with
 ``kernels.cuda.selectivity`` (same names, arguments and output
@@ -538,8 +544,8 @@ def column_stats_grid(a, b, n_mats, flags, threshold, sharpness, k, eps, col_blo
                    p_max, p_arg, stats, argmax)
     else:
         _all_grid(a, b, n_mats, n_tasks, float(threshold), sharpness, k, float(eps),
-                  col_block, rows_per_chunk, shift, part, _soft_scratch(n_tasks, col_block, a.dtype),
-                  p_max, p_arg, stats, argmax)
+                  col_block, rows_per_chunk, shift, part,
+                  _soft_scratch(n_tasks, col_block, a.dtype), p_max, p_arg, stats, argmax)
 
 
 # --- loss terms and gradient coefficients ----------------------------------------
