@@ -48,8 +48,8 @@ row of the column maximum.
 
 Compilation is per metric: each of the loss's three metrics has its own
 statistics kernel, coefficient function and gradient kernel, so a call
-compiles only its metric's code (``selectivity_statistics`` has one kernel
-with every statistic); :func:`column_stats_grid`, :func:`coefficients` and
+compiles only its metric's code (``selectivity_statistics`` runs the three
+and a hard-count kernel); :func:`column_stats_grid`, :func:`coefficients` and
 :func:`gradient_rows` are Python launchers choosing among them.
 
 The launch functions -- :func:`column_stats`, :func:`coefficients`,
@@ -272,9 +272,9 @@ def _hard_task(task, a, b, col_block, rows_per_chunk, thr, part):
 
 
 @jit(inline="always")
-def _peak_task(task, a, b, col_block, rows_per_chunk, with_abs, part, p_max, p_arg):
+def _peak_task(task, a, b, col_block, rows_per_chunk, part, p_max, p_arg):
     """``M = max x`` with its first row (an int32 offset within the chunk), and
-    ``A = sum |x|`` when ``with_abs``.
+    ``A = sum |x|``.
 
     Strict ``>`` in row order keeps the first maximal row (the tie rule); the
     selects are branch-free, and int32 offsets keep the vector width of the
@@ -290,9 +290,8 @@ def _peak_task(task, a, b, col_block, rows_per_chunk, with_abs, part, p_max, p_a
     for j in range(n):
         pmax[j] = first[j]
         parg[j] = 0
-    if with_abs:
-        for j in range(n):
-            asum[j] = 0.0
+    for j in range(n):
+        asum[j] = 0.0
     i = r0
     while i + 4 <= r1:
         a0 = x[i, c0:c1]
@@ -321,8 +320,7 @@ def _peak_task(task, a, b, col_block, rows_per_chunk, with_abs, part, p_max, p_a
             a = off + np.int32(3) if t else a
             pmax[j] = m
             parg[j] = a
-        if with_abs:
-            _abs_rows4(a0, a1, a2, a3, asum)
+        _abs_rows4(a0, a1, a2, a3, asum)
         i += 4
     for i in range(i, r1):
         a0 = x[i, c0:c1]
@@ -332,9 +330,8 @@ def _peak_task(task, a, b, col_block, rows_per_chunk, with_abs, part, p_max, p_a
             t = v > pmax[j]
             pmax[j] = v if t else pmax[j]
             parg[j] = off if t else parg[j]
-        if with_abs:
-            for j in range(n):
-                asum[j] += abs(np.float64(a0[j]))
+        for j in range(n):
+            asum[j] += abs(np.float64(a0[j]))
 
 
 # --- combining the chunks (serial, in chunk order) -----------------------------------
@@ -403,9 +400,9 @@ def _n_tasks(n_mats, n_rows, n_cols, col_block, rows_per_chunk):
 
 
 # One kernel per statistic the loss matches, so that a call compiles only the
-# code of its own metric, and one with every statistic for
-# :func:`column_stats`'s other flag sets (``selectivity_statistics``). Each has
-# one parallel loop over the tasks; the chunks are then combined serially.
+# code of its own metric, and one for the hard count (``selectivity_statistics``
+# runs all four). Each has one parallel loop over the tasks; the chunks are
+# then combined serially.
 
 @parallel_jit
 def _variance_grid(a, b, n_mats, n_tasks, col_block, rows_per_chunk, shift, part, stats):
@@ -430,37 +427,18 @@ def _sparsity_grid(a, b, n_mats, n_tasks, sharpness, k, col_block, rows_per_chun
 def _peak_grid(a, b, n_mats, n_tasks, eps, col_block, rows_per_chunk, part, p_max, p_arg,
                stats, argmax):
     for task in prange(n_tasks):
-        _peak_task(np.int64(task), a, b, col_block, rows_per_chunk, True, part, p_max, p_arg)
+        _peak_task(np.int64(task), a, b, col_block, rows_per_chunk, part, p_max, p_arg)
     for m in range(n_mats):
         _combine_mean(a.shape[0], part[m, :, P_ABS], stats[m, ST_MEAN_ABS])
         _combine_peak(rows_per_chunk, eps, p_max[m], p_arg[m], stats[m], argmax[m])
 
 
-@jit
-def _all_tasks(task, a, b, threshold, sharpness, k, col_block, rows_per_chunk, shift, part, acc,
-               p_max, p_arg):
-    """Every statistic's partials of one task. The tasks are inlined here, in
-    a serial function, rather than in :func:`_all_grid`'s parallel loop (a
-    large parallel-loop body compiles slower: measured 10-11 s against 8 s)."""
-    _var_task(task, a, b, col_block, rows_per_chunk, shift, part)
-    _hard_task(task, a, b, col_block, rows_per_chunk, threshold, part)
-    _soft_task(task, a, b, col_block, rows_per_chunk, sharpness, k, part, acc)
-    _peak_task(task, a, b, col_block, rows_per_chunk, False, part, p_max, p_arg)
-
-
 @parallel_jit
-def _all_grid(a, b, n_mats, n_tasks, threshold, sharpness, k, eps, col_block, rows_per_chunk,
-              shift, part, acc, p_max, p_arg, stats, argmax):
+def _hard_grid(a, b, n_mats, n_tasks, threshold, col_block, rows_per_chunk, part, stats):
     for task in prange(n_tasks):
-        _all_tasks(np.int64(task), a, b, threshold, sharpness, k, col_block, rows_per_chunk,
-                   shift, part, acc, p_max, p_arg)
-    n_rows = a.shape[0]
+        _hard_task(np.int64(task), a, b, col_block, rows_per_chunk, threshold, part)
     for m in range(n_mats):
-        _combine_var(shift[m], n_rows, part[m], stats[m])
-        _combine_mean(n_rows, part[m, :, P_HARD], stats[m, ST_HARD])
-        _combine_mean(n_rows, part[m, :, P_SOFT], stats[m, ST_SOFT])
-        _combine_mean(n_rows, part[m, :, P_ABS], stats[m, ST_MEAN_ABS])
-        _combine_peak(rows_per_chunk, eps, p_max[m], p_arg[m], stats[m], argmax[m])
+        _combine_mean(a.shape[0], part[m, :, P_HARD], stats[m, ST_HARD])
 
 
 def column_stats(a, b, n_mats, flags, threshold, sharpness, k, eps, stats, argmax):
@@ -510,8 +488,8 @@ def column_stats_grid(a, b, n_mats, flags, threshold, sharpness, k, eps, col_blo
 
     The rows ``flags`` asks for are written (possibly more): one statistic
     alone (``WANT_VARIANCE``, ``WANT_SPARSITY`` or ``WANT_PEAK``, the loss's
-    three metrics) runs a kernel of its own, any other set the kernel that
-    computes them all.
+    three metrics) runs a kernel of its own, any other set all of them and
+    the hard count's.
 
     Parameters (``F`` is the dtype of ``a``):
         a, b: ``(B, N)`` F, C-contiguous (``b`` is ignored when ``n_mats == 1``).
@@ -543,9 +521,18 @@ def column_stats_grid(a, b, n_mats, flags, threshold, sharpness, k, eps, col_blo
         _peak_grid(a, b, n_mats, n_tasks, float(eps), col_block, rows_per_chunk, part,
                    p_max, p_arg, stats, argmax)
     else:
-        _all_grid(a, b, n_mats, n_tasks, float(threshold), sharpness, k, float(eps),
-                  col_block, rows_per_chunk, shift, part,
-                  _soft_scratch(n_tasks, col_block, a.dtype), p_max, p_arg, stats, argmax)
+        # Every statistic (selectivity_statistics): the three loss kernels and
+        # the hard count's, one pass each. The same run time as one kernel
+        # computing them all (the sigmoid dominates), and a process that also
+        # calls the loss compiles one kernel more instead of a fifth large one.
+        # ``ST_MEAN_ABS`` is written twice with the same bits (same order).
+        _variance_grid(a, b, n_mats, n_tasks, col_block, rows_per_chunk, shift, part, stats)
+        _sparsity_grid(a, b, n_mats, n_tasks, sharpness, k, col_block, rows_per_chunk,
+                       part, _soft_scratch(n_tasks, col_block, a.dtype), stats)
+        _peak_grid(a, b, n_mats, n_tasks, float(eps), col_block, rows_per_chunk, part,
+                   p_max, p_arg, stats, argmax)
+        _hard_grid(a, b, n_mats, n_tasks, float(threshold), col_block, rows_per_chunk, part,
+                   stats)
 
 
 # --- loss terms and gradient coefficients ----------------------------------------
