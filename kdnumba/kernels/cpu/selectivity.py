@@ -46,6 +46,12 @@ a function of the element itself (``d stat_j / d x_ij`` depends on column
 pass; the peak-to-average metric then adds one extra term per column at the
 row of the column maximum.
 
+Compilation is per metric: each of the loss's three metrics has its own
+statistics kernel, coefficient function and gradient kernel, so a call
+compiles only its metric's code (``selectivity_statistics`` runs the three
+and a hard-count kernel); :func:`column_stats_grid`, :func:`coefficients` and
+:func:`gradient_rows` are Python launchers choosing among them.
+
 The launch functions -- :func:`column_stats`, :func:`coefficients`,
 :func:`gradient_rows` -- are the interface shared with
 ``kernels.cuda.selectivity`` (same names, arguments and output
@@ -109,29 +115,75 @@ def n_chunks(n_rows: int, rows_per_chunk: int) -> int:
     return -(-n_rows // rows_per_chunk)
 
 
-# --- accumulation of one group of rows into per-column partials ----------------
-# ``r*`` are row segments (views of one row, columns [c0, c1)); all other arrays
-# are the matching segments of per-column buffers. Loops run over
-# ``range(len)`` from 0 so LLVM sees contiguous, non-negative indices.
+# --- one task's partials -----------------------------------------------------------
+# Each ``*_task`` (inlined into its caller's Numba IR: a task compiled as a
+# library of its own is optimised by LLVM twice, alone and again inlined into
+# the parallel kernel) walks rows ``[r0, r1)`` x columns ``[c0, c1)`` of ``x`` and
+# writes one statistic's partials into the row segments it is given (views of
+# columns ``[c0, c1)`` of this chunk's slot; C-contiguous). Rows are taken four
+# at a time, then one at a time for the rest of the chunk. The inner loops run
+# over ``range(len)`` of contiguous row views, so LLVM sees contiguous,
+# non-negative indices and vectorises across columns. Buffers are filled by
+# loops, never by array-to-array slice assignment (whose shape check costs
+# seconds of compilation).
 
-@jit
-def _var_rows4(r0, r1, r2, r3, shift, s1, s2):
-    for j in range(r0.shape[0]):
-        c = shift[j]
-        d0 = r0[j] - c
-        d1 = r1[j] - c
-        d2 = r2[j] - c
-        d3 = r3[j] - c
-        s1[j] += (d0 + d1) + (d2 + d3)
-        s2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+#: Rows of the ``part`` buffer of :func:`column_stats_grid` (per matrix).
+P_S1, P_S2, P_HARD, P_SOFT, P_ABS = 0, 1, 2, 3, 4
+N_PARTIALS = 5
+#: Rows of the ``stats`` output of :func:`column_stats` (per matrix).
+ST_MEAN, ST_VAR, ST_HARD, ST_SOFT, ST_MEAN_ABS, ST_PEAK, ST_RATIO = 0, 1, 2, 3, 4, 5, 6
+N_STATS = 7
 
 
-@jit
-def _var_row(r0, shift, s1, s2):
-    for j in range(r0.shape[0]):
-        d0 = r0[j] - shift[j]
-        s1[j] += d0
-        s2[j] += d0 * d0
+# Inlined into the Numba IR of each task (``inline="always"``): four copies of
+# seven integer operations type faster than a function compiled on its own.
+@jit(inline="always")
+def _box(task, n_rows, n_cols, col_block, rows_per_chunk):
+    """``(matrix, chunk, r0, r1, c0, c1)`` of task number ``task`` (tasks are
+    numbered matrix-major, then by row chunk, then by column block)."""
+    n_col_blocks = (n_cols + col_block - 1) // col_block
+    per_mat = ((n_rows + rows_per_chunk - 1) // rows_per_chunk) * n_col_blocks
+    m = task // per_mat
+    rest = task % per_mat
+    ch = rest // n_col_blocks
+    c0 = (rest % n_col_blocks) * col_block
+    r0 = ch * rows_per_chunk
+    return m, ch, r0, min(n_rows, r0 + rows_per_chunk), c0, min(n_cols, c0 + col_block)
+
+
+@jit(inline="always")
+def _var_task(task, a, b, col_block, rows_per_chunk, shift, part):
+    """``S1 = sum d``, ``S2 = sum d**2`` with ``d = x - shift``."""
+    m, ch, r0, r1, c0, c1 = _box(task, a.shape[0], a.shape[1], col_block, rows_per_chunk)
+    x = a if m == 0 else b
+    sh = shift[m, c0:c1]
+    s1 = part[m, ch, P_S1, c0:c1]
+    s2 = part[m, ch, P_S2, c0:c1]
+    n = sh.shape[0]
+    for j in range(n):
+        s1[j] = 0.0
+        s2[j] = 0.0
+    i = r0
+    while i + 4 <= r1:
+        a0 = x[i, c0:c1]
+        a1 = x[i + 1, c0:c1]
+        a2 = x[i + 2, c0:c1]
+        a3 = x[i + 3, c0:c1]
+        for j in range(n):
+            c = sh[j]
+            d0 = a0[j] - c
+            d1 = a1[j] - c
+            d2 = a2[j] - c
+            d3 = a3[j] - c
+            s1[j] += (d0 + d1) + (d2 + d3)
+            s2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        i += 4
+    for i in range(i, r1):
+        a0 = x[i, c0:c1]
+        for j in range(n):
+            d0 = a0[j] - sh[j]
+            s1[j] += d0
+            s2[j] += d0 * d0
 
 
 @jit
@@ -147,232 +199,246 @@ def sigmoid(z):
 
 
 @jit
-def _soft(v, sharp, k):
-    return sigmoid(sharp - k * abs(v))
-
-
-@jit
-def _soft_rows4(r0, r1, r2, r3, sharp, k, acc):
-    # ``acc`` has the rows' dtype: with a float64 accumulator LLVM would run
-    # the whole loop, exp included, at the float64 vector width (measured 2x
-    # slower in float32). The caller flushes ``acc`` into float64 often.
-    for j in range(r0.shape[0]):
-        acc[j] += ((_soft(r0[j], sharp, k) + _soft(r1[j], sharp, k))
-                   + (_soft(r2[j], sharp, k) + _soft(r3[j], sharp, k)))
-
-
-@jit
-def _soft_row(r0, sharp, k, acc):
-    for j in range(r0.shape[0]):
-        acc[j] += _soft(r0[j], sharp, k)
-
-
-@jit
-def _flush(acc, total):
-    for j in range(acc.shape[0]):
-        total[j] += acc[j]
-        acc[j] = 0
-
-
-# ``thr`` is float64 and the comparison exact: a float32 threshold would be
-# rounded (float32(0.01) < 0.01) and misclassify values between the two.
-@jit
-def _below(v, thr):
-    return np.float64(abs(np.float64(v)) < thr)
-
-
-@jit
-def _hard_rows4(r0, r1, r2, r3, thr, hard):
-    for j in range(r0.shape[0]):
-        hard[j] += ((_below(r0[j], thr) + _below(r1[j], thr))
-                    + (_below(r2[j], thr) + _below(r3[j], thr)))
-
-
-@jit
-def _hard_row(r0, thr, hard):
-    for j in range(r0.shape[0]):
-        hard[j] += _below(r0[j], thr)
-
-
-@jit
 def _abs_rows4(r0, r1, r2, r3, asum):
-    # float64 before adding: a sum of float32 maxima would overflow float32.
+    """``asum += |r0| + |r1| + |r2| + |r3|`` (float64 before adding: a sum of
+    float32 values can overflow float32)."""
     for j in range(r0.shape[0]):
         asum[j] += ((abs(np.float64(r0[j])) + abs(np.float64(r1[j])))
                     + (abs(np.float64(r2[j])) + abs(np.float64(r3[j]))))
 
 
-@jit
-def _abs_row(r0, asum):
-    for j in range(r0.shape[0]):
-        asum[j] += abs(np.float64(r0[j]))
+@jit(inline="always")
+def _soft_task(task, a, b, col_block, rows_per_chunk, sharp, k, part, acc_all):
+    """``R = sum sigmoid(sharp - k |x|)`` and ``A = sum |x|``.
 
-
-@jit
-def _peak_rows4(r0, r1, r2, r3, i0, pmax, parg):
-    # Strict ``>`` in row order keeps the first maximal row (the tie rule).
-    # ``parg`` and ``i0`` are int32 offsets within the chunk: int64 lanes
-    # would halve the vector width of the whole loop.
-    for j in range(r0.shape[0]):
-        m = pmax[j]
-        a = parg[j]
-        v = r0[j]
-        t = v > m
-        m = v if t else m
-        a = i0 if t else a
-        v = r1[j]
-        t = v > m
-        m = v if t else m
-        a = i0 + np.int32(1) if t else a
-        v = r2[j]
-        t = v > m
-        m = v if t else m
-        a = i0 + np.int32(2) if t else a
-        v = r3[j]
-        t = v > m
-        m = v if t else m
-        a = i0 + np.int32(3) if t else a
-        pmax[j] = m
-        parg[j] = a
-
-
-@jit
-def _peak_row(r0, i0, pmax, parg):
-    for j in range(r0.shape[0]):
-        v = r0[j]
-        if v > pmax[j]:
-            pmax[j] = v
-            parg[j] = i0
-
-
-#: Rows of the ``part`` buffer of :func:`column_stats_grid` (per matrix).
-P_S1, P_S2, P_HARD, P_SOFT, P_ABS = 0, 1, 2, 3, 4
-N_PARTIALS = 5
-#: Rows of the ``stats`` output of :func:`column_stats` (per matrix).
-ST_MEAN, ST_VAR, ST_HARD, ST_SOFT, ST_MEAN_ABS, ST_PEAK, ST_RATIO = 0, 1, 2, 3, 4, 5, 6
-N_STATS = 7
-
-
-@jit
-def _task(x, flags, threshold, sharpness, k, r0, r1, c0, c1, shift, part, p_max, p_arg):
-    """Partials of rows ``[r0, r1)`` x columns ``[c0, c1)`` of ``x``.
-
-    ``part`` (``(N_PARTIALS, N)``), ``p_max`` and ``p_arg`` (``(N,)``) are this
-    chunk's slots, ``shift`` the matrix's first row; all C-contiguous, so the
-    row segments below are contiguous vectors for LLVM.
+    The sigmoid terms are summed in ``x``'s dtype over ``SOFT_FLUSH_ROWS``
+    rows, then added to the float64 ``soft``: with a float64 accumulator LLVM
+    would run the whole loop, exp included, at the float64 vector width
+    (measured 2x slower in float32). ``A`` goes through float64 per element
+    (a sum of float32 values can overflow float32). ``acc_all``: ``(tasks,
+    col_block)`` scratch in ``x``'s dtype, one row per task.
     """
-    want_var = (flags & WANT_VARIANCE) != 0
-    want_sparsity = (flags & WANT_SPARSITY) != 0
-    want_peak = (flags & WANT_PEAK) != 0
-    want_hard = (flags & WANT_HARD) != 0
-    want_abs = want_sparsity or want_peak
-    # Buffers are full-size (unused ones are never written, so their pages
-    # are never touched): the views below are always valid.
-    s1 = part[P_S1, c0:c1]
-    s2 = part[P_S2, c0:c1]
-    hard = part[P_HARD, c0:c1]
-    soft = part[P_SOFT, c0:c1]
-    asum = part[P_ABS, c0:c1]
-    sh = shift[c0:c1]
-    pmax = p_max[c0:c1]
-    parg = p_arg[c0:c1]
-    if want_var:
-        s1[:] = 0.0
-        s2[:] = 0.0
-    if want_hard:
-        hard[:] = 0.0
-    if want_sparsity:
-        soft[:] = 0.0
-    acc = np.zeros(c1 - c0 if want_sparsity else 0, dtype=x.dtype)
-    if want_abs:
-        asum[:] = 0.0
-    if want_peak:
-        pmax[:] = x[r0, c0:c1]
-        parg[:] = 0
+    m, ch, r0, r1, c0, c1 = _box(task, a.shape[0], a.shape[1], col_block, rows_per_chunk)
+    x = a if m == 0 else b
+    soft = part[m, ch, P_SOFT, c0:c1]
+    asum = part[m, ch, P_ABS, c0:c1]
+    n = c1 - c0
+    acc = acc_all[task, :n]
+    for j in range(n):
+        soft[j] = 0.0
+        asum[j] = 0.0
+        acc[j] = 0.0
     i = r0
     while i + 4 <= r1:
         a0 = x[i, c0:c1]
         a1 = x[i + 1, c0:c1]
         a2 = x[i + 2, c0:c1]
         a3 = x[i + 3, c0:c1]
-        if want_var:
-            _var_rows4(a0, a1, a2, a3, sh, s1, s2)
-        if want_hard:
-            _hard_rows4(a0, a1, a2, a3, threshold, hard)
-        if want_sparsity:
-            _soft_rows4(a0, a1, a2, a3, sharpness, k, acc)
-            if (i - r0) % SOFT_FLUSH_ROWS == SOFT_FLUSH_ROWS - 4:
-                _flush(acc, soft)
-        if want_peak:
-            _peak_rows4(a0, a1, a2, a3, np.int32(i - r0), pmax, parg)
-        if want_abs:
-            _abs_rows4(a0, a1, a2, a3, asum)
+        # Two loops: a float64 operation in the first would set its vector width.
+        for j in range(n):
+            acc[j] += ((sigmoid(sharp - k * abs(a0[j])) + sigmoid(sharp - k * abs(a1[j])))
+                       + (sigmoid(sharp - k * abs(a2[j])) + sigmoid(sharp - k * abs(a3[j]))))
+        _abs_rows4(a0, a1, a2, a3, asum)
         i += 4
-    while i < r1:
+        if (i - r0) % SOFT_FLUSH_ROWS == 0:
+            for j in range(n):
+                soft[j] += acc[j]
+                acc[j] = 0.0
+    for i in range(i, r1):
         a0 = x[i, c0:c1]
-        if want_var:
-            _var_row(a0, sh, s1, s2)
-        if want_hard:
-            _hard_row(a0, threshold, hard)
-        if want_sparsity:
-            _soft_row(a0, sharpness, k, acc)
-        if want_peak:
-            _peak_row(a0, np.int32(i - r0), pmax, parg)
-        if want_abs:
-            _abs_row(a0, asum)
-        i += 1
-    if want_sparsity:
-        _flush(acc, soft)
+        for j in range(n):
+            acc[j] += sigmoid(sharp - k * abs(a0[j]))
+        for j in range(n):
+            asum[j] += abs(np.float64(a0[j]))
+    for j in range(n):
+        soft[j] += acc[j]
 
 
-# No fast-math in the combining pass: ``arcp`` would turn ``count / B`` into
-# ``count * (1/B)``, one ulp off the exactly rounded fraction. (Fast-math
-# flags live on each LLVM instruction, so they stay off when this is inlined
-# into the parallel kernel.) The loops are O(chunks * N); speed does not matter.
+@jit(inline="always")
+def _hard_task(task, a, b, col_block, rows_per_chunk, thr, part):
+    """``H = #{|x| < thr}`` (``thr`` float64 and the comparison exact: a float32
+    threshold would be rounded (float32(0.01) < 0.01) and misclassify values
+    between the two)."""
+    m, ch, r0, r1, c0, c1 = _box(task, a.shape[0], a.shape[1], col_block, rows_per_chunk)
+    x = a if m == 0 else b
+    hard = part[m, ch, P_HARD, c0:c1]
+    n = c1 - c0
+    for j in range(n):
+        hard[j] = 0.0
+    for i in range(r0, r1):
+        a0 = x[i, c0:c1]
+        for j in range(n):
+            hard[j] += np.float64(abs(np.float64(a0[j])) < thr)
+
+
+@jit(inline="always")
+def _peak_task(task, a, b, col_block, rows_per_chunk, part, p_max, p_arg):
+    """``M = max x`` with its first row (an int32 offset within the chunk), and
+    ``A = sum |x|``.
+
+    Strict ``>`` in row order keeps the first maximal row (the tie rule); the
+    selects are branch-free, and int32 offsets keep the vector width of the
+    float32 loop (int64 lanes would halve it).
+    """
+    m, ch, r0, r1, c0, c1 = _box(task, a.shape[0], a.shape[1], col_block, rows_per_chunk)
+    x = a if m == 0 else b
+    pmax = p_max[m, ch, c0:c1]
+    parg = p_arg[m, ch, c0:c1]
+    asum = part[m, ch, P_ABS, c0:c1]
+    n = c1 - c0
+    first = x[r0, c0:c1]
+    for j in range(n):
+        pmax[j] = first[j]
+        parg[j] = 0
+    for j in range(n):
+        asum[j] = 0.0
+    i = r0
+    while i + 4 <= r1:
+        a0 = x[i, c0:c1]
+        a1 = x[i + 1, c0:c1]
+        a2 = x[i + 2, c0:c1]
+        a3 = x[i + 3, c0:c1]
+        off = np.int32(i - r0)
+        for j in range(n):
+            m = pmax[j]
+            a = parg[j]
+            v = a0[j]
+            t = v > m
+            m = v if t else m
+            a = off if t else a
+            v = a1[j]
+            t = v > m
+            m = v if t else m
+            a = off + np.int32(1) if t else a
+            v = a2[j]
+            t = v > m
+            m = v if t else m
+            a = off + np.int32(2) if t else a
+            v = a3[j]
+            t = v > m
+            m = v if t else m
+            a = off + np.int32(3) if t else a
+            pmax[j] = m
+            parg[j] = a
+        _abs_rows4(a0, a1, a2, a3, asum)
+        i += 4
+    for i in range(i, r1):
+        a0 = x[i, c0:c1]
+        off = np.int32(i - r0)
+        for j in range(n):
+            v = a0[j]
+            t = v > pmax[j]
+            pmax[j] = v if t else pmax[j]
+            parg[j] = off if t else parg[j]
+        for j in range(n):
+            asum[j] += abs(np.float64(a0[j]))
+
+
+# --- combining the chunks (serial, in chunk order) -----------------------------------
+# No fast-math: ``arcp`` would turn ``count / B`` into ``count * (1/B)``, one
+# ulp off the exactly rounded fraction. (Fast-math flags live on each LLVM
+# instruction, so they stay off when this is inlined into a parallel kernel.)
+# The loops are O(chunks * N) and run once per call; speed does not matter.
+
 @jit(fastmath=False)
-def _chunk_sum(part, p, j):
-    """``sum_ch part[ch, p, j]`` in chunk order (float64)."""
-    total = 0.0
-    for ch in range(part.shape[0]):
-        total += part[ch, p, j]
-    return total
-
-
-@jit(fastmath=False)
-def _combine(shift, n_rows, rows_per_chunk, flags, eps, part, p_max, p_arg, stats, argmax):
-    """Per-column statistics of one matrix from its partials, chunks added in
-    chunk order (see :func:`column_stats`)."""
-    n_ch = part.shape[0]
-    n_cols = part.shape[2]
+def _combine_var(shift, n_rows, part, stats):
+    """``stats[ST_MEAN]``, ``stats[ST_VAR]`` of one matrix."""
     b = np.float64(n_rows)
-    if (flags & WANT_VARIANCE) != 0:
-        for j in range(n_cols):
-            m = _chunk_sum(part, P_S1, j) / b
-            v = _chunk_sum(part, P_S2, j) / b - m * m
-            if v < 0.0:  # a rounding residue; NaN stays NaN
-                v = 0.0
-            stats[ST_MEAN, j] = shift[j] + m
-            stats[ST_VAR, j] = v
-    if (flags & WANT_HARD) != 0:
-        for j in range(n_cols):
-            stats[ST_HARD, j] = _chunk_sum(part, P_HARD, j) / b
-    if (flags & WANT_SPARSITY) != 0:
-        for j in range(n_cols):
-            stats[ST_SOFT, j] = _chunk_sum(part, P_SOFT, j) / b
-    if (flags & (WANT_SPARSITY | WANT_PEAK)) != 0:
-        for j in range(n_cols):
-            stats[ST_MEAN_ABS, j] = _chunk_sum(part, P_ABS, j) / b
-    if (flags & WANT_PEAK) != 0:
-        for j in range(n_cols):
-            m = p_max[0, j]
-            arg = np.int64(p_arg[0, j])
-            for ch in range(1, n_ch):
-                if p_max[ch, j] > m:  # strict: the earliest chunk wins ties
-                    m = p_max[ch, j]
-                    arg = ch * rows_per_chunk + np.int64(p_arg[ch, j])
-            stats[ST_PEAK, j] = m
-            argmax[j] = arg
-            stats[ST_RATIO, j] = m / (stats[ST_MEAN_ABS, j] + eps)
+    for j in range(part.shape[2]):
+        s1 = 0.0
+        s2 = 0.0
+        for ch in range(part.shape[0]):
+            s1 += part[ch, P_S1, j]
+            s2 += part[ch, P_S2, j]
+        m = s1 / b
+        v = s2 / b - m * m
+        if v < 0.0:  # a rounding residue; NaN stays NaN
+            v = 0.0
+        stats[ST_MEAN, j] = shift[j] + m
+        stats[ST_VAR, j] = v
+
+
+@jit(fastmath=False)
+def _combine_mean(n_rows, part, out):
+    """``out = sum_ch part[ch] / B`` in chunk order (``part``: ``(C, N)``, one
+    partial's row of every chunk; not a literal row number, which Numba would
+    compile a function for each of)."""
+    b = np.float64(n_rows)
+    for j in range(part.shape[1]):
+        total = 0.0
+        for ch in range(part.shape[0]):
+            total += part[ch, j]
+        out[j] = total / b
+
+
+@jit(fastmath=False)
+def _combine_peak(rows_per_chunk, eps, p_max, p_arg, stats, argmax):
+    """``stats[ST_PEAK]``, ``argmax`` and ``stats[ST_RATIO]`` (after
+    ``stats[ST_MEAN_ABS]``)."""
+    for j in range(p_max.shape[1]):
+        m = p_max[0, j]
+        arg = np.int64(p_arg[0, j])
+        for ch in range(1, p_max.shape[0]):
+            if p_max[ch, j] > m:  # strict: the earliest chunk wins ties
+                m = p_max[ch, j]
+                arg = ch * rows_per_chunk + np.int64(p_arg[ch, j])
+        stats[ST_PEAK, j] = m
+        argmax[j] = arg
+        stats[ST_RATIO, j] = m / (stats[ST_MEAN_ABS, j] + eps)
+
+
+# --- the task grid ---------------------------------------------------------------------
+
+def _soft_scratch(n_tasks, col_block, dtype):
+    """Each task's row of relaxed-sparsity terms in ``dtype``
+    (:func:`_soft_task`)."""
+    return np.empty((n_tasks, col_block), dtype)
+
+
+def _n_tasks(n_mats, n_rows, n_cols, col_block, rows_per_chunk):
+    return (n_mats * -(-n_rows // rows_per_chunk) * -(-n_cols // col_block))
+
+
+# One kernel per statistic the loss matches, so that a call compiles only the
+# code of its own metric, and one for the hard count (``selectivity_statistics``
+# runs all four). Each has one parallel loop over the tasks; the chunks are
+# then combined serially.
+
+@parallel_jit
+def _variance_grid(a, b, n_mats, n_tasks, col_block, rows_per_chunk, shift, part, stats):
+    for task in prange(n_tasks):
+        _var_task(np.int64(task), a, b, col_block, rows_per_chunk, shift, part)
+    for m in range(n_mats):
+        _combine_var(shift[m], a.shape[0], part[m], stats[m])
+
+
+@parallel_jit
+def _sparsity_grid(a, b, n_mats, n_tasks, sharpness, k, col_block, rows_per_chunk, part, acc,
+                   stats):
+    for task in prange(n_tasks):
+        _soft_task(np.int64(task), a, b, col_block, rows_per_chunk, sharpness, k, part,
+                   acc)
+    for m in range(n_mats):
+        _combine_mean(a.shape[0], part[m, :, P_SOFT], stats[m, ST_SOFT])
+        _combine_mean(a.shape[0], part[m, :, P_ABS], stats[m, ST_MEAN_ABS])
+
+
+@parallel_jit
+def _peak_grid(a, b, n_mats, n_tasks, eps, col_block, rows_per_chunk, part, p_max, p_arg,
+               stats, argmax):
+    for task in prange(n_tasks):
+        _peak_task(np.int64(task), a, b, col_block, rows_per_chunk, part, p_max, p_arg)
+    for m in range(n_mats):
+        _combine_mean(a.shape[0], part[m, :, P_ABS], stats[m, ST_MEAN_ABS])
+        _combine_peak(rows_per_chunk, eps, p_max[m], p_arg[m], stats[m], argmax[m])
+
+
+@parallel_jit
+def _hard_grid(a, b, n_mats, n_tasks, threshold, col_block, rows_per_chunk, part, stats):
+    for task in prange(n_tasks):
+        _hard_task(np.int64(task), a, b, col_block, rows_per_chunk, threshold, part)
+    for m in range(n_mats):
+        _combine_mean(a.shape[0], part[m, :, P_HARD], stats[m, ST_HARD])
 
 
 def column_stats(a, b, n_mats, flags, threshold, sharpness, k, eps, stats, argmax):
@@ -386,8 +452,8 @@ def column_stats(a, b, n_mats, flags, threshold, sharpness, k, eps, stats, argma
         threshold: float64, bound of the hard count (compared exactly).
         sharpness, k: F scalars of the relaxation (``k = sharpness / threshold``).
         eps: float64, denominator epsilon of ``ST_RATIO``.
-        stats: ``(n_mats, N_STATS, N)`` float64 output (rows ``ST_*``; only the
-            rows ``flags`` asks for are written).
+        stats: ``(n_mats, N_STATS, N)`` float64 output (rows ``ST_*``; the rows
+            ``flags`` asks for are written, possibly more).
         argmax: ``(n_mats, N)`` int64 output (written with ``WANT_PEAK``).
 
     The task grid is :func:`plan`'s and the scratch is allocated here.
@@ -400,11 +466,10 @@ def column_stats(a, b, n_mats, flags, threshold, sharpness, k, eps, stats, argma
     part = np.empty((n_mats, n_ch, N_PARTIALS, n_cols), np.float64)
     p_max = np.empty((n_mats, n_ch, n_cols), a.dtype)
     p_arg = np.empty((n_mats, n_ch, n_cols), np.int32)  # offsets within a chunk
-    column_stats_grid(a, b, n_mats, flags, float(threshold), sharpness, k, float(eps),
+    column_stats_grid(a, b, n_mats, flags, threshold, sharpness, k, eps,
                       col_block, rows, part, p_max, p_arg, stats, argmax)
 
 
-@parallel_jit
 def column_stats_grid(a, b, n_mats, flags, threshold, sharpness, k, eps, col_block,
                       rows_per_chunk, part, p_max, p_arg, stats, argmax):
     """Per-column statistics of ``a`` (and of ``b`` when ``n_mats == 2``) on an
@@ -421,7 +486,10 @@ def column_stats_grid(a, b, n_mats, flags, threshold, sharpness, k, eps, col_blo
         stats[m, ST_PEAK]     = max_i x_ij     argmax[m, j] = first such i
         stats[m, ST_RATIO]    = peak_j / (mean_abs_j + eps)
 
-    (only the rows that ``flags`` asks for are written).
+    The rows ``flags`` asks for are written (possibly more): one statistic
+    alone (``WANT_VARIANCE``, ``WANT_SPARSITY`` or ``WANT_PEAK``, the loss's
+    three metrics) runs a kernel of its own, any other set all of them and
+    the hard count's.
 
     Parameters (``F`` is the dtype of ``a``):
         a, b: ``(B, N)`` F, C-contiguous (``b`` is ignored when ``n_mats == 1``).
@@ -438,27 +506,33 @@ def column_stats_grid(a, b, n_mats, flags, threshold, sharpness, k, eps, col_blo
         stats: ``(n_mats, N_STATS, N)`` float64 output; argmax ``(n_mats, N)`` int64.
     """
     n_rows, n_cols = a.shape
-    n_row_chunks = (n_rows + rows_per_chunk - 1) // rows_per_chunk
-    n_col_blocks = (n_cols + col_block - 1) // col_block
-    per_mat = n_row_chunks * n_col_blocks
-    # Shift of the variance sums: the first row, exactly (float64 holds F).
-    shift = np.empty((n_mats, n_cols), dtype=np.float64)
-    for j in range(n_cols):
-        shift[0, j] = a[0, j]
-        if n_mats == 2:
-            shift[1, j] = b[0, j]
-    for task in prange(n_mats * per_mat):
-        m = task // per_mat
-        rest = task % per_mat
-        ch = rest // n_col_blocks
-        c0 = (rest % n_col_blocks) * col_block
-        r0 = ch * rows_per_chunk
-        _task(a if m == 0 else b, flags, threshold, sharpness, k,
-              r0, min(n_rows, r0 + rows_per_chunk), c0, min(n_cols, c0 + col_block),
-              shift[m], part[m, ch], p_max[m, ch], p_arg[m, ch])
-    for m in range(n_mats):
-        _combine(shift[m], n_rows, rows_per_chunk, flags, eps, part[m], p_max[m], p_arg[m],
-                 stats[m], argmax[m])
+    n_tasks = _n_tasks(n_mats, n_rows, n_cols, col_block, rows_per_chunk)
+    if flags & WANT_VARIANCE:
+        # Shift of the variance sums: the first row, exactly (float64 holds F).
+        shift = np.empty((n_mats, n_cols), np.float64)
+        shift[0] = a[0]
+        shift[n_mats - 1] = b[0] if n_mats == 2 else a[0]
+    if flags == WANT_VARIANCE:
+        _variance_grid(a, b, n_mats, n_tasks, col_block, rows_per_chunk, shift, part, stats)
+    elif flags == WANT_SPARSITY:
+        _sparsity_grid(a, b, n_mats, n_tasks, sharpness, k, col_block, rows_per_chunk,
+                       part, _soft_scratch(n_tasks, col_block, a.dtype), stats)
+    elif flags == WANT_PEAK:
+        _peak_grid(a, b, n_mats, n_tasks, float(eps), col_block, rows_per_chunk, part,
+                   p_max, p_arg, stats, argmax)
+    else:
+        # Every statistic (selectivity_statistics): the three loss kernels and
+        # the hard count's, one pass each. The same run time as one kernel
+        # computing them all (the sigmoid dominates), and a process that also
+        # calls the loss compiles one kernel more instead of a fifth large one.
+        # ``ST_MEAN_ABS`` is written twice with the same bits (same order).
+        _variance_grid(a, b, n_mats, n_tasks, col_block, rows_per_chunk, shift, part, stats)
+        _sparsity_grid(a, b, n_mats, n_tasks, sharpness, k, col_block, rows_per_chunk,
+                       part, _soft_scratch(n_tasks, col_block, a.dtype), stats)
+        _peak_grid(a, b, n_mats, n_tasks, float(eps), col_block, rows_per_chunk, part,
+                   p_max, p_arg, stats, argmax)
+        _hard_grid(a, b, n_mats, n_tasks, float(threshold), col_block, rows_per_chunk, part,
+                   stats)
 
 
 # --- loss terms and gradient coefficients ----------------------------------------
@@ -467,9 +541,6 @@ def column_stats_grid(a, b, n_mats, flags, threshold, sharpness, k, eps, col_blo
 CF_A, CF_B, CF_C, CF_BOUND = 0, 1, 2, 3
 N_COEFS = 4
 
-# No fast-math: the coefficients are exactly the IEEE float64 expressions below
-# (no FMA contraction), whatever the device.
-@jit(fastmath=False)
 def coefficients(metric, stats, weight, eps, k, n_rows, sq, coef):
     """Per-column loss terms and gradient coefficients.
 
@@ -489,35 +560,66 @@ def coefficients(metric, stats, weight, eps, k, n_rows, sq, coef):
             (off the peak's row: ``|s_ij - mean_j| <= sqrt(B var_j)``,
             ``sigmoid' <= 1/4``, ``|sign| <= 1``).
     """
-    n_cols = sq.shape[0]
-    row = ST_VAR if metric == VARIANCE else (ST_SOFT if metric == SPARSITY else ST_RATIO)
-    scale = 2.0 * weight / n_cols
-    for j in range(n_cols):
-        diff = stats[1, row, j] - stats[0, row, j]
-        term = diff * diff
-        if metric != VARIANCE and not (np.isfinite(stats[0, ST_MEAN_ABS, j])
-                                       and np.isfinite(stats[1, ST_MEAN_ABS, j])):
-            term = np.nan
-        sq[j] = term
-        c = scale * diff
-        a = 0.0
-        cc = 0.0
-        if metric == VARIANCE:
-            a = stats[1, ST_MEAN, j]
-            b = c * (2.0 / n_rows)
-            bound = abs(b) * np.sqrt(n_rows * stats[1, ST_VAR, j])
-        elif metric == SPARSITY:
-            b = c * (-k / n_rows)
-            bound = 0.25 * abs(b)
-        else:
-            d = stats[1, ST_MEAN_ABS, j] + eps
-            b = -c * stats[1, ST_PEAK, j] / (n_rows * d * d)
-            cc = c / d
-            bound = abs(b)
-        coef[CF_A, j] = a
+    if metric == VARIANCE:
+        _coef_variance(stats, float(weight), int(n_rows), sq, coef)
+    elif metric == SPARSITY:
+        _coef_sparsity(stats, float(weight), float(k), int(n_rows), sq, coef)
+    else:
+        _coef_peak(stats, float(weight), float(eps), int(n_rows), sq, coef)
+
+
+# One function per metric (a call compiles its own metric's only). No
+# fast-math: the coefficients are exactly the IEEE float64 expressions below
+# (no FMA contraction), whatever the device.
+
+@jit(fastmath=False)
+def _coef_variance(stats, weight, n_rows, sq, coef):
+    scale = 2.0 * weight / sq.shape[0]
+    for j in range(sq.shape[0]):
+        diff = stats[1, ST_VAR, j] - stats[0, ST_VAR, j]
+        sq[j] = diff * diff
+        b = (scale * diff) * (2.0 / n_rows)
+        coef[CF_A, j] = stats[1, ST_MEAN, j]
         coef[CF_B, j] = b
-        coef[CF_C, j] = cc
-        coef[CF_BOUND, j] = bound
+        coef[CF_C, j] = 0.0
+        coef[CF_BOUND, j] = abs(b) * np.sqrt(n_rows * stats[1, ST_VAR, j])
+
+
+@jit(fastmath=False)
+def _finite_sq(stats, row, j):
+    """``(sel_s - sel_t)_j**2`` and the difference; the square is NaN where a
+    mean magnitude is not finite (inf/NaN input that the sigmoid or the
+    maximum hide)."""
+    diff = stats[1, row, j] - stats[0, row, j]
+    if np.isfinite(stats[0, ST_MEAN_ABS, j]) and np.isfinite(stats[1, ST_MEAN_ABS, j]):
+        return diff * diff, diff
+    return np.nan, diff
+
+
+@jit(fastmath=False)
+def _coef_sparsity(stats, weight, k, n_rows, sq, coef):
+    scale = 2.0 * weight / sq.shape[0]
+    for j in range(sq.shape[0]):
+        sq[j], diff = _finite_sq(stats, ST_SOFT, j)
+        b = (scale * diff) * (-k / n_rows)
+        coef[CF_A, j] = 0.0
+        coef[CF_B, j] = b
+        coef[CF_C, j] = 0.0
+        coef[CF_BOUND, j] = 0.25 * abs(b)
+
+
+@jit(fastmath=False)
+def _coef_peak(stats, weight, eps, n_rows, sq, coef):
+    scale = 2.0 * weight / sq.shape[0]
+    for j in range(sq.shape[0]):
+        sq[j], diff = _finite_sq(stats, ST_RATIO, j)
+        c = scale * diff
+        d = stats[1, ST_MEAN_ABS, j] + eps
+        b = -c * stats[1, ST_PEAK, j] / (n_rows * d * d)
+        coef[CF_A, j] = 0.0
+        coef[CF_B, j] = b
+        coef[CF_C, j] = c / d
+        coef[CF_BOUND, j] = abs(b)
 
 
 def gradient_rows(x, metric, sharpness, k, coef, argmax, grad, flag):
@@ -535,11 +637,15 @@ def gradient_rows(x, metric, sharpness, k, coef, argmax, grad, flag):
     Overflow is ruled out from ``coef[CF_BOUND]`` in O(N); only when a bound
     exceeds the dtype's range is the gradient itself scanned.
     """
-    with np.errstate(over="ignore"):  # an overflow is reported through ``flag``
-        coef_f = (np.empty(0, x.dtype) if metric == VARIANCE
-                  else coef[CF_B].astype(x.dtype))
-    _gradient_grid(x, metric, sharpness, k, coef[CF_A], coef[CF_B], coef_f, argmax,
-                   coef[CF_C], grad)
+    if metric == VARIANCE:
+        _grad_variance(x, coef[CF_A], coef[CF_B], grad)
+    else:
+        with np.errstate(over="ignore"):  # an overflow is reported through ``flag``
+            coef_f = coef[CF_B].astype(x.dtype)
+        if metric == SPARSITY:
+            _grad_sparsity(x, sharpness, k, coef_f, grad)
+        else:
+            _grad_peak(x, coef_f, coef[CF_B], argmax, coef[CF_C], grad)
     if not _gradient_fits(metric, grad, coef, argmax):
         flag[0] = 1
 
@@ -560,12 +666,22 @@ def _gradient_fits(metric, grad, coef, argmax) -> bool:
 # accumulator would keep LLVM from vectorising them): overflow of the gradient
 # is ruled out by the caller from per-column bounds instead.
 
-@jit
-def _grad_var_row(row, mean, coef, g):
-    # float64 arithmetic: ``x - mean`` cancels when |mean| >> std; the loop is
-    # memory-bound, so the narrower vectors cost nothing (measured).
-    for j in range(row.shape[0]):
-        g[j] = cast_like((np.float64(row[j]) - mean[j]) * coef[j], g)
+# One kernel per metric (a call compiles its own metric's only); rows are
+# processed in chunks of GRAD_ROWS_PER_CHUNK by one parallel loop. Rows are
+# independent: any thread count gives the same bits.
+
+@parallel_jit
+def _grad_variance(x, mean64, coef64, grad):
+    """``grad_ij = (x_ij - mean_j) * coef64_j`` (``mean64``, ``coef64``: ``(N,)``
+    float64). float64 arithmetic: ``x - mean`` cancels when |mean| >> std; the
+    loop is memory-bound, so the narrower vectors cost nothing (measured)."""
+    n_rows = x.shape[0]
+    for ch in prange((n_rows + GRAD_ROWS_PER_CHUNK - 1) // GRAD_ROWS_PER_CHUNK):
+        for i in range(ch * GRAD_ROWS_PER_CHUNK, min(n_rows, (ch + 1) * GRAD_ROWS_PER_CHUNK)):
+            row = x[i]
+            g = grad[i]
+            for j in range(row.shape[0]):
+                g[j] = cast_like((np.float64(row[j]) - mean64[j]) * coef64[j], g)
 
 
 @jit
@@ -576,52 +692,36 @@ def _sign(v):
     return one if v > zero else (-one if v < zero else zero)
 
 
-@jit
-def _grad_sparsity_row(row, sharp, k, coef, g):
-    one = cast_like(1.0, g)
-    for j in range(row.shape[0]):
-        v = row[j]
-        # sigmoid'(z) = e / (1 + e)**2 with e = exp(-|z|): no overflow.
-        e = exp_nonpos(-abs(sharp - k * abs(v)))
-        r = one / (one + e)
-        g[j] = coef[j] * (e * r * r) * _sign(v)
-
-
-@jit
-def _grad_sign_row(row, coef, g):
-    for j in range(row.shape[0]):
-        g[j] = coef[j] * _sign(row[j])
+@parallel_jit
+def _grad_sparsity(x, sharp, k, coef, grad):
+    """``grad_ij = coef_j sigmoid'(z_ij) sign(x_ij)``, ``z = sharp - k |x|``
+    (``coef``: ``(N,)`` in ``x``'s dtype)."""
+    n_rows = x.shape[0]
+    one = cast_like(1.0, x)
+    for ch in prange((n_rows + GRAD_ROWS_PER_CHUNK - 1) // GRAD_ROWS_PER_CHUNK):
+        for i in range(ch * GRAD_ROWS_PER_CHUNK, min(n_rows, (ch + 1) * GRAD_ROWS_PER_CHUNK)):
+            row = x[i]
+            g = grad[i]
+            for j in range(row.shape[0]):
+                v = row[j]
+                # sigmoid'(z) = e / (1 + e)**2 with e = exp(-|z|): no overflow.
+                e = exp_nonpos(-abs(sharp - k * abs(v)))
+                r = one / (one + e)
+                g[j] = coef[j] * (e * r * r) * _sign(v)
 
 
 @parallel_jit
-def _gradient_grid(x, metric, sharpness, k, mean64, coef64, coef, argmax, peak_coef64, grad):
-    """Write ``grad = d loss / d x`` row by row (:func:`gradient_rows`' kernel).
-
-    Parameters (``F`` is the dtype of ``x``):
-        x, grad: ``(B, N)`` F, C-contiguous.
-        metric: ``VARIANCE``, ``SPARSITY`` or ``PEAK_TO_AVERAGE``.
-        sharpness, k: F, the sparsity relaxation (as in :func:`column_stats`).
-        mean64, coef64: ``(N,)`` float64, variance only:
-            ``grad_ij = (x_ij - mean_j) * coef64_j``.
-        coef: ``(N,)`` F, sparsity: ``grad_ij = coef_j sigmoid'(z_ij) sign(x_ij)``;
-            peak: ``grad_ij = coef_j sign(x_ij)``, except at ``i = argmax_j``
-            where ``grad_ij = coef64_j sign(x_ij) + peak_coef64_j`` (the
-            maximum's own derivative; ``coef64`` is ``coef`` in float64).
-
-    ``sign(0) = 0``. Rows are independent: any thread count gives the same bits.
-    """
+def _grad_peak(x, coef, coef64, argmax, peak_coef64, grad):
+    """``grad_ij = coef_j sign(x_ij)``, except at ``i = argmax_j`` where
+    ``grad_ij = coef64_j sign(x_ij) + peak_coef64_j`` (the maximum's own
+    derivative; ``coef64`` is ``coef`` in float64)."""
     n_rows, n_cols = x.shape
-    n_ch = (n_rows + GRAD_ROWS_PER_CHUNK - 1) // GRAD_ROWS_PER_CHUNK
-    for ch in prange(n_ch):
-        r0 = ch * GRAD_ROWS_PER_CHUNK
-        for i in range(r0, min(n_rows, r0 + GRAD_ROWS_PER_CHUNK)):
-            if metric == VARIANCE:
-                _grad_var_row(x[i], mean64, coef64, grad[i])
-            elif metric == SPARSITY:
-                _grad_sparsity_row(x[i], sharpness, k, coef, grad[i])
-            else:
-                _grad_sign_row(x[i], coef, grad[i])
-    if metric == PEAK_TO_AVERAGE:
-        for j in range(n_cols):
-            i = argmax[j]
-            grad[i, j] = cast_like(coef64[j] * np.float64(_sign(x[i, j])) + peak_coef64[j], x)
+    for ch in prange((n_rows + GRAD_ROWS_PER_CHUNK - 1) // GRAD_ROWS_PER_CHUNK):
+        for i in range(ch * GRAD_ROWS_PER_CHUNK, min(n_rows, (ch + 1) * GRAD_ROWS_PER_CHUNK)):
+            row = x[i]
+            g = grad[i]
+            for j in range(row.shape[0]):
+                g[j] = coef[j] * _sign(row[j])
+    for j in range(n_cols):
+        i = argmax[j]
+        grad[i, j] = cast_like(coef64[j] * np.float64(_sign(x[i, j])) + peak_coef64[j], x)
