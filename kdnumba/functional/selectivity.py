@@ -30,6 +30,7 @@ Gradients (``c_j = 2/N (sel_j(s) - sel_j(t))``, ``sign(0) = 0``)::
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from typing import NamedTuple
 
@@ -151,6 +152,17 @@ def _rows(x):
     if len(x.shape) == 2:
         return x
     return x.reshape(x.shape[0], _per_sample(x))
+
+
+@functools.cache
+def _metric_codes(kernels) -> dict:
+    """Metric -> ``(metric code, statistic flag)`` of a kernels module (built
+    once per module: a small call pays for every dict it builds)."""
+    return {
+        SelectivityMetric.VARIANCE: (kernels.VARIANCE, kernels.WANT_VARIANCE),
+        SelectivityMetric.SPARSITY: (kernels.SPARSITY, kernels.WANT_SPARSITY),
+        SelectivityMetric.PEAK_TO_AVERAGE: (kernels.PEAK_TO_AVERAGE, kernels.WANT_PEAK),
+    }
 
 
 def _check_relaxation(threshold, sharpness, eps) -> tuple[float, float, float]:
@@ -286,11 +298,7 @@ def selectivity_loss(student_acts, teacher_acts, *, metric="variance",
     scalar = np.dtype(s.dtype).type
     k = sharpness / threshold
     kernels = be.kernels("selectivity")
-    code, flags = {
-        SelectivityMetric.VARIANCE: (kernels.VARIANCE, kernels.WANT_VARIANCE),
-        SelectivityMetric.SPARSITY: (kernels.SPARSITY, kernels.WANT_SPARSITY),
-        SelectivityMetric.PEAK_TO_AVERAGE: (kernels.PEAK_TO_AVERAGE, kernels.WANT_PEAK),
-    }[metric]
+    code, flags = _metric_codes(kernels)[metric]
     named = [("student_acts", s), ("teacher_acts", t)]
 
     # Teacher first: the student, read last, is then the likelier to still be

@@ -464,8 +464,11 @@ def column_stats(a, b, n_mats, flags, threshold, sharpness, k, eps, stats, argma
     # Scratch of statistics not requested is never written, so np.empty costs
     # no memory traffic (its pages are never touched).
     part = np.empty((n_mats, n_ch, N_PARTIALS, n_cols), np.float64)
-    p_max = np.empty((n_mats, n_ch, n_cols), a.dtype)
-    p_arg = np.empty((n_mats, n_ch, n_cols), np.int32)  # offsets within a chunk
+    # The peak's scratch only when the peak is asked for (a small call pays
+    # for every allocation; the other kernels never receive these).
+    peak_cols = n_cols if flags & WANT_PEAK else 0
+    p_max = np.empty((n_mats, n_ch, peak_cols), a.dtype)
+    p_arg = np.empty((n_mats, n_ch, peak_cols), np.int32)  # offsets within a chunk
     column_stats_grid(a, b, n_mats, flags, threshold, sharpness, k, eps,
                       col_block, rows, part, p_max, p_arg, stats, argmax)
 
@@ -650,13 +653,17 @@ def gradient_rows(x, metric, sharpness, k, coef, argmax, grad, flag):
         flag[0] = 1
 
 
+#: Largest finite value of each float dtype (np.finfo costs a microsecond a call).
+_LARGEST = {np.dtype(t): float(np.finfo(t).max) for t in (np.float32, np.float64)}
+
+
 def _gradient_fits(metric, grad, coef, argmax) -> bool:
     """Whether no gradient element overflowed (``coef[CF_BOUND]`` bounds every
     element except the peak's own, which are checked directly)."""
     if metric == PEAK_TO_AVERAGE:
         if not np.isfinite(grad[argmax, np.arange(grad.shape[1])]).all():
             return False
-    if float(coef[CF_BOUND].max()) <= float(np.finfo(grad.dtype).max):  # False for NaN
+    if float(coef[CF_BOUND].max()) <= _LARGEST[grad.dtype]:  # False for NaN
         return True
     return bool(np.isfinite(grad).all())
 
