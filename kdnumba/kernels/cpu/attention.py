@@ -39,8 +39,12 @@ from kdnumba.kernels.cpu.fastexp import log_pos_f64
 
 _CBLOCK = 64
 
+#: The helpers below are only called from the kernels: no CPython or cfunc
+#: wrapper is built for them (less code to compile on the first call).
+_callee = jit(no_cpython_wrapper=True, no_cfunc_wrapper=True)
 
-@jit
+
+@_callee
 def _ipow(x, k):
     """``x**k`` for a small integer ``k >= 0`` by repeated multiplication."""
     r = cast_like(1.0, x)
@@ -49,7 +53,7 @@ def _ipow(x, k):
     return r
 
 
-@jit
+@_callee
 def _power(x, p, use_abs):
     """``v(x)``: ``x^p``, or ``|x|^p`` when ``use_abs``."""
     if use_abs:
@@ -57,7 +61,7 @@ def _power(x, p, use_abs):
     return _ipow(x, p)
 
 
-@jit
+@_callee
 def _power_derivative(x, p, use_abs):
     """``v'(x)``: ``p x^(p-1)``, or ``p |x|^(p-1) sign(x)`` (``sign(0) = 0``)."""
     if use_abs:
@@ -70,29 +74,44 @@ def _power_derivative(x, p, use_abs):
     return _ipow(x, p - 1) * cast_like(p, x)
 
 
-@jit
-def _channel_power_sum(f, p, use_abs, acc, q):
-    """``q_j += sum_c v(f_cj)`` for ``f`` of shape ``(C, S)``; ``acc`` is F scratch."""
+@_callee
+def _square_sum(f, acc, q):
+    """``q_j = sum_c f_cj^2`` for ``f`` of shape ``(C, S)`` (``v(x) = x^2``, with or
+    without ``|.|``); ``acc`` is F scratch, ``q`` float64 output."""
     n_ch, n_sp = f.shape
+    for j in range(n_sp):
+        q[j] = 0.0
     for c0 in range(0, n_ch, _CBLOCK):
         c1 = min(n_ch, c0 + _CBLOCK)
         for j in range(n_sp):
             acc[j] = 0
-        if p == 2:  # the common case, written out so it vectorises for sure
-            for c in range(c0, c1):
-                row = f[c]
-                for j in range(n_sp):
-                    acc[j] += row[j] * row[j]
-        else:
-            for c in range(c0, c1):
-                row = f[c]
-                for j in range(n_sp):
-                    acc[j] += _power(row[j], p, use_abs)
+        for c in range(c0, c1):
+            row = f[c]
+            for j in range(n_sp):
+                acc[j] += row[j] * row[j]
         for j in range(n_sp):
             q[j] += acc[j]
 
 
-@jit
+@_callee
+def _power_sum(f, p, use_abs, acc, q):
+    """``q_j = sum_c v(f_cj)`` for ``f`` of shape ``(C, S)``; ``acc`` is F scratch."""
+    n_ch, n_sp = f.shape
+    for j in range(n_sp):
+        q[j] = 0.0
+    for c0 in range(0, n_ch, _CBLOCK):
+        c1 = min(n_ch, c0 + _CBLOCK)
+        for j in range(n_sp):
+            acc[j] = 0
+        for c in range(c0, c1):
+            row = f[c]
+            for j in range(n_sp):
+                acc[j] += _power(row[j], p, use_abs)
+        for j in range(n_sp):
+            q[j] += acc[j]
+
+
+@_callee
 def _normalise(q, eps):
     """``q <- q / max(||q||, eps)`` in place; returns ``||q||``."""
     norm = 0.0
@@ -105,9 +124,92 @@ def _normalise(q, eps):
     return norm
 
 
+@_callee
+def _map_gradient(a_s, a_t, k_s, k_t, eps, paper_loss, w, acc):
+    """One sample's loss from its channel sums ``a_s``, ``a_t`` (float64,
+    overwritten), and ``acc = k_s g_q`` (F), the factor of ``v'(f_cj)`` in
+    the gradient (see the module docstring)."""
+    n_sp = a_s.shape[0]
+    for j in range(n_sp):
+        a_s[j] *= k_s
+        a_t[j] *= k_t
+    norm_s = _normalise(a_s, eps)
+    _normalise(a_t, eps)
+
+    # a_t <- d = a_s - a_t, then the gradient with respect to a_s.
+    dd = 0.0
+    for j in range(n_sp):
+        a_t[j] = a_s[j] - a_t[j]
+        dd += a_t[j] * a_t[j]
+    if paper_loss:
+        nd = math.sqrt(dd)
+        loss = w * nd
+        c_d = w / nd if nd > 0.0 else 0.0
+    else:
+        loss = w * dd
+        c_d = 2.0 * w
+    dot = 0.0
+    for j in range(n_sp):
+        a_t[j] *= c_d
+        dot += a_s[j] * a_t[j]
+    if norm_s >= eps:
+        inv = k_s / norm_s
+        for j in range(n_sp):
+            acc[j] = cast_like((a_t[j] - a_s[j] * dot) * inv, acc)
+    else:
+        inv = k_s / eps
+        for j in range(n_sp):
+            acc[j] = cast_like(a_t[j] * inv, acc)
+    return loss
+
+
 @parallel_jit
+def _at_square(s, t, mean_channels, paper_loss, eps, w, acc, a_s, a_t, grad, row_loss):
+    """:func:`at_rows` for ``p = 2`` (``v(x) = x^2``, ``v'(x) = 2 x``): the
+    common case, compiled on its own so that it carries no general-power code."""
+    n_rows, c_s, n_sp = s.shape
+    c_t = t.shape[1]
+    two = cast_like(2.0, s)
+    for b in prange(n_rows):
+        acc_b = acc[b]
+        _square_sum(s[b], acc_b, a_s[b])
+        _square_sum(t[b], acc_b, a_t[b])
+        k_s = 1.0 / c_s if mean_channels else 1.0
+        k_t = 1.0 / c_t if mean_channels else 1.0
+        row_loss[b] = _map_gradient(a_s[b], a_t[b], k_s, k_t, eps, paper_loss, w, acc_b)
+        f = s[b]
+        g = grad[b]
+        for c in range(c_s):
+            f_row = f[c]
+            g_row = g[c]
+            for j in range(n_sp):
+                g_row[j] = two * acc_b[j] * f_row[j]
+
+
+@parallel_jit
+def _at_power(s, t, p, use_abs, mean_channels, paper_loss, eps, w, acc, a_s, a_t, grad,
+              row_loss):
+    """:func:`at_rows` for any power ``p`` (and ``|f|^p``)."""
+    n_rows, c_s, n_sp = s.shape
+    c_t = t.shape[1]
+    for b in prange(n_rows):
+        acc_b = acc[b]
+        _power_sum(s[b], p, use_abs, acc_b, a_s[b])
+        _power_sum(t[b], p, use_abs, acc_b, a_t[b])
+        k_s = 1.0 / c_s if mean_channels else 1.0
+        k_t = 1.0 / c_t if mean_channels else 1.0
+        row_loss[b] = _map_gradient(a_s[b], a_t[b], k_s, k_t, eps, paper_loss, w, acc_b)
+        f = s[b]
+        g = grad[b]
+        for c in range(c_s):
+            f_row = f[c]
+            g_row = g[c]
+            for j in range(n_sp):
+                g_row[j] = acc_b[j] * _power_derivative(f_row[j], p, use_abs)
+
+
 def at_rows(s, t, p, use_abs, mean_channels, paper_loss, eps, w, grad, row_loss):
-    """Fused attention-transfer loss and gradient, one sample per iteration.
+    """Fused attention-transfer loss and gradient, one sample per ``prange`` iteration.
 
     Parameters (``F`` is the dtype of ``s``):
         s: ``(B, Cs, S)`` F student features; t: ``(B, Ct, S)`` F teacher.
@@ -120,65 +222,20 @@ def at_rows(s, t, p, use_abs, mean_channels, paper_loss, eps, w, grad, row_loss)
 
     NaN/inf in a sample make its ``q`` (hence ``a`` and the loss) NaN; a
     finite input whose power overflows the dtype gives inf/NaN too, so the
-    caller checks only the total.
+    caller checks only the total. ``p = 2`` runs a kernel of its own (the
+    default, compiled without the general-power code). Scratch: ``(B, S)``
+    arrays, F and two float64 (allocated here, not per task in the kernel).
     """
-    n_rows, c_s, n_sp = s.shape
-    c_t = t.shape[1]
-    for b in prange(n_rows):
-        acc = np.empty(n_sp, dtype=s.dtype)
-        a_s = np.zeros(n_sp, dtype=np.float64)
-        a_t = np.zeros(n_sp, dtype=np.float64)
-        _channel_power_sum(s[b], p, use_abs, acc, a_s)
-        _channel_power_sum(t[b], p, use_abs, acc, a_t)
-        k_s = 1.0 / c_s if mean_channels else 1.0
-        k_t = 1.0 / c_t if mean_channels else 1.0
-        for j in range(n_sp):
-            a_s[j] *= k_s
-            a_t[j] *= k_t
-        norm_s = _normalise(a_s, eps)
-        _normalise(a_t, eps)
-
-        # a_t <- d = a_s - a_t, then the gradient with respect to a_s.
-        dd = 0.0
-        for j in range(n_sp):
-            a_t[j] = a_s[j] - a_t[j]
-            dd += a_t[j] * a_t[j]
-        if paper_loss:
-            nd = math.sqrt(dd)
-            row_loss[b] = w * nd
-            c_d = w / nd if nd > 0.0 else 0.0
-        else:
-            row_loss[b] = w * dd
-            c_d = 2.0 * w
-        dot = 0.0
-        for j in range(n_sp):
-            a_t[j] *= c_d
-            dot += a_s[j] * a_t[j]
-        # acc <- k * g_q, the factor of v'(f_cj) in the gradient.
-        if norm_s >= eps:
-            inv = k_s / norm_s
-            for j in range(n_sp):
-                acc[j] = cast_like((a_t[j] - a_s[j] * dot) * inv, s)
-        else:
-            inv = k_s / eps
-            for j in range(n_sp):
-                acc[j] = cast_like(a_t[j] * inv, s)
-
-        f = s[b]
-        g = grad[b]
-        if p == 2:
-            two = cast_like(2.0, s)
-            for c in range(c_s):
-                f_row = f[c]
-                g_row = g[c]
-                for j in range(n_sp):
-                    g_row[j] = two * acc[j] * f_row[j]
-        else:
-            for c in range(c_s):
-                f_row = f[c]
-                g_row = g[c]
-                for j in range(n_sp):
-                    g_row[j] = acc[j] * _power_derivative(f_row[j], p, use_abs)
+    n_rows, _, n_sp = s.shape
+    acc = np.empty((n_rows, n_sp), dtype=s.dtype)
+    a_s = np.empty((n_rows, n_sp))
+    a_t = np.empty((n_rows, n_sp))
+    if p == 2:
+        _at_square(s, t, bool(mean_channels), bool(paper_loss), float(eps), float(w), acc, a_s,
+                   a_t, grad, row_loss)
+    else:
+        _at_power(s, t, int(p), bool(use_abs), bool(mean_channels), bool(paper_loss),
+                  float(eps), float(w), acc, a_s, a_t, grad, row_loss)
 
 
 _ROWS_PER_CHUNK = 64

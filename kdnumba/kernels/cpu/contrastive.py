@@ -69,6 +69,10 @@ EXP_RANGE_F64 = 600.0
 
 _F64_MAX = float(np.finfo(np.float64).max)
 
+#: Helpers called only from the kernels below: no CPython or cfunc wrapper is
+#: built for them (less code to compile on the first call).
+_callee = jit(no_cpython_wrapper=True, no_cfunc_wrapper=True)
+
 
 def exp_range(dtype) -> float:
     """``EXP_RANGE`` of a dtype (see the module docstring)."""
@@ -151,7 +155,7 @@ def class_means(t, t_norms, members, starts, out):
 
 # --- the exp pass over one tile ------------------------------------------------------
 
-@jit
+@_callee
 def _exp_in_place(row, shift, lo):
     """``row_j <- exp(min(row_j - shift, 0))``, 0 below ``lo``: element-wise, no
     reduction, so the loop vectorises fully."""
@@ -230,7 +234,7 @@ def softmax_rows(block, bounds, use_bound, neg_range, row0, pos_class, members, 
 
 # --- gradient finishing passes ---------------------------------------------------------
 
-@jit
+@_callee
 def _chain_normalisation(x_row, norm, g, out_row, scale):
     """``out_row = scale * d(loss)/d x`` from ``g = d(loss)/d x_hat`` (float64).
 
@@ -253,7 +257,7 @@ def _chain_normalisation(x_row, norm, g, out_row, scale):
 
 
 @jit
-def finish_student_anchored(s, s_norms, g_raw, inv_sum, pos, pos_class, inv_tau, grad):
+def finish_student_anchored(s, s_norms, g_raw, inv_sum, pos, pos_class, inv_tau, g, grad):
     """Student anchors: the gradient, in place over ``g_raw``.
 
     ``g_raw_i = sum_j exp(z_ij - shift_i) c_j`` (the second GEMM);
@@ -262,10 +266,11 @@ def finish_student_anchored(s, s_norms, g_raw, inv_sum, pos, pos_class, inv_tau,
 
         d loss_i / d s_hat_i = (sum_j p_ij c_j - pos_i) / tau
 
-    and ``grad_i = chain(d/ds_hat) / B``. ``grad`` may alias ``g_raw``.
+    and ``grad_i = chain(d/ds_hat) / B``. ``grad`` may alias ``g_raw``; ``g``:
+    ``(D,)`` float64 scratch (allocated by the caller: an ``np.empty`` here
+    costs its own compile).
     """
     n, dim = s.shape
-    g = np.empty(dim, dtype=np.float64)
     inv_b = 1.0 / n
     for i in range(n):
         norm = s_norms[i]
@@ -296,17 +301,16 @@ def scale_rows(a, inv_sum, row0, out):
 
 
 @jit
-def finish_teacher_anchored(s, s_norms, anchors, acc, grad):
+def finish_teacher_anchored(s, s_norms, anchors, acc, g, grad):
     """Teacher anchors ``a_i = t_hat_i / tau``, student candidates: the gradient.
 
     ``acc_j = sum_i p_ij a_i`` (accumulated over tiles)::
 
         d loss / d s_hat_j = (acc_j - a_j) / B
 
-    and the chain rule through ``s_j``'s normalisation.
+    and the chain rule through ``s_j``'s normalisation; ``g``: ``(D,)`` float64 scratch.
     """
     n, dim = s.shape
-    g = np.empty(dim, dtype=np.float64)
     inv_b = 1.0 / n
     for i in range(n):
         for k in range(dim):
@@ -316,7 +320,7 @@ def finish_teacher_anchored(s, s_norms, anchors, acc, grad):
 
 # --- batch-hard triplet --------------------------------------------------------------
 
-@jit
+@_callee
 def _masked_extrema(keys, labels, yi):
     """``(max of keys with labels == yi, min of keys with labels != yi)``.
 
@@ -409,7 +413,7 @@ def triplet_select(block, sq_norms, labels, qualifies, row0, pos_idx, neg_idx):
                 break
 
 
-@jit
+@_callee
 def _distance_and_unit(x, i, j, unit):
     """``||x_i - x_j||`` in float64 and ``unit = (x_i - x_j)/d`` (0 if d == 0)."""
     dim = x.shape[1]
@@ -542,7 +546,8 @@ def student_anchored(s, s_norms, t, t_norms, neg, neg_norms, pos, pos_class, mem
         softmax_rows(block, bounds, use_bound, lo, r0, pos_class, members, starts, saved,
                      inv_sum, row_loss)
         np.matmul(block, cand, out=grad[r0:r1])
-    finish_student_anchored(s, s_norms, grad, inv_sum, pos, pos_class, inv_tau, grad)
+    finish_student_anchored(s, s_norms, grad, inv_sum, pos, pos_class, inv_tau,
+                            np.empty(s.shape[1]), grad)
 
 
 def teacher_anchored(s, s_norms, t, t_norms, neg, neg_norms, temperature, tile_rows, row_loss,
@@ -575,7 +580,7 @@ def teacher_anchored(s, s_norms, t, t_norms, neg, neg_norms, temperature, tile_r
         np.matmul(block[:, :n].T, w, out=part)
         accumulate(acc, part)
     del weighted, part, cand, block  # (``block`` is a view of the tile buffer)
-    finish_teacher_anchored(s, s_norms, anchors, acc, grad)
+    finish_teacher_anchored(s, s_norms, anchors, acc, np.empty(dim), grad)
 
 
 def triplet(s, s_norms, labels, qualifies, n_qualifying, margin, tile_rows, row_loss, grad):
