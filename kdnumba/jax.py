@@ -27,6 +27,13 @@ array of the student's dtype. It works under ``jax.jit``, ``jax.grad``,
   raise ``TypeError`` at trace time.
 * kdnumba computes first derivatives only: ``jax.hessian`` and forward-mode
   (``jax.jvp``, ``jax.jacfwd``) are not supported.
+* one hot case skips Python altogether: ``kd_loss`` with the KL divergence,
+  no labels and no standardisation (``kdnumba.keras.LogitsDistillation``),
+  on the CPU platform, is an XLA FFI call (:func:`ffi_target`;
+  ``kdnumba.bridges._xla_ffi``) running the same kernel on XLA's buffers,
+  bit-identical to the callback; its errors (NaN/inf, overflow) are XLA
+  errors with the functional loss's message. Other platforms, other option
+  sets, or ``KDNUMBA_JAX_FFI=0`` when the function is traced use the callback.
 
 :func:`wrap` turns any ``(loss, grad)`` function (e.g. a strategy's bound
 ``loss_and_gradient``) into such a function; :func:`intermediate_loss` does
@@ -209,7 +216,9 @@ def _custom_vjp(adapter: LossAdapter, present: tuple[bool, ...], options: Mappin
 
     loss_and_grad = callback
     if trusted and _uses_ffi(adapter, present, options):
-        adapter([np.zeros((1, 2)), np.zeros((1, 2)), None], options)  # bad options raise now
+        # bad options raise now (float32: the build kdnumba.keras's option check compiled)
+        dummy = np.zeros((1, 2), dtype=np.float32)
+        adapter([dummy, dummy, None], options)
         temperature = float(adapter.option(options, "temperature"))
 
         def loss_and_grad(*operands):
