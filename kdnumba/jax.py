@@ -155,6 +155,11 @@ def ffi_target(dtype) -> str | None:
         if dtype not in _ffi_targets:
             name = f"kdnumba_kd_loss_{dtype.name}"
             try:
+                _xla_ffi.check_abi()
+                # With the CPU client up, XLA checks the handler (its API version)
+                # now and raises here; registered before, a rejected handler would
+                # fail the CPU backend's initialisation instead.
+                jax.devices("cpu")
                 capsule = _xla_ffi.handler_capsule(_xla_ffi.KD_HANDLERS[dtype])
                 jax.ffi.register_ffi_target(name, capsule, platform="cpu", api_version=1)
                 _ffi_targets[dtype] = name

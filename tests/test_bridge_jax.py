@@ -222,6 +222,22 @@ def test_ffi_path_reports_errors(rng):
     with pytest.raises(Exception, match="unexpected operands"):
         jax.ffi.ffi_call(target, shapes)(s, t[:3], jnp.zeros(12, jnp.uint32))
 
+
+def test_ffi_registration_failure_falls_back_to_the_callback(rng, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no typed FFI here")
+
+    monkeypatch.setattr(kdj, "_ffi_targets", {})
+    monkeypatch.setattr(jax.ffi, "register_ffi_target", refuse)
+    s, t = rng.standard_normal((2, 4, 5)).astype(np.float32)
+    f = lambda v, w: kdj.kd_loss(v, w, temperature=5.5)  # noqa: E731  (a new option set)
+    hlo = _hlo(jax.value_and_grad(f), s, t)
+    assert "python_cpu_callback" in hlo and "kdnumba_kd_loss" not in hlo
+    assert kdj.ffi_status() == {"float32": "RuntimeError: no typed FFI here"}
+    assert kdj.ffi_target(np.float32) is None
+    np.testing.assert_array_equal(np.asarray(jax.grad(f)(s, t)),
+                                  functional.kd_loss(s, t, temperature=5.5)[1])
+
 def test_signature_hides_device_and_out():
     params = dict(inspect.signature(functional.kd_loss).parameters)
     del params["out"], params["device"]

@@ -254,6 +254,13 @@ def handler_address(handler) -> int:
     return result.library.get_pointer_to_function(result.fndesc.llvm_cfunc_wrapper_name)
 
 
+def check_abi() -> None:
+    """Raise ``RuntimeError`` where the struct offsets above do not hold (they
+    assume 64-bit pointers and ``size_t``, as on every platform JAX ships)."""
+    if ctypes.sizeof(ctypes.c_void_p) != 8 or ctypes.sizeof(ctypes.c_size_t) != 8:
+        raise RuntimeError("the kdnumba FFI handlers need a 64-bit platform")
+
+
 _capsule_new = ctypes.pythonapi.PyCapsule_New
 _capsule_new.restype = ctypes.py_object
 _capsule_new.argtypes = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)
