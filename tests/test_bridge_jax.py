@@ -174,7 +174,8 @@ def test_ffi_path_is_bit_identical_to_the_functional_loss_and_the_callback(
         # the teacher is cast to the student's dtype, as by the functional loss
         other = np.float64 if dtype is np.float32 else np.float32
         np.testing.assert_array_equal(
-            np.asarray(jax.grad(lambda v: kdj.kd_loss(v, t.astype(other), temperature=temperature))(s)),
+            np.asarray(jax.grad(
+                lambda v: kdj.kd_loss(v, t.astype(other), temperature=temperature))(s)),
             functional.kd_loss(s, t.astype(other), temperature=temperature)[1])
     monkeypatch.setenv(kdj.FFI_ENV, "0")
     s, t = rng.standard_normal((2, *shape)).astype(np.float32)
@@ -196,7 +197,8 @@ def test_ffi_path_under_vmap_cotangents_and_check_grads(rng, x64):
         np.testing.assert_array_equal(np.asarray(grads[k]),
                                       functional.kd_loss(s[k], t[k], temperature=4.0)[1])
     g = jax.grad(lambda v: 3.0 * kd_t4(v, t[0]))(s[0])
-    np.testing.assert_array_equal(np.asarray(g), 3.0 * functional.kd_loss(s[0], t[0], temperature=4.0)[1])
+    np.testing.assert_array_equal(np.asarray(g),
+                                  3.0 * functional.kd_loss(s[0], t[0], temperature=4.0)[1])
     check_grads(lambda v: kd_t4(v, jnp.asarray(t[0])), (jnp.asarray(s[0]),), order=1, modes=["rev"])
 
 
