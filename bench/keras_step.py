@@ -11,15 +11,22 @@ student loss and data; only the distillation loss differs. Each step is
 ``train_on_batch`` on one (B, features) batch after warm-up (compilation),
 timed with ``time.perf_counter``. The two Distillers step in turn
 (``--repeats`` rounds), so load from other processes on a shared machine
-hits both alike; reported: the median and minimum step of each, the median
-of the per-round ratios, and the loss-only forward+backward
-(``jax.jit(value_and_grad)``) of each for context. Figures are wall-clock.
+hits both alike; reported: the median and minimum step of each (wall-clock),
+the process CPU time per step (all threads), the median of the per-round
+ratios, the load average before and after, and the loss-only
+forward+backward (``jax.jit(value_and_grad)``) of each for context.
+
+kdnumba's logits loss runs as an XLA FFI handler (``kdnumba.jax.ffi_target``);
+``--callback`` adds a third Distiller whose train step was traced with
+``KDNUMBA_JAX_FFI=0``, i.e. through ``jax.pure_callback`` (the path every
+other loss takes), to show what the FFI path saves.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import time
 
@@ -65,19 +72,39 @@ def build(loss, args):
     return distiller
 
 
-def time_interleaved(distillers: dict, x, y, args) -> dict:
-    """``name -> [seconds per step]``, the Distillers' steps taken in turn, so
-    that load from other processes on a shared machine hits all of them alike."""
-    for d in distillers.values():
-        for _ in range(args.warmup):  # compiles the train step
-            d.train_on_batch(x, y)
+def warm_up(distiller, x, y, args, env=None):
+    """Compile ``distiller``'s train step (with ``env`` set while it is traced)."""
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        for _ in range(args.warmup):
+            distiller.train_on_batch(x, y)
+    finally:
+        for k, value in saved.items():
+            if value is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = value
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def time_interleaved(distillers: dict, x, y, args) -> tuple[dict, dict]:
+    """``(name -> [wall seconds per step], name -> [CPU seconds per step])``,
+    the Distillers' steps taken in turn, so that load from other processes on
+    a shared machine hits all of them alike."""
     times = {name: [] for name in distillers}
+    cpu = {name: [] for name in distillers}
     for _ in range(args.repeats):
         for name, d in distillers.items():
-            start = time.perf_counter()
+            cpu_start, start = cpu_seconds(), time.perf_counter()
             d.train_on_batch(x, y)
             times[name].append(time.perf_counter() - start)
-    return times
+            cpu[name].append(cpu_seconds() - cpu_start)
+    return times, cpu
 
 
 def time_loss_only(loss, s, t, repeats) -> float:
@@ -102,6 +129,8 @@ def main():
     parser.add_argument("--temperature", type=float, default=4.0)
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--callback", action="store_true",
+                        help="also time kdnumba through jax.pure_callback (KDNUMBA_JAX_FFI=0)")
     args = parser.parse_args()
     if keras.backend.backend() != "jax":
         raise SystemExit("run with KERAS_BACKEND=jax (the criterion is the JAX step)")
@@ -115,22 +144,32 @@ def main():
               "kdnumba": kdk.LogitsDistillation(temperature=args.temperature)}
 
     print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); keras {keras.__version__}, "
-          f"backend jax; {time.strftime('%Y-%m-%d')}")
+          f"backend jax; {time.strftime('%Y-%m-%d %H:%M %Z')}; load average "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"Distiller step: B={args.batch}, C={args.classes}, student Dense({args.features}->"
           f"{args.classes}), teacher Dense({args.features}->{args.hidden}->{args.classes}), "
           f"T={args.temperature}, median of {args.repeats} steps")
-    step = time_interleaved({name: build(loss, args) for name, loss in losses.items()},
-                            x, y, args)
+    distillers = {name: build(loss, args) for name, loss in losses.items()}
+    for d in distillers.values():
+        warm_up(d, x, y, args)
+    if args.callback:
+        d = build(kdk.LogitsDistillation(temperature=args.temperature), args)
+        warm_up(d, x, y, args, env={"KDNUMBA_JAX_FFI": "0"})
+        distillers["callback"] = d
+    step, cpu = time_interleaved(distillers, x, y, args)
     alone = {name: time_loss_only(loss, s, t, args.repeats) for name, loss in losses.items()}
-    for name in losses:
+    for name in distillers:
+        extra = (f"   loss fwd+bwd alone {1e3 * alone[name]:7.2f} ms" if name in alone
+                 else "   (kdnumba through jax.pure_callback)")
         print(f"  {name:10s} step median {1e3 * statistics.median(step[name]):8.2f} ms  "
-              f"min {1e3 * min(step[name]):8.2f} ms   "
-              f"loss fwd+bwd alone {1e3 * alone[name]:7.2f} ms")
+              f"min {1e3 * min(step[name]):8.2f} ms  "
+              f"CPU/step median {1e3 * statistics.median(cpu[name]):7.2f} ms{extra}")
     paired = [a / b for a, b in zip(step["kdnumba"], step["keras.ops"])]
     ratio = statistics.median(paired)
     print(f"  ratio kdnumba / keras.ops step time (median of {len(paired)} paired steps): "
           f"{ratio:.3f} ({'no slower' if ratio <= 1.0 else 'SLOWER'}); "
           f"ratio of minima {min(step['kdnumba']) / min(step['keras.ops']):.3f}")
+    print(f"  load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":

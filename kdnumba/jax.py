@@ -27,6 +27,13 @@ array of the student's dtype. It works under ``jax.jit``, ``jax.grad``,
   raise ``TypeError`` at trace time.
 * kdnumba computes first derivatives only: ``jax.hessian`` and forward-mode
   (``jax.jvp``, ``jax.jacfwd``) are not supported.
+* one hot case skips Python altogether: ``kd_loss`` with the KL divergence,
+  no labels and no standardisation (``kdnumba.keras.LogitsDistillation``),
+  on the CPU platform, is an XLA FFI call (:func:`ffi_target`;
+  ``kdnumba.bridges._xla_ffi``) running the same kernel on XLA's buffers,
+  bit-identical to the callback; its errors (NaN/inf, overflow) are XLA
+  errors with the functional loss's message. Other platforms, other option
+  sets, or ``KDNUMBA_JAX_FFI=0`` when the function is traced use the callback.
 
 :func:`wrap` turns any ``(loss, grad)`` function (e.g. a strategy's bound
 ``loss_and_gradient``) into such a function; :func:`intermediate_loss` does
@@ -39,6 +46,9 @@ module or JAX.
 
 from __future__ import annotations
 
+import functools
+import os
+import threading
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -49,12 +59,16 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess
     raise ImportError("kdnumba.jax needs JAX: pip install 'kdnumba[jax]'") from exc
 
+from kdnumba.bridges import _xla_ffi
 from kdnumba.bridges._adapter import (
     LossAdapter,
     export_losses,
     intermediate_loss_and_gradient,
     registered_losses,
 )
+from kdnumba._constants import LABELS_NONE
+from kdnumba.functional.response import kd_loss as _functional_kd_loss
+from kdnumba.functional.response import kernel_weights
 
 _KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 #: Distinct option sets kept compiled per loss (a sweep over many values just rebuilds).
@@ -121,6 +135,73 @@ def _fused(host: Callable, operands, result_shapes):
     return jax.pure_callback(host, result_shapes, *operands, vmap_method="sequential")
 
 
+# --- XLA FFI path (kdnumba.bridges._xla_ffi) --------------------------------------
+#: Environment variable: ``0`` sends every loss through ``jax.pure_callback``.
+FFI_ENV = "KDNUMBA_JAX_FFI"
+#: dtype -> registered FFI target name, or the reason the FFI path is off.
+_ffi_targets: dict = {}
+_ffi_lock = threading.Lock()
+
+
+def ffi_target(dtype) -> str | None:
+    """The XLA FFI target computing the KL ``kd_loss`` without labels in
+    ``dtype`` (registered with JAX on first use), or ``None`` when that path is
+    off: ``KDNUMBA_JAX_FFI=0``, or registering failed (the reason is kept in
+    :func:`ffi_status`; the losses then use ``jax.pure_callback``)."""
+    dtype = np.dtype(dtype)
+    if os.environ.get(FFI_ENV, "1") == "0" or dtype not in _xla_ffi.KD_HANDLERS:
+        return None
+    with _ffi_lock:
+        if dtype not in _ffi_targets:
+            name = f"kdnumba_kd_loss_{dtype.name}"
+            try:
+                _xla_ffi.check_abi()
+                # With the CPU client up, XLA checks the handler (its API version)
+                # now and raises here; registered before, a rejected handler would
+                # fail the CPU backend's initialisation instead.
+                jax.devices("cpu")
+                capsule = _xla_ffi.handler_capsule(_xla_ffi.KD_HANDLERS[dtype])
+                jax.ffi.register_ffi_target(name, capsule, platform="cpu", api_version=1)
+                _ffi_targets[dtype] = name
+            except Exception as exc:  # an XLA without typed FFI: the callback path stays
+                _ffi_targets[dtype] = f"{type(exc).__name__}: {exc}"
+        target = _ffi_targets[dtype]
+    return target if target.startswith("kdnumba_") else None
+
+
+def ffi_status() -> dict:
+    """``dtype name -> target name or the reason the FFI path is off`` for the
+    dtypes tried so far (diagnostics)."""
+    return {dtype.name: value for dtype, value in _ffi_targets.items()}
+
+
+def _uses_ffi(adapter: LossAdapter, present, options) -> bool:
+    """The call is the FFI handler's case: ``kd_loss``, no labels, KL, not standardised."""
+    return (adapter.fn is _functional_kd_loss and present == (True, True, False)
+            and adapter.option(options, "divergence") == "kl"
+            and adapter.option(options, "standardize") is False)
+
+
+def _ffi_fits(student, teacher) -> str | None:
+    """The FFI target for these operands, or ``None`` when they do not fit it
+    (the callback path then raises the functional loss's error, if any)."""
+    if (student.ndim != 2 or teacher.shape != student.shape or 0 in student.shape
+            or not jnp.issubdtype(teacher.dtype, jnp.floating)):
+        return None
+    return ffi_target(student.dtype)
+
+
+def _ffi_loss_and_grad(target: str, temperature: float, student, teacher):
+    """``(loss, grad)`` of the KL ``kd_loss`` through the FFI ``target`` (CPU only)."""
+    teacher = teacher.astype(student.dtype)  # as the functional loss casts it
+    w_soft, w_hard, c_soft, c_hard = kernel_weights("none", temperature, 0.0, student.shape[0])
+    inv_t = float(np.dtype(student.dtype).type(1.0 / temperature))
+    params = jnp.asarray(_xla_ffi.kd_params(inv_t, w_soft, w_hard, c_soft, c_hard, LABELS_NONE))
+    shapes = (jax.ShapeDtypeStruct((), student.dtype),
+              jax.ShapeDtypeStruct(student.shape, student.dtype))
+    return jax.ffi.ffi_call(target, shapes, vmap_method="sequential")(student, teacher, params)
+
+
 def _custom_vjp(adapter: LossAdapter, present: tuple[bool, ...], options: Mapping,
                 trusted: bool = False):
     """A ``custom_vjp`` function of the non-``None`` array arguments."""
@@ -133,10 +214,26 @@ def _custom_vjp(adapter: LossAdapter, present: tuple[bool, ...], options: Mappin
         dtype = arrays[0].dtype
         return np.asarray(loss, dtype=dtype), np.asarray(grad, dtype=dtype)
 
-    def loss_and_grad(*operands):
+    def callback(*operands):
         student = operands[0]
         return _fused(host, operands, (jax.ShapeDtypeStruct((), student.dtype),
                                        jax.ShapeDtypeStruct(student.shape, student.dtype)))
+
+    loss_and_grad = callback
+    if trusted and _uses_ffi(adapter, present, options):
+        # bad options raise now (float32: the build kdnumba.keras's option check compiled)
+        dummy = np.zeros((1, 2), dtype=np.float32)
+        adapter([dummy, dummy, None], options)
+        temperature = float(adapter.option(options, "temperature"))
+
+        def loss_and_grad(*operands):
+            target = _ffi_fits(*operands)
+            if target is None:
+                return callback(*operands)
+            # the FFI target exists on CPU only: other platforms keep the callback
+            return jax.lax.platform_dependent(
+                *operands, cpu=functools.partial(_ffi_loss_and_grad, target, temperature),
+                default=callback)
 
     @jax.custom_vjp
     def loss(*operands):

@@ -21,7 +21,9 @@ registry; each computes through kdnumba's fused kernels and gets its exact
 gradient from the backend's custom-gradient mechanism:
 
 * JAX backend: :mod:`kdnumba.jax` (``jax.custom_vjp`` over ``jax.pure_callback``;
-  works inside Keras's jitted train step);
+  works inside Keras's jitted train step). :class:`LogitsDistillation`'s loss
+  (KL ``kd_loss``, no labels) is an XLA FFI call there instead, with no Python
+  in the step (docs/keras.md, "Speed");
 * PyTorch backend: :mod:`kdnumba.torch` (a ``torch.autograd.Function``);
 * any other backend (TensorFlow, NumPy, OpenVINO): importing this module
   raises ``ImportError`` naming the backend and the supported ones.

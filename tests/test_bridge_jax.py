@@ -133,6 +133,113 @@ def test_errors(rng):
         jax.jit(jax.grad(lambda v: kdj.kd_loss(v, s, jnp.array([0, 1, 7]))))(s)
 
 
+
+# --- the XLA FFI path (kd_loss, KL, no labels: kdnumba.bridges._xla_ffi) ---------------
+
+def _hlo(f, *args) -> str:
+    return jax.jit(f).lower(*args).as_text()
+
+
+def kd_t4(v, t):
+    return kdj.kd_loss(v, t, temperature=4.0)
+
+
+def test_kl_kd_loss_without_labels_runs_as_an_ffi_call_and_others_as_callbacks(rng, monkeypatch):
+    s, t = rng.standard_normal((2, 6, 5)).astype(np.float32)
+    y = np.arange(6) % 5
+    assert "kdnumba_kd_loss_float32" in _hlo(jax.value_and_grad(kd_t4), s, t)
+    assert "python_cpu_callback" not in _hlo(jax.value_and_grad(kd_t4), s, t)
+    assert kdj.ffi_status()["float32"] == "kdnumba_kd_loss_float32"
+    for other in (lambda v, w: kdj.kd_loss(v, w, y),                     # labels
+                  lambda v, w: kdj.kd_loss(v, w, divergence="jsd"),
+                  lambda v, w: kdj.kd_loss(v, w, standardize=True),
+                  lambda v, w: kdj.kd_loss(v, w[:, :4])):                # bad shape: its error
+        assert "kdnumba_kd_loss" not in _hlo(other, s, t)
+    monkeypatch.setenv(kdj.FFI_ENV, "0")
+    hlo = _hlo(lambda v, w: kdj.kd_loss(v, w, temperature=4.5), s, t)   # a new option set
+    assert "python_cpu_callback" in hlo and "kdnumba_kd_loss" not in hlo
+
+
+@pytest.mark.parametrize("shape, temperature", [((4096, 1000), 4.0), ((3, 7), 0.7), ((1, 1), 2.0)])
+def test_ffi_path_is_bit_identical_to_the_functional_loss_and_the_callback(
+        rng, x64, monkeypatch, shape, temperature):
+    for dtype in (np.float32, np.float64):
+        s, t = (3 * rng.standard_normal((2, *shape))).astype(dtype)
+        want_loss, want_grad = functional.kd_loss(s, t, temperature=temperature)
+        f = jax.jit(jax.value_and_grad(lambda v, w: kdj.kd_loss(v, w, temperature=temperature)))
+        loss, grad = f(s, t)
+        assert loss.dtype == dtype and grad.dtype == dtype
+        assert float(loss) == float(dtype(want_loss))
+        np.testing.assert_array_equal(np.asarray(grad), want_grad)
+        # the teacher is cast to the student's dtype, as by the functional loss
+        other = np.float64 if dtype is np.float32 else np.float32
+        np.testing.assert_array_equal(
+            np.asarray(jax.grad(
+                lambda v: kdj.kd_loss(v, t.astype(other), temperature=temperature))(s)),
+            functional.kd_loss(s, t.astype(other), temperature=temperature)[1])
+    monkeypatch.setenv(kdj.FFI_ENV, "0")
+    s, t = rng.standard_normal((2, *shape)).astype(np.float32)
+    callback = jax.value_and_grad(lambda v, w: kdj.kd_loss(v, w, temperature=temperature + 1.0))
+    monkeypatch.delenv(kdj.FFI_ENV)
+    ffi = jax.value_and_grad(lambda v, w: kdj.kd_loss(v, w, temperature=temperature + 1.0))
+    monkeypatch.setenv(kdj.FFI_ENV, "0")
+    by_callback = jax.jit(callback)(s, t)
+    monkeypatch.delenv(kdj.FFI_ENV)
+    by_ffi = jax.jit(ffi)(s, t)
+    assert float(by_ffi[0]) == float(by_callback[0])
+    np.testing.assert_array_equal(np.asarray(by_ffi[1]), np.asarray(by_callback[1]))
+
+
+def test_ffi_path_under_vmap_cotangents_and_check_grads(rng, x64):
+    s, t = rng.standard_normal((2, 3, 4, 5))
+    grads = jax.jit(jax.vmap(jax.grad(kd_t4)))(s, t)
+    for k in range(3):
+        np.testing.assert_array_equal(np.asarray(grads[k]),
+                                      functional.kd_loss(s[k], t[k], temperature=4.0)[1])
+    g = jax.grad(lambda v: 3.0 * kd_t4(v, t[0]))(s[0])
+    np.testing.assert_array_equal(np.asarray(g),
+                                  3.0 * functional.kd_loss(s[0], t[0], temperature=4.0)[1])
+    check_grads(lambda v: kd_t4(v, jnp.asarray(t[0])), (jnp.asarray(s[0]),), order=1, modes=["rev"])
+
+
+def test_ffi_path_reports_errors(rng):
+    s, t = rng.standard_normal((2, 4, 5)).astype(np.float32)
+    f = jax.jit(jax.value_and_grad(kd_t4))
+    for bad, name in ((s, "teacher_logits"), (t, "student_logits")):
+        poisoned = bad.copy()
+        poisoned[1, 2] = np.nan
+        args = (s, poisoned) if name == "teacher_logits" else (poisoned, t)
+        with pytest.raises(Exception, match=f"{name} contains NaN or inf values"):
+            f(*args)
+    with pytest.raises(Exception, match="overflowed although every input is finite"):
+        f(np.full((2, 3), 3e38, np.float32) * np.array([1, -1, 1], np.float32), t[:2, :3])
+    # options are checked when the function is built, before any call
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        kdj.kd_loss(s, t, temperature=0.0)
+    # a malformed call of the handler itself is an error, not a crash
+    target = kdj.ffi_target(np.float32)
+    shapes = (jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct(s.shape, jnp.float32))
+    with pytest.raises(Exception, match="unexpected operands"):
+        jax.ffi.ffi_call(target, shapes)(s, t, jnp.zeros(3, jnp.uint32))
+    with pytest.raises(Exception, match="unexpected operands"):
+        jax.ffi.ffi_call(target, shapes)(s, t[:3], jnp.zeros(12, jnp.uint32))
+
+
+def test_ffi_registration_failure_falls_back_to_the_callback(rng, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no typed FFI here")
+
+    monkeypatch.setattr(kdj, "_ffi_targets", {})
+    monkeypatch.setattr(jax.ffi, "register_ffi_target", refuse)
+    s, t = rng.standard_normal((2, 4, 5)).astype(np.float32)
+    f = lambda v, w: kdj.kd_loss(v, w, temperature=5.5)  # noqa: E731  (a new option set)
+    hlo = _hlo(jax.value_and_grad(f), s, t)
+    assert "python_cpu_callback" in hlo and "kdnumba_kd_loss" not in hlo
+    assert kdj.ffi_status() == {"float32": "RuntimeError: no typed FFI here"}
+    assert kdj.ffi_target(np.float32) is None
+    np.testing.assert_array_equal(np.asarray(jax.grad(f)(s, t)),
+                                  functional.kd_loss(s, t, temperature=5.5)[1])
+
 def test_signature_hides_device_and_out():
     params = dict(inspect.signature(functional.kd_loss).parameters)
     del params["out"], params["device"]
