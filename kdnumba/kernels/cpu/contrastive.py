@@ -52,7 +52,7 @@ import numpy as np
 
 from kdnumba._constants import NORM_EPS as EPS  # cos(a, b) = a.b / (max(||a||, EPS) ...)
 from kdnumba._policy import jit
-from kdnumba.kernels.cpu.dtypes import cast_like
+from kdnumba.kernels.cpu.dtypes import MAX_FLOAT64, cast_like
 from kdnumba.kernels.cpu.fastexp import exp_nonpos
 from kdnumba.kernels.cpu.reductions import lane_dot, lane_max, lane_sum
 
@@ -67,7 +67,6 @@ TILE_BYTES = 16 << 20
 EXP_RANGE_F32 = 60.0
 EXP_RANGE_F64 = 600.0
 
-_F64_MAX = float(np.finfo(np.float64).max)
 
 #: Helpers called only from the kernels below: no CPython or cfunc wrapper is
 #: built for them (less code to compile on the first call).
@@ -103,13 +102,13 @@ def row_norms(x, out):
         acc = lane_dot(x[i], x[i])
         # ``not (acc <= max)`` catches inf and NaN. (``math.isfinite`` here was
         # measured to be folded away while the policy still granted ``reassoc``.)
-        if not (acc <= _F64_MAX):
+        if not (acc <= MAX_FLOAT64):
             # Either a NaN/inf entry (stays non-finite) or float64 overflow of
             # huge finite entries: rescale by the largest magnitude.
             big = 0.0
             for k in range(dim):
                 big = max(big, abs(np.float64(x[i, k])))
-            if big <= _F64_MAX and big > 0.0:
+            if big <= MAX_FLOAT64 and big > 0.0:
                 acc = 0.0
                 for k in range(dim):
                     v = np.float64(x[i, k]) / big
@@ -245,7 +244,7 @@ def _chain_normalisation(x_row, norm, g, out_row, scale):
     if norm > EPS:
         inv = 1.0 / norm
         proj = lane_dot(x_row, g) * inv
-        if not (abs(proj) <= _F64_MAX):  # x_row . g overflowed (rows near 1e308)
+        if not (abs(proj) <= MAX_FLOAT64):  # x_row . g overflowed (rows near 1e308)
             proj = 0.0
             for k in range(dim):
                 proj += np.float64(x_row[k]) * inv * g[k]

@@ -11,6 +11,14 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
+#: Largest finite float64: ``x <= MAX_FLOAT64`` is False for NaN and inf, the
+#: kernels' one-comparison finiteness test.
+MAX_FLOAT64 = float(np.finfo(np.float64).max)
+
+#: Largest finite value of each kernel dtype, for Python-side range checks
+#: (``np.finfo`` costs about a microsecond a call, a small call's budget).
+LARGEST_FINITE = {np.dtype(t): float(np.finfo(t).max) for t in (np.float32, np.float64)}
+
 
 def cast_like(value, like):
     """``value`` converted to the scalar type of ``like`` (kernels only)."""

@@ -56,6 +56,7 @@ import numpy as np
 from numba import prange
 
 from kdnumba._policy import jit, parallel_jit
+from kdnumba.kernels.cpu.dtypes import MAX_FLOAT64
 from kdnumba.kernels.cpu.reductions import lane_sum
 
 #: Rows ``b`` per task of the angle phase: the rows ``a`` it streams are
@@ -63,8 +64,6 @@ from kdnumba.kernels.cpu.reductions import lane_sum
 #: any sum, so results do not depend on it).
 ROWS_PER_TASK = 16
 
-#: Largest finite float64 (``x <= MAX_FLOAT64`` is False for NaN and inf).
-MAX_FLOAT64 = float(np.finfo(np.float64).max)
 
 #: The row functions below are only called from :func:`_tasks`: no CPython or
 #: cfunc wrapper is built for them (less code to compile on the first call).

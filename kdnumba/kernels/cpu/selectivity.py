@@ -66,7 +66,7 @@ import numpy as np
 from numba import prange
 
 from kdnumba._policy import jit, parallel_jit
-from kdnumba.kernels.cpu.dtypes import cast_like
+from kdnumba.kernels.cpu.dtypes import LARGEST_FINITE, cast_like
 from kdnumba.kernels.cpu.fastexp import exp_nonpos
 
 #: ``metric`` codes of :func:`gradient_rows`.
@@ -653,17 +653,13 @@ def gradient_rows(x, metric, sharpness, k, coef, argmax, grad, flag):
         flag[0] = 1
 
 
-#: Largest finite value of each float dtype (np.finfo costs a microsecond a call).
-_LARGEST = {np.dtype(t): float(np.finfo(t).max) for t in (np.float32, np.float64)}
-
-
 def _gradient_fits(metric, grad, coef, argmax) -> bool:
     """Whether no gradient element overflowed (``coef[CF_BOUND]`` bounds every
     element except the peak's own, which are checked directly)."""
     if metric == PEAK_TO_AVERAGE:
         if not np.isfinite(grad[argmax, np.arange(grad.shape[1])]).all():
             return False
-    if float(coef[CF_BOUND].max()) <= _LARGEST[grad.dtype]:  # False for NaN
+    if float(coef[CF_BOUND].max()) <= LARGEST_FINITE[grad.dtype]:  # False for NaN
         return True
     return bool(np.isfinite(grad).all())
 

@@ -42,6 +42,7 @@ import numpy as np
 from numba import prange
 
 from kdnumba._policy import parallel_jit
+from kdnumba.kernels.cpu.dtypes import MAX_FLOAT64
 from kdnumba.kernels.cpu.fastexp import log_pos_f64
 from kdnumba.kernels.cpu.reductions import lane_dot, lane_sum
 
@@ -50,8 +51,6 @@ from kdnumba.kernels.cpu.reductions import lane_dot, lane_sum
 #: in float32 (1182 in float64).
 TILE_BYTES = 32 << 20
 
-#: Largest finite float64 (``abs(x) <= _F64_MAX`` is False for NaN and inf).
-_F64_MAX = float(np.finfo(np.float64).max)
 
 #: Fewest rows per tile when tiling (unless B is smaller).
 MIN_TILE_ROWS = 64
@@ -131,7 +130,7 @@ def pkt_rows(cs, ct, r0, eps, scale, row_loss, q):
             w[j] = pt * inv_den
             term[j] = pt * log_pos_f64((pt + eps) * inv_den)
         loss = lane_sum(term)
-        if not (abs(sum_s) <= _F64_MAX and abs(sum_t) <= _F64_MAX):
+        if not (abs(sum_s) <= MAX_FLOAT64 and abs(sum_t) <= MAX_FLOAT64):
             loss = math.nan  # NaN/inf input (the clamped log would hide it)
         row_loss[r0 + i] = loss
         wp = lane_dot(w, ps)  # -sum_k g_ik p^s_ik
