@@ -7,7 +7,7 @@ them in their own process with ``NUMBA_ENABLE_CUDASIM=1``::
     NUMBA_ENABLE_CUDASIM=1 python -m pytest tests/cuda -q
 
 On a machine with a CUDA driver they are also collected by the main run and
-then execute on the real GPU (set ``KDNUMBA_CUDA_TESTS=0`` to opt out).
+then execute on the real GPU (set ``KDNUMBA_CUDA_TESTS=0`` to opt out, ``=1`` to force them on).
 Shapes are tiny: the simulator runs every GPU thread as a Python thread
 (about 0.15-0.4 s per 32-thread block).
 """
@@ -28,6 +28,10 @@ def _wanted() -> bool:
         return True
     if os.environ.get("KDNUMBA_CUDA_TESTS") == "0":
         return False
+    if os.environ.get("KDNUMBA_CUDA_TESTS") == "1":
+        # Forced on: a driver mounted outside ldconfig's view (containers)
+        # is invisible to find_library.
+        return True
     # A CUDA driver library means a GPU machine (checked without importing
     # numba.cuda into the main test process).
     return ctypes.util.find_library("cuda") is not None
