@@ -130,7 +130,8 @@ _PTXAS_PROBE = """
     from kdnumba.kernels.cuda import contrastive as K
     for F in ("float32", "float64"):
         ptx, _ = cuda.compile_ptx(K._tiles_kernel, K._TILES_SIG.format(F=F), cc=(9, 0))
-        assert "ld.shared.v" in ptx, "fragment reads are not vectorised"
+        wide = {"float32": "ld.shared.v4.f32", "float64": "ld.shared.v2.f64"}[F]
+        assert wide in ptx, F + " fragment reads are not 128-bit"
         with tempfile.NamedTemporaryFile("w", suffix=".ptx") as fh:
             fh.write(ptx)
             fh.flush()
@@ -154,7 +155,7 @@ def _ptxas():
 
 
 def test_gpu_build_has_no_spills():
-    """The real (sm_90) build: vectorised shared reads, no local-memory spills,
+    """The real (sm_90) build: 128-bit shared reads, no local-memory spills,
     within the 255-register limit (``ptxas -v``; the simulator cannot tell)."""
     ptxas = _ptxas()
     if ptxas is None:

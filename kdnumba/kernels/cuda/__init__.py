@@ -59,6 +59,19 @@ def is_simulator() -> bool:
     return bool(config.ENABLE_CUDASIM)
 
 
+def shared_alignment_supported() -> bool:
+    """True when ``cuda.shared.array`` takes an ``alignment=`` argument: the
+    numba-cuda package (>= 0.20) on a GPU. Numba's built-in CUDA target rejects
+    the keyword and the simulator accepts only ``None``."""
+    if is_simulator():
+        return False
+    try:
+        import numba_cuda  # noqa: F401  (its presence redirects numba.cuda)
+    except ImportError:
+        return False
+    return True
+
+
 def block_size(n_items: int, items_per_thread: int = ITEMS_PER_THREAD) -> int:
     """Threads per block for ``n_items`` elements per block: a power of two in
     ``[32, MAX_BLOCK]`` (``[SIMULATOR_MIN_BLOCK, SIMULATOR_MAX_BLOCK]`` under the

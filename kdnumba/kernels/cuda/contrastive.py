@@ -106,7 +106,8 @@ import numpy as np
 from numba import cuda, types
 
 from kdnumba._constants import NORM_EPS as EPS  # SPEC's norm clamp, as on the CPU
-from kdnumba.kernels.cuda import block_size, compile_kernel, grid_size, is_simulator, item_launch
+from kdnumba.kernels.cuda import (block_size, compile_kernel, grid_size, is_simulator,
+                                  item_launch, shared_alignment_supported)
 
 
 #: Modes of :func:`softmax_tiles`.
@@ -189,9 +190,13 @@ def _class_means_kernel(t, t_norms, members, starts, out):
 # --- the tiled softmax -----------------------------------------------------------------
 #
 # Geometry (see the module docstring). Shared memory is two raw buffers of
-# complex128 (so that the base is 16-byte aligned: with unsigned indices the
-# CUDA compiler then merges the fragment reads into 128-bit ``ld.shared.v4.f32``
-# / ``v2.f64`` loads), viewed as the rows' dtype. Their byte sizes are fixed;
+# complex128 declared 16-byte aligned (with unsigned indices the CUDA compiler
+# then merges the fragment reads into 128-bit ``ld.shared.v4.f32`` / ``v2.f64``
+# loads), viewed as the rows' dtype. The alignment is asked for explicitly:
+# numba-cuda 0.30 aligns complex128 to 8 bytes only, and on the H200 run of
+# 2026-12-04 its float64 build lost the vector loads (float32 fell to v2).
+# Numba's built-in CUDA target has no ``alignment`` keyword (and aligns
+# complex128 to 16 bytes itself); the simulator accepts only None. Their byte sizes are fixed;
 # the depth of a K chunk (``BK``) and of a J chunk (``BJ``) follow from the
 # itemsize, so float32 stages twice as deep as float64. Indices into shared
 # and local memory are ``np.uint64`` (``_U``): a signed index costs a
@@ -242,6 +247,21 @@ assert _DV >= _TN and _X_BYTES % 16 == 0 and _P_BYTES % 16 == 0
 assert _X_BYTES + _P_BYTES <= 48 * 1024, "static shared memory is capped at 48 KiB"
 _X_RAW = _X_BYTES // 16
 _P_RAW = _P_BYTES // 16
+
+
+# Both staging buffers, 16-byte aligned (see the comment above). Inlined into
+# the kernel's IR, so the shared arrays are the kernel's own.
+if shared_alignment_supported():
+    @cuda.jit(device=True, inline="always")
+    def _staging_buffers():
+        return (cuda.shared.array(_X_RAW, dtype=types.complex128, alignment=16),
+                cuda.shared.array(_P_RAW, dtype=types.complex128, alignment=16))
+else:  # built-in numba.cuda aligns complex128 to 16 bytes itself
+    @cuda.jit(device=True, inline="always")
+    def _staging_buffers():
+        return (cuda.shared.array(_X_RAW, dtype=types.complex128),
+                cuda.shared.array(_P_RAW, dtype=types.complex128))
+
 _X8 = _X_BYTES // 8                   # elements of the staging view when float64
 _U = np.uint64
 
@@ -291,8 +311,7 @@ def _tiles_kernel(rows, cols, mode, want_acc, k_lo, lse_cols, m_out, s_out, acc)
     block's tile, columns ``j0 + tx*TN + c`` of each column tile, and the
     accumulator columns ``k_lo + g*NTX*VW + tx*VW + e`` of its rows.
     """
-    raw_x = cuda.shared.array(_X_RAW, dtype=types.complex128)
-    raw_p = cuda.shared.array(_P_RAW, dtype=types.complex128)
+    raw_x, raw_p = _staging_buffers()
     xs = raw_x.view(rows.dtype)        # K chunks, J chunks, row maxima
     xd = raw_x.view(np.float64)        # row-sum partials at the end
     ps = raw_p.view(rows.dtype)        # P tile, ps[j * LDA + row]
