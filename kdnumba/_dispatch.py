@@ -54,6 +54,29 @@ def cuda_unavailable_reason() -> str | None:
             return "device='cuda' was requested but no usable CUDA GPU/driver was found"
     except Exception as exc:  # pragma: no cover - driver-specific failures
         return f"device='cuda' was requested but CUDA failed to initialise: {exc}"
+    return _cuda_toolchain_problem()
+
+
+def _cuda_toolchain_problem() -> str | None:
+    """Why numba-cuda cannot compile here although a GPU is usable, or ``None``.
+
+    Seen on the H200 machine of 2026-12-04: numba-cuda 0.30.4 registers
+    ``np.row_stack``, which NumPy 2.5 removed, so its first kernel compile
+    died with a bare ``AttributeError``. Importing the module that does it
+    (what the first compile does anyway) turns that into a message that says
+    what to change.
+    """
+    try:
+        import numba_cuda
+    except ImportError:  # Numba's built-in CUDA target
+        return None
+    try:
+        importlib.import_module("numba.cuda.np.arrayobj")
+    except AttributeError as exc:
+        version = getattr(numba_cuda, "__version__", "?")
+        return (f"device='cuda' was requested but numba-cuda {version} cannot compile "
+                f"with NumPy {np.__version__} ({exc}); install a NumPy release that "
+                f"numba-cuda {version} supports (e.g. numpy<2.5) or a newer numba-cuda")
     return None
 
 

@@ -89,6 +89,36 @@ def test_device_cuda_without_numba_cuda_names_the_package():
     assert "numba-cuda" in proc.stdout and "kdnumba[cuda]" in proc.stdout, proc.stdout
 
 
+def test_numba_cuda_that_cannot_compile_with_this_numpy_is_named():
+    # The H200 machine of 2026-12-04 had numba-cuda 0.30.4 with NumPy 2.5, which
+    # removed np.row_stack: every first compile died with a bare AttributeError.
+    # Faked here: a GPU "present", numba-cuda "installed", its array module failing.
+    proc = _python("""
+        import importlib, sys, types
+        import numpy as np
+        fake = types.ModuleType("numba_cuda")
+        fake.__version__ = "0.30.4"
+        sys.modules["numba_cuda"] = fake
+        from numba import cuda
+        cuda.is_available = lambda: True
+        real_import = importlib.import_module
+        def failing_import(name, *args):
+            if name == "numba.cuda.np.arrayobj":
+                raise AttributeError("module 'numpy' has no attribute 'row_stack'")
+            return real_import(name, *args)
+        importlib.import_module = failing_import
+        from kdnumba.functional import kd_loss
+        try:
+            kd_loss(np.zeros((2, 3)), np.zeros((2, 3)), device="cuda")
+        except RuntimeError as exc:
+            print("RUNTIME-ERROR:", exc)
+    """)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "RUNTIME-ERROR: device='cuda'" in out, out + proc.stderr
+    assert "numba-cuda 0.30.4" in out and "row_stack" in out and "numpy<2.5" in out, out
+
+
 def test_cpu_path_never_imports_numba_cuda():
     proc = _python("""
         import sys
