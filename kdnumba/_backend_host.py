@@ -20,6 +20,7 @@ import numpy as np
 
 from kdnumba import _policy
 from kdnumba import _validation as v
+from kdnumba._output_pool import POOL
 from kdnumba.kernels.cpu.reductions import ordered_sum
 
 
@@ -62,11 +63,13 @@ class HostBackend:
         """``out`` checked, or a new array like ``like``; ``inputs`` are the caller's
         arrays ``out`` must not overlap."""
         if out is None:  # the common case, without a call into _validation
-            return np.empty_like(like)
+            return POOL.empty_like(like)
         return v.gradient_buffer(out, like, inputs)
 
-    #: ``empty(shape, dtype)`` and ``zeros(shape, dtype)``: NumPy's.
-    empty = staticmethod(np.empty)
+    #: ``empty(shape, dtype)``: ``np.empty``'s contract; blocks of 32 MiB or more
+    #: come from :mod:`kdnumba._output_pool` (pages already faulted in).
+    empty = staticmethod(POOL.empty)
+    #: ``zeros(shape, dtype)``: NumPy's.
     zeros = staticmethod(np.zeros)
 
     def placeholder(self, ndim: int, dtype) -> np.ndarray:
