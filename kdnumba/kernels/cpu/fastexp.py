@@ -7,14 +7,15 @@ LLVM turns into AVX2/AVX-512 code.
 
 Method (Cody-Waite): ``x = n*ln2 + r`` with ``n = round(x/ln2)`` (by the
 ``1.5 * 2**k`` shifter, whose low mantissa bits then hold ``n``),
-``|r| <= ln2/2``; ``exp(r)`` by a Taylor polynomial (Horner's rule for
-float64, Estrin's scheme for float32); ``2**n`` by writing ``n + bias`` into
+``|r| <= ln2/2``; ``exp(r)`` by a polynomial (Taylor's by Horner's rule for
+float64, a minimax fit by Estrin's scheme for float32); ``2**n`` by writing ``n + bias`` into
 the exponent field.
 
 Accuracy (measured in tests against ``np.exp``): float64 < 2 ulp, float32 < 2 ulp
-on ``[-700, 0]`` / ``[-87, 0]``. Arguments below the underflow threshold return
-exactly 0 (like ``np.exp``); arguments must be ``<= 0`` (every caller subtracts a
-row maximum first), NaN is not expected (inputs are validated).
+on ``[-700, 0]`` / ``[-87.68, 0]`` (in subnormal ulps where the result is
+subnormal). Arguments at or below :data:`ZERO_BELOW` return exactly 0;
+arguments must be ``<= 0`` (every caller subtracts a row maximum first), NaN
+is not expected (inputs are validated).
 
 :func:`log_pos_f64` is the same idea for ``log`` (exponent from the bits, a
 series for the mantissa); see its docstring.
@@ -58,8 +59,11 @@ _SHIFTER_F32 = 12582912.0  # 1.5 * 2**23
 
 @jit
 def exp_nonpos_f64(x):
-    """``exp(x)`` for float64 ``x <= 0``; 0.0 below -708 (underflow)."""
-    xc = max(x, -708.0)
+    """``exp(x)`` for float64 ``x <= 0``; exactly 0.0 at and below
+    ``-1022.5 ln2 = -708.74`` (see :data:`ZERO_BELOW`)."""
+    # Clamping at -709 makes n = -1023, whose 2**n bits are those of +0.0: the
+    # underflow needs no compare-and-select of its own.
+    xc = max(x, -709.0)
     # n = round(x / ln2) by the 1.5 * 2**52 shifter: the sum's low mantissa bits
     # hold n in two's complement, so 2**n needs no float -> int64 conversion
     # (AVX2 has none for vectors: with np.floor and np.int64 every float64 exp
@@ -87,35 +91,50 @@ def exp_nonpos_f64(x):
     # as int64 directly, but AVX2 converts four doubles to int32 in one
     # instruction and has none for int64 (that made every float64 exp scalar).
     scale = _bits_to_f64((_f64_to_bits(shifted) + np.int64(1023)) << np.int64(52))
-    return p * scale if x >= -708.0 else 0.0
+    return p * scale
 
 
 @jit
 def exp_nonpos_f32(x):
-    """``exp(x)`` for float32 ``x <= 0``; 0.0 below -87 (underflow).
+    """``exp(x)`` for float32 ``x <= 0``; exactly 0.0 at and below
+    ``-126.5 ln2 = -87.68`` (see :data:`ZERO_BELOW`).
 
-    Written for latency, since a loop of independent exponentials was
-    measured to be bound by this chain, not by instruction throughput:
-    ``n`` comes from the 1.5 * 2**23 shifter (one fused multiply-add; the
-    low bits of the sum are ``n``, so ``2**n`` needs no conversion), and the
-    polynomial is evaluated by Estrin's scheme (depth 3 instead of Horner's
-    7 dependent steps).
+    Written for throughput and latency, since a loop of independent
+    exponentials was measured to be bound by this chain (the KD kernel's
+    pass 2 on AVX2 is bound by its floating-point operations):
+
+    * ``n`` comes from the 1.5 * 2**23 shifter (one fused multiply-add; the
+      low bits of the sum are ``n``, so ``2**n`` needs no conversion);
+    * the polynomial is a degree-6 minimax fit of ``exp`` on ``|r| <= ln2/2``
+      (relative error 3.8e-9 with its float32 coefficients, a 16th of an ulp)
+      by Estrin's scheme: 8 operations at depth 3 instead of the degree-7
+      Taylor polynomial's 9 (11 % faster pass 2 together with the next point,
+      measured on Zen 3);
+    * underflow needs no compare-and-select: clamping at -88 makes ``n =
+      -127``, whose ``2**n`` bits are those of +0.0. Between -87.68 and
+      -87.34 (``n = -126``, ``r < 0``) the result is subnormal, within 2
+      ulp like everywhere else.
     """
-    xc = max(x, np.float32(-87.0))
+    xc = max(x, np.float32(-88.0))
     shifted = xc * np.float32(_LOG2E) + np.float32(_SHIFTER_F32)
     n = shifted - np.float32(_SHIFTER_F32)
     r = (xc - n * np.float32(0.693359375)) - n * np.float32(-2.12194440e-4)
-    # Taylor series of exp(r) to degree 7 on |r| <= 0.347: error < 2e-8.
     r2 = r * r
     p01 = np.float32(1.0) + r
-    p23 = np.float32(0.5) + r * np.float32(1.0 / 6.0)
-    p45 = np.float32(1.0 / 24.0) + r * np.float32(1.0 / 120.0)
-    p67 = np.float32(1.0 / 720.0) + r * np.float32(1.0 / 5040.0)
-    p = (p01 + r2 * p23) + (r2 * r2) * (p45 + r2 * p67)
+    p23 = np.float32(0.49999988) + r * np.float32(0.16666518)
+    p45 = np.float32(0.04166951) + r * np.float32(0.008368918)
+    p = (p01 + r2 * p23) + (r2 * r2) * (p45 + r2 * np.float32(0.0013752716))
     # (n + 127) << 23 from the shifter's bits: shifting by 23 keeps only the
     # low 9 bits, which hold n + 0x400000's low bits, i.e. n mod 2**9.
     scale = _bits_to_f32((_f32_to_bits(shifted) << np.int32(23)) + np.int32(127 << 23))
-    return p * scale if x >= np.float32(-87.0) else np.float32(0.0)
+    return p * scale
+
+
+#: ``exp_nonpos`` is exactly 0.0 for arguments at or below these (``n`` rounds
+#: to the exponent whose ``2**n`` bits are zero: ``-126.5 ln2`` and
+#: ``-1022.5 ln2``, rounded towards zero here so that every argument at or
+#: below them is covered whatever the last bit of the rounding).
+ZERO_BELOW = {"float32": -87.69, "float64": -708.75}
 
 
 _SQRT2 = 1.4142135623730951
