@@ -19,9 +19,10 @@ gradient keeps its block, and the pool allocates another. Raw pointers taken
 from a dropped array (``arr.ctypes.data``) are as dangling as with any freed
 NumPy array.
 
-Limits: blocks below :data:`MIN_BYTES` are plain ``np.empty``; free blocks
-are kept up to ``KDNUMBA_OUTPUT_POOL_MB`` MiB in all (default 512; 0 turns
-the pool off), least recently used dropped first. Contents are uninitialised,
+Limits: requests below :data:`MIN_BYTES`, or above the pool's limit, are
+plain ``np.empty``; free blocks are kept up to ``KDNUMBA_OUTPUT_POOL_MB`` MiB
+in all (default 512; 0 turns the pool off), least recently used dropped
+first, when the next block is taken. Contents are uninitialised,
 as with ``np.empty``: every user writes every element. Thread-safe (one
 lock); after ``fork`` the child's blocks are its own copies, referenced as in
 the parent.
@@ -77,15 +78,22 @@ class OutputPool:
     def empty(self, shape, dtype) -> np.ndarray:
         """An uninitialised C-ordered array, like ``np.empty(shape, dtype)``."""
         arr = np.empty(shape, dtype)  # small requests (the hot path) stop here
-        if arr.nbytes < self.min_bytes or self.limit_bytes == 0 or self._unused_refs is None:
+        if not self._pooled(arr.nbytes):
             return arr
         return self._from_block(arr.nbytes, arr.dtype, arr.shape)  # arr's pages untouched
 
     def empty_like(self, like: np.ndarray) -> np.ndarray:
         """``empty(like.shape, like.dtype)``."""
-        if like.nbytes < self.min_bytes or self.limit_bytes == 0 or self._unused_refs is None:
+        if not self._pooled(like.nbytes):
             return np.empty(like.shape, like.dtype)
         return self._from_block(like.nbytes, like.dtype, like.shape)
+
+    def _pooled(self, nbytes: int) -> bool:
+        """Whether a request of ``nbytes`` goes through the pool: at least
+        ``min_bytes``, and no more than the pool may keep (a larger block
+        would be dropped when freed, and kept until the next request)."""
+        return (self.min_bytes <= nbytes <= self.limit_bytes
+                and self._unused_refs is not None)
 
     def _from_block(self, nbytes: int, dtype, shape) -> np.ndarray:
         with self._lock:

@@ -57,6 +57,9 @@ def test_small_requests_and_a_zero_limit_are_plain_numpy():
     big = off.empty(8 * KIB, np.uint8)
     assert big.base is None
     assert off.held_bytes() == (0, 0)
+    pool_of_8k = _pool(limit=8 * KIB)
+    huge = pool_of_8k.empty(9 * KIB, np.uint8)  # above what the pool may keep
+    assert huge.base is None and pool_of_8k.held_bytes() == (0, 0)
 
 
 def test_free_blocks_beyond_the_limit_are_dropped_oldest_first():
