@@ -55,3 +55,20 @@ timeout "${KD_BENCH_TIMEOUT:-240}" $PY -m pytest bench/test_bench_cuda.py -q -p 
     --benchmark-columns=min,median,max,rounds --benchmark-group-by=group 2>&1 \
     | tee "$OUT/bench_cuda.log" | tail -n 70
 echo "bench took $(( $(date +%s) - t0 )) s"
+
+# The host's CPU (a 16-core Xeon on the lent H200 machine): the headline CPU
+# cases with the host's own target and with AVX-512 off (NUMBA_CPU_NAME=haswell),
+# the "no regression on AVX-512" check of issue 16 that a 2-core AVX2 VM cannot do.
+if [ "${KD_CPU_BENCH:-1}" = "1" ]; then
+    grep -o -m1 'avx512[a-z]*' /proc/cpuinfo | sort -u | tr '\n' ' ' | tee -a "$OUT/machine.txt"; echo
+    for target in host haswell; do
+        echo "== CPU benchmarks, target $target"
+        if [ "$target" = host ]; then unset NUMBA_CPU_NAME; else export NUMBA_CPU_NAME=$target; fi
+        NUMBA_CACHE_DIR=/tmp/kdnumba-numba-cache-$target timeout "${KD_CPU_TIMEOUT:-150}" \
+            $PY -m kdnumba.cli bench --quick --no-compile --repeats 20 \
+            --case kd_loss/B4096_C1000/float32 --case selectivity_loss/variance/B4096_N2048/float32 \
+            --case nt_xent/B4096_D128/float32 --save "$OUT/cpu_bench_$target.json" 2>&1 \
+            | tee "$OUT/cpu_bench_$target.log" | tail -n 14
+    done
+    unset NUMBA_CPU_NAME
+fi
