@@ -297,9 +297,9 @@ def selectivity_loss(student_acts, teacher_acts, *, metric="variance",
     n_rows, n_cols = s2.shape
     scalar = np.dtype(s.dtype).type
     k = sharpness / threshold
+    sharpness_f, k_f = scalar(sharpness), scalar(k)  # the kernels' dtype
     kernels = be.kernels("selectivity")
     code, flags = _metric_codes(kernels)[metric]
-    named = [("student_acts", s), ("teacher_acts", t)]
 
     # Teacher first: the student, read last, is then the likelier to still be
     # in cache when the gradient pass reads it again.
@@ -309,21 +309,22 @@ def selectivity_loss(student_acts, teacher_acts, *, metric="variance",
     # variance and peak statistics cost a fraction of kd_loss's exps per
     # element, the relaxed sparsity about the same.
     with be.launch(s2.size * (2 if flags & kernels.WANT_SPARSITY else 1)):
-        kernels.column_stats(t2, s2, 2, flags, threshold, scalar(sharpness), scalar(k), eps,
-                             stats, argmax)
+        kernels.column_stats(t2, s2, 2, flags, threshold, sharpness_f, k_f, eps, stats,
+                             argmax)
     sq = be.empty(n_cols, np.float64)
     coef = be.empty((kernels.N_COEFS, n_cols), np.float64)
-    with be.launch():
-        kernels.coefficients(code, stats, weight, eps, k, n_rows, sq, coef)
+    # O(N) and serial on every device: no launch context (on the host it
+    # would take the thread pool's lock for nothing, issue #16).
+    kernels.coefficients(code, stats, weight, eps, k, n_rows, sq, coef)
     loss = weight * be.total(sq) / n_cols
-    be.check_finite(loss, named)
+    be.check_finite(loss, (("student_acts", s), ("teacher_acts", t)))
 
     flag = be.zeros(1, np.int32)
     with be.launch(s2.size):
-        kernels.gradient_rows(s2, code, scalar(sharpness), scalar(k), coef, argmax[1], g2,
-                              flag)
+        kernels.gradient_rows(s2, code, sharpness_f, k_f, coef, argmax[1], g2, flag)
     if be.to_host(flag)[0]:
-        v.raise_non_finite([(name, be.to_host(a)) for name, a in named], what="the gradient")
+        v.raise_non_finite([("student_acts", be.to_host(s)), ("teacher_acts", be.to_host(t))],
+                           what="the gradient")
     return loss, be.deliver(grad, out)
 
 
