@@ -67,9 +67,10 @@ import functools
 import numpy as np
 from numba import prange
 
-from kdnumba._policy import jit, parallel_jit
+from kdnumba._policy import jit, kernel_launch, parallel_jit
 from kdnumba.kernels.cpu.dtypes import LARGEST_FINITE, cast_like
 from kdnumba.kernels.cpu.fastexp import exp_nonpos
+from kdnumba.kernels.cpu.reductions import ordered_sum
 
 #: ``metric`` codes of :func:`gradient_rows`.
 VARIANCE = 0
@@ -650,6 +651,66 @@ def _coef_peak(stats, weight, eps, n_rows, sq, coef):
         coef[CF_B, j] = b
         coef[CF_C, j] = c / d
         coef[CF_BOUND, j] = abs(b)
+
+
+def loss_and_gradient(t, s, metric, flags, threshold, sharpness, k, eps, weight, grad):
+    """The loss's launches in one call: :func:`column_stats` of the teacher
+    and the student, :func:`coefficients`, the sum of the loss terms and
+    :func:`gradient_rows` of the student.
+
+    Parameters (the same on both devices; ``F`` is the dtype of ``s``):
+        t, s: ``(B, N)`` F, C-contiguous (teacher, student).
+        metric: ``VARIANCE``, ``SPARSITY`` or ``PEAK_TO_AVERAGE``; flags: its
+            ``WANT_*`` bit.
+        threshold, sharpness, k, eps, weight: Python floats
+            (``k = sharpness / threshold``).
+        grad: ``(B, N)`` F output, ``d loss / d s``.
+
+    Returns ``(total, fits)``: ``sum_j sq_j`` of :func:`coefficients` (the loss
+    is ``weight * total / N``; NaN/inf when an input is not finite) and
+    whether every gradient element is finite.
+
+    On the CPU the kernels run back to back with nothing in between but their
+    calls (a small call's Python work between two kernels costs more than its
+    own time: it evicts the activations from cache, issue #16), under launch
+    contexts of its own: ``work`` for the serial-below threshold is in
+    kd_loss-element units (the variance and peak statistics cost a fraction of
+    kd_loss's exps per element, the relaxed sparsity about the same).
+    """
+    n_rows, n_cols = s.shape
+    f = s.dtype.type
+    col_block, rows, n_ch, n_tasks = _grid(2, n_rows, n_cols)
+    part = np.empty((2, n_ch, N_PARTIALS, n_cols), np.float64)
+    stats = np.empty((2, N_STATS, n_cols), np.float64)
+    sq = np.empty(n_cols, np.float64)
+    coef = np.empty((N_COEFS, n_cols), np.float64)
+    largest = LARGEST_FINITE[grad.dtype]
+    if metric == VARIANCE:
+        shift = np.empty((2, n_cols), np.float64)
+        with kernel_launch(s.size):
+            _variance_grid(t, s, 2, n_tasks, col_block, rows, shift, part, stats)
+            _coef_variance(stats, weight, n_rows, sq, coef)
+            fits = _grad_variance(s, coef, largest, grad)
+    elif metric == SPARSITY:
+        sharp_f, k_f = f(sharpness), f(k)
+        acc = _soft_scratch(n_tasks, col_block, s.dtype)
+        coef_f = np.empty(n_cols, s.dtype)
+        with kernel_launch(2 * s.size):
+            _sparsity_grid(t, s, 2, n_tasks, sharp_f, k_f, col_block, rows, part, acc, stats)
+        _coef_sparsity(stats, weight, k, n_rows, sq, coef)
+        with kernel_launch(s.size):
+            fits = _grad_sparsity(s, sharp_f, k_f, coef, coef_f, largest, grad)
+    else:
+        p_max = np.empty((2, n_ch, n_cols), s.dtype)
+        p_arg = np.empty((2, n_ch, n_cols), np.int32)
+        argmax = np.empty((2, n_cols), np.int64)
+        coef_f = np.empty(n_cols, s.dtype)
+        with kernel_launch(s.size):
+            _peak_grid(t, s, 2, n_tasks, eps, col_block, rows, part, p_max, p_arg, stats,
+                       argmax)
+            _coef_peak(stats, weight, eps, n_rows, sq, coef)
+            fits = _grad_peak(s, coef, coef_f, argmax[1], largest, grad)
+    return ordered_sum(sq), fits
 
 
 def gradient_rows(x, metric, sharpness, k, coef, argmax, grad, flag):
