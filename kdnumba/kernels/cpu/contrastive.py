@@ -46,6 +46,7 @@ Inputs are validated, C-contiguous arrays of one float dtype.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -484,16 +485,14 @@ def _tiles(anchors: np.ndarray, candidates: np.ndarray, tile_rows):
         yield r0, r1, block
 
 
-def _bounds_and_mode(anchor_norms, temperature, dtype):
-    """Per-anchor logit bounds ``||a_i||``, whether to shift by them, and the
-    exp pass's flush threshold (none on the bound path: no exponent is below
-    ``-2/tau >= -EXP_RANGE`` there, and the row losses read every positive's
-    exponential)."""
-    bounds = np.empty(anchor_norms.shape[0], dtype=np.float64)
-    _logit_bounds(anchor_norms, temperature, bounds)
+def _shift_mode(temperature, dtype):
+    """Whether to shift the logits by the anchors' bounds ``||a_i||``
+    (:func:`_logit_bounds`), and the exp pass's flush threshold (none on the
+    bound path: no exponent is below ``-2/tau >= -EXP_RANGE`` there, and the
+    row losses read every positive's exponential)."""
     limit = EXP_RANGE_F32 if dtype == _FLOAT32 else EXP_RANGE_F64
     use_bound = 2.0 / temperature <= limit
-    return bounds, use_bound, (-math.inf if use_bound else -limit)
+    return use_bound, (-math.inf if use_bound else -limit)
 
 
 _FLOAT32 = np.dtype(np.float32)
@@ -522,21 +521,10 @@ def _largest_class(starts):
     return best
 
 
-def _candidates(first, first_norms, extra, extra_norms):
-    """Normalised candidate rows: ``first`` then ``extra`` (or ``None``)."""
-    if extra is None:  # (no slice of ``cand``: a view costs a small call 0.2 us)
-        cand = np.empty_like(first)
-        normalize_rows(first, first_norms, 1.0, cand)
-        return cand
-    n, dim = first.shape
-    cand = np.empty((n + extra.shape[0], dim), dtype=first.dtype)
-    normalize_rows(first, first_norms, 1.0, cand[:n])
-    normalize_rows(extra, extra_norms, 1.0, cand[n:])
-    return cand
-
-
+@functools.lru_cache(maxsize=16)
 def _diagonal(n):
-    """Positive lists where anchor ``i``'s positive is candidate ``i``."""
+    """Positive lists where anchor ``i``'s positive is candidate ``i`` (built
+    once per ``n``: two ``np.arange`` cost a small call ~2 us; only read)."""
     index = np.arange(n, dtype=np.int64)
     return index, index, np.arange(n + 1, dtype=np.int64)
 
@@ -574,9 +562,7 @@ def student_anchored(s, s_norms, t, t_norms, neg, neg_norms, pos, pos_class, mem
     inv_sum = np.empty(n, dtype=np.float64)
     saved = np.empty(_largest_class(starts), dtype=dtype)
     g = np.empty(dim)  # scratch of finish_student_anchored
-    limit = EXP_RANGE_F32 if dtype == _FLOAT32 else EXP_RANGE_F64
-    use_bound = 2.0 / temperature <= limit
-    lo = -math.inf if use_bound else -limit  # (as _bounds_and_mode)
+    use_bound, lo = _shift_mode(temperature, dtype)
     # The tiles of ``_tiles``, written out: a generator costs a small call ~1 us
     # (and default_tile_rows never gives fewer than min(n, TILE_ROWS) rows).
     if tile_rows is None and n <= TILE_ROWS:
@@ -616,29 +602,53 @@ def teacher_anchored(s, s_norms, t, t_norms, neg, neg_norms, temperature, tile_r
     candidate side of the gradient ``sum_i p_ij a_i`` is accumulated in
     float64 tile by tile, in tile order. Outputs as :func:`student_anchored`.
     """
+    # Buffers first, then the kernels and products back to back (see
+    # :func:`student_anchored`).
     n, dim = s.shape
     dtype = s.dtype
+    n_cand = n if neg is None else n + neg.shape[0]
     inv_tau = 1.0 / temperature
     anchors = np.empty_like(t)
-    normalize_rows(t, t_norms, inv_tau, anchors)
-    cand = _candidates(s, s_norms, neg, neg_norms)
-    bounds, use_bound, lo = _bounds_and_mode(t_norms, temperature, dtype)
+    cand = np.empty((n_cand, dim), dtype=dtype)
+    bounds = np.empty(n, dtype=np.float64)
+    use_bound, lo = _shift_mode(temperature, dtype)
     pos_class, members, starts = _diagonal(n)
     saved = np.empty(1, dtype=dtype)
-    rows = tile_rows or default_tile_rows(n, cand.shape[0], dtype.itemsize)
+    if tile_rows is None and n <= TILE_ROWS:  # (see student_anchored)
+        rows = n
+    else:
+        rows = tile_rows or default_tile_rows(n, n_cand, dtype.itemsize)
     weighted = np.empty((min(rows, n), dim), dtype=dtype)
     part = np.empty((n, dim), dtype=dtype)
     acc = np.zeros((n, dim), dtype=np.float64)
     inv_sum = np.empty(n, dtype=np.float64)
-    for r0, r1, block in _tiles(anchors, cand, rows):
-        softmax_rows(block, bounds, use_bound, lo, r0, pos_class, members, starts, saved,
+    g = np.empty(dim)  # scratch of finish_teacher_anchored
+
+    normalize_rows(t, t_norms, inv_tau, anchors)
+    if neg is None:
+        normalize_rows(s, s_norms, 1.0, cand)
+    else:
+        normalize_rows(s, s_norms, 1.0, cand[:n])
+        normalize_rows(neg, neg_norms, 1.0, cand[n:])
+    _logit_bounds(t_norms, temperature, bounds)
+    if rows >= n:  # one tile (every small call): no generator, no slices
+        block = np.empty((n, n_cand), dtype=dtype)
+        np.matmul(anchors, cand.T, out=block)
+        softmax_rows(block, bounds, use_bound, lo, 0, pos_class, members, starts, saved,
                      inv_sum, row_loss)
-        w = weighted[: r1 - r0]
-        scale_rows(anchors[r0:r1], inv_sum, r0, w)
-        np.matmul(block[:, :n].T, w, out=part)
+        scale_rows(anchors, inv_sum, 0, weighted)
+        np.matmul((block if neg is None else block[:, :n]).T, weighted, out=part)
         accumulate(acc, part)
+    else:
+        for r0, r1, block in _tiles(anchors, cand, rows):
+            softmax_rows(block, bounds, use_bound, lo, r0, pos_class, members, starts, saved,
+                         inv_sum, row_loss)
+            w = weighted[: r1 - r0]
+            scale_rows(anchors[r0:r1], inv_sum, r0, w)
+            np.matmul(block[:, :n].T, w, out=part)
+            accumulate(acc, part)
     del weighted, part, cand, block  # (``block`` is a view of the tile buffer)
-    finish_teacher_anchored(s, s_norms, anchors, acc, np.empty(dim), grad)
+    finish_teacher_anchored(s, s_norms, anchors, acc, g, grad)
 
 
 def triplet(s, s_norms, labels, qualifies, n_qualifying, margin, tile_rows, row_loss, grad):
