@@ -53,10 +53,11 @@ and a hard-count kernel); :func:`column_stats_grid`, :func:`coefficients` and
 :func:`gradient_rows` are Python launchers choosing among them.
 
 The launch functions -- :func:`column_stats`, :func:`coefficients`,
-:func:`gradient_rows` -- are the interface shared with
-``kernels.cuda.selectivity`` (same names, arguments and output
-conventions: every result goes into an output the caller allocated; scratch
-is the launcher's own business). The codes and row indices below are the
+:func:`gradient_rows`, and :func:`loss_and_gradient`, the loss's three in
+one call -- are the interface shared with ``kernels.cuda.selectivity`` (same
+names, arguments and output conventions: every result goes into an output
+the caller allocated, except :func:`loss_and_gradient`'s two host scalars;
+scratch is the launcher's own business). The codes and row indices below are the
 home of both modules'.
 """
 

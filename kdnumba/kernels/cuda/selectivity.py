@@ -1,8 +1,9 @@
 """Per-neuron selectivity statistics and their gradient on the GPU.
 
 The CUDA twin of ``kernels.cpu.selectivity``: the same launch functions
-(:func:`column_stats`, :func:`coefficients`, :func:`gradient_rows`) with the
-same arguments and outputs, the same codes (imported from there), the same
+(:func:`column_stats`, :func:`coefficients`, :func:`gradient_rows`, and
+:func:`loss_and_gradient`, which runs the loss's three) with the same
+arguments and outputs, the same codes (imported from there), the same
 statistics, tie rule and ``sign(0) = 0``. On ``(B, N)`` activations:
 
 1. :func:`column_stats`, first launch per matrix -- column-blocked partial
