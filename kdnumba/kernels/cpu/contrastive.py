@@ -512,15 +512,6 @@ def _logit_bounds(norms, temperature, out):
         out[i] = unit / temperature
 
 
-@jit
-def _largest_class(starts):
-    """``max(starts[c + 1] - starts[c])``: the size of the largest class."""
-    best = 0
-    for c in range(starts.shape[0] - 1):
-        best = max(best, starts[c + 1] - starts[c])
-    return best
-
-
 @functools.lru_cache(maxsize=16)
 def _diagonal(n):
     """Positive lists where anchor ``i``'s positive is candidate ``i`` (built
@@ -565,7 +556,10 @@ def student_anchored(s, s_norms, t, t_norms, neg, neg_norms, pos, pos_class, mem
     cand = np.empty((n_cand, dim), dtype=dtype)
     bounds = np.empty(n, dtype=np.float64)
     inv_sum = np.empty(n, dtype=np.float64)
-    saved = np.empty(_largest_class(starts), dtype=dtype)
+    # softmax_rows' room for the largest class's positives: n (at least its
+    # size) rather than computing the size, which costs a call ~2 us in
+    # NumPy or a kernel's compile.
+    saved = np.empty(n, dtype=dtype)
     g = np.empty(dim)  # scratch of finish_student_anchored
     use_bound, lo = _shift_mode(temperature, dtype)
     # The tiles of ``_tiles``, written out: a generator costs a small call ~1 us
