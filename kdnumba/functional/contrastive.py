@@ -44,6 +44,7 @@ rounded logits as its log-sum-exp, so it is never negative, also in float32.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -123,6 +124,44 @@ def _row_norms(be, kernels, x, name: str):
     return norms
 
 
+def _norms(be, kernels, s, t, neg):
+    """``(s_norms, t_norms, neg_norms or None)``, float64 and kernel-side, from one
+    buffer with one finiteness test of their total (a small call pays ~2 us
+    for every separate buffer and total, and Python work between two kernels
+    costs it more than its own time: it evicts the embeddings from cache,
+    issue #16); ``ValueError`` naming the first input with a NaN/inf row or a
+    norm that overflows float64."""
+    n_s, n_t = s.shape[0], t.shape[0]
+    n_neg = 0 if neg is None else neg.shape[0]
+    norms = be.empty(n_s + n_t + n_neg, np.float64)
+    s_norms, t_norms = norms[:n_s], norms[n_s:n_s + n_t]
+    kernels.row_norms(s, s_norms)
+    kernels.row_norms(t, t_norms)
+    neg_norms = None
+    if neg is not None:
+        neg_norms = norms[n_s + n_t:]
+        kernels.row_norms(neg, neg_norms)
+    if not math.isfinite(be.total(norms)):  # one number back; the rows only on this path
+        for x, x_norms, name in ((s, s_norms, "student_emb"), (t, t_norms, "teacher_emb"),
+                                 (neg, neg_norms, "negatives")):
+            if x is not None and not np.isfinite(be.to_host(x_norms)).all():
+                if not np.isfinite(be.to_host(x)).all():
+                    raise ValueError(f"{name} contains NaN or inf values")
+                raise ValueError(f"{name} has rows whose norm overflows float64; rescale it")
+        # Finite norms whose float64 total overflows: nothing wrong with the inputs.
+    return s_norms, t_norms, neg_norms
+
+
+@functools.lru_cache(maxsize=16)
+def _diagonal_lists(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """NT-Xent's positive lists (anchor ``i``'s positive is teacher row ``i``):
+    ``(pos_class, members, starts)`` = ``(arange(n), arange(n), arange(n + 1))``,
+    int64. Built once per batch size (two ``np.arange`` cost a small call
+    ~2 us); the kernels only read them."""
+    index = np.arange(n, dtype=np.int64)
+    return index, index, np.arange(n + 1, dtype=np.int64)
+
+
 def class_lists(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(inverse, members, starts)`` of int64 class labels ``(B,)``: dense class
     ids ``(B,)``, the rows grouped by class (row order inside a class) and the
@@ -169,29 +208,32 @@ def _softmax_loss(mode, student_emb, teacher_emb, negatives, labels, temperature
     grad = be.gradient_buffer(out, s, (student_emb, teacher_emb, negatives, t, neg))
     kernels = be.kernels(_FAMILY)
     row_loss = be.empty(n, np.float64)
-    n_cand = n + (0 if neg is None else neg.shape[0])
-    with be.launch(n * n_cand * dim):
-        s_norms = _row_norms(be, kernels, s, "student_emb")
-        t_norms = _row_norms(be, kernels, t, "teacher_emb")
-        n_norms = _row_norms(be, kernels, neg, "negatives")
-        if mode == "info_nce":
-            kernels.teacher_anchored(s, s_norms, t, t_norms, neg, n_norms, tau, rows,
-                                     row_loss, grad)
-        else:
-            if y is None:  # NT-Xent: anchor i's positive is teacher row i
-                index = np.arange(n, dtype=np.int64)
-                lists = (index, index, np.arange(n + 1, dtype=np.int64))
-            else:  # supervised: the teacher rows of the anchor's class
-                lists = class_lists(y)
-            pos_class, members, starts = (be.to_device(a) for a in lists)
-            means = None
-            if y is not None:
-                means = be.empty((starts.shape[0] - 1, dim), s.dtype)
-                kernels.class_means(t, t_norms, members, starts, means)
-            kernels.student_anchored(s, s_norms, t, t_norms, neg, n_norms, means, pos_class,
-                                     members, starts, tau, rows, row_loss, grad)
-    return _finish(be, row_loss, n, [("student_emb", s), ("teacher_emb", t),
-                                     ("negatives", neg)], grad, out)
+    if mode != "info_nce":  # (before the first kernel: see _norms)
+        if y is None:  # NT-Xent: anchor i's positive is teacher row i
+            lists = _diagonal_lists(n)
+        else:  # supervised: the teacher rows of the anchor's class
+            lists = class_lists(y)
+        pos_class = be.to_device(lists[0])
+        members = be.to_device(lists[1])
+        starts = be.to_device(lists[2])
+    # No launch context: these kernels are serial on the CPU (their threads are
+    # BLAS's, see kernels/cpu/contrastive.py) and a context would cost a small
+    # call 1 us, or start Numba's thread pool for nothing (issue #16).
+    s_norms, t_norms, n_norms = _norms(be, kernels, s, t, neg)
+    if mode == "info_nce":
+        kernels.teacher_anchored(s, s_norms, t, t_norms, neg, n_norms, tau, rows, row_loss,
+                                 grad)
+    else:
+        means = None
+        if y is not None:
+            means = be.empty((starts.shape[0] - 1, dim), s.dtype)
+            kernels.class_means(t, t_norms, members, starts, means)
+        kernels.student_anchored(s, s_norms, t, t_norms, neg, n_norms, means, pos_class,
+                                 members, starts, tau, rows, row_loss, grad)
+    loss = be.total(row_loss) / n
+    if not math.isfinite(loss):  # (the inputs' list only on this path)
+        be.check_finite(loss, [("student_emb", s), ("teacher_emb", t), ("negatives", neg)])
+    return loss, be.deliver(grad, out)
 
 
 # --- public functions ------------------------------------------------------------------

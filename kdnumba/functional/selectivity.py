@@ -293,37 +293,21 @@ def selectivity_loss(student_acts, teacher_acts, *, metric="variance",
     t = as_batch(be, teacher_acts, "teacher_acts", dtype=s.dtype)
     check_pair(s, t)
     grad = be.gradient_buffer(out, s, (student_acts, teacher_acts, t))
-    s2, t2, g2 = _rows(s), _rows(t), _rows(grad)
-    n_rows, n_cols = s2.shape
-    scalar = np.dtype(s.dtype).type
-    k = sharpness / threshold
     kernels = be.kernels("selectivity")
     code, flags = _metric_codes(kernels)[metric]
-    named = [("student_acts", s), ("teacher_acts", t)]
-
-    # Teacher first: the student, read last, is then the likelier to still be
-    # in cache when the gradient pass reads it again.
-    stats = be.empty((2, kernels.N_STATS, n_cols), np.float64)
-    argmax = be.empty((2, n_cols), np.int64)
-    # ``work`` for the serial-below threshold, in kd_loss-element units: the
-    # variance and peak statistics cost a fraction of kd_loss's exps per
-    # element, the relaxed sparsity about the same.
-    with be.launch(s2.size * (2 if flags & kernels.WANT_SPARSITY else 1)):
-        kernels.column_stats(t2, s2, 2, flags, threshold, scalar(sharpness), scalar(k), eps,
-                             stats, argmax)
-    sq = be.empty(n_cols, np.float64)
-    coef = be.empty((kernels.N_COEFS, n_cols), np.float64)
-    with be.launch():
-        kernels.coefficients(code, stats, weight, eps, k, n_rows, sq, coef)
-    loss = weight * be.total(sq) / n_cols
-    be.check_finite(loss, named)
-
-    flag = be.zeros(1, np.int32)
-    with be.launch(s2.size):
-        kernels.gradient_rows(s2, code, scalar(sharpness), scalar(k), coef, argmax[1], g2,
-                              flag)
-    if be.to_host(flag)[0]:
-        v.raise_non_finite([(name, be.to_host(a)) for name, a in named], what="the gradient")
+    # One launch function for the whole loss: statistics, loss terms and
+    # gradient back to back (a small call's Python between two kernels costs
+    # more than its own time, issue #16). The gradient is written before the
+    # loss is checked: non-finite input gives a non-finite loss, reported
+    # first (naming the input) whatever the gradient holds.
+    s2 = _rows(s)
+    total, fits = kernels.loss_and_gradient(_rows(t), s2, code, flags, threshold, sharpness,
+                                            sharpness / threshold, eps, weight, _rows(grad))
+    loss = weight * total / s2.shape[1]
+    be.check_finite(loss, (("student_acts", s), ("teacher_acts", t)))
+    if not fits:
+        v.raise_non_finite([("student_acts", be.to_host(s)), ("teacher_acts", be.to_host(t))],
+                           what="the gradient")
     return loss, be.deliver(grad, out)
 
 

@@ -46,6 +46,7 @@ Inputs are validated, C-contiguous arrays of one float dtype.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -484,30 +485,37 @@ def _tiles(anchors: np.ndarray, candidates: np.ndarray, tile_rows):
         yield r0, r1, block
 
 
-def _bounds_and_mode(anchor_norms, temperature, dtype):
-    """Per-anchor logit bounds ``||a_i||``, whether to shift by them, and the
-    exp pass's flush threshold (none on the bound path: no exponent is below
-    ``-2/tau >= -EXP_RANGE`` there, and the row losses read every positive's
-    exponential)."""
-    unit = np.minimum(anchor_norms, EPS) / EPS  # ||x_hat||: 1, or < 1 when clamped
-    bounds = unit / temperature
-    use_bound = 2.0 / temperature <= exp_range(dtype)
-    return bounds, use_bound, (-math.inf if use_bound else -exp_range(dtype))
+def _shift_mode(temperature, dtype):
+    """Whether to shift the logits by the anchors' bounds ``||a_i||``
+    (:func:`_logit_bounds`), and the exp pass's flush threshold (none on the
+    bound path: no exponent is below ``-2/tau >= -EXP_RANGE`` there, and the
+    row losses read every positive's exponential)."""
+    limit = EXP_RANGE_F32 if dtype == _FLOAT32 else EXP_RANGE_F64
+    use_bound = 2.0 / temperature <= limit
+    return use_bound, (-math.inf if use_bound else -limit)
 
 
-def _candidates(first, first_norms, extra, extra_norms):
-    """Normalised candidate rows: ``first`` then ``extra`` (or ``None``)."""
-    n, dim = first.shape
-    n_extra = 0 if extra is None else extra.shape[0]
-    cand = np.empty((n + n_extra, dim), dtype=first.dtype)
-    normalize_rows(first, first_norms, 1.0, cand[:n])
-    if n_extra:
-        normalize_rows(extra, extra_norms, 1.0, cand[n:])
-    return cand
+_FLOAT32 = np.dtype(np.float32)
 
 
+# No fast-math: exactly the IEEE float64 operations of
+# ``np.minimum(norms, EPS) / EPS / temperature`` (``arcp`` would turn the
+# divisions into multiplications by reciprocals). A kernel rather than those
+# three NumPy operations: 2.5 us less per call (issue #16).
+@jit(fastmath=False)
+def _logit_bounds(norms, temperature, out):
+    """``out_i = min(norms_i, EPS) / EPS / temperature`` (``||a_i||`` of the
+    anchors ``x_hat_i / tau``; ``norms`` finite)."""
+    for i in range(norms.shape[0]):
+        x = norms[i]
+        unit = (x if x < EPS else EPS) / EPS  # ||x_hat||: 1, or < 1 when clamped
+        out[i] = unit / temperature
+
+
+@functools.lru_cache(maxsize=16)
 def _diagonal(n):
-    """Positive lists where anchor ``i``'s positive is candidate ``i``."""
+    """Positive lists where anchor ``i``'s positive is candidate ``i`` (built
+    once per ``n``: two ``np.arange`` cost a small call ~2 us; only read)."""
     index = np.arange(n, dtype=np.int64)
     return index, index, np.arange(n + 1, dtype=np.int64)
 
@@ -532,21 +540,57 @@ def student_anchored(s, s_norms, t, t_norms, neg, neg_norms, pos, pos_class, mem
         row_loss: ``(B,)`` float64 output, anchor ``i``'s loss (the loss is their mean).
         grad: ``(B, D)`` F output, the gradient of the mean.
     """
+    # Every buffer first, then the kernels and products back to back: Python
+    # work between two kernels costs a small call more than its own time (it
+    # evicts the embeddings from cache, issue #16).
+    n, dim = s.shape
+    dtype = s.dtype
+    n_cand = n if neg is None else n + neg.shape[0]
     inv_tau = 1.0 / temperature
-    anchors = np.empty_like(s)
-    normalize_rows(s, s_norms, inv_tau, anchors)
-    cand = _candidates(t, t_norms, neg, neg_norms)
+    # The anchors live in ``grad``: tile ``[r0, r1)`` reads its anchor rows
+    # before its gradient rows overwrite them, and later tiles read later
+    # rows. One ``B x D`` buffer less per call: freeing it let glibc return
+    # the heap's top to the system, and every call page-faulted it back
+    # (measured: 32x1000 float64 spent 390 us of a 560 us call so).
+    anchors = grad
+    cand = np.empty((n_cand, dim), dtype=dtype)
+    bounds = np.empty(n, dtype=np.float64)
+    inv_sum = np.empty(n, dtype=np.float64)
+    # softmax_rows' room for the largest class's positives: n (at least its
+    # size) rather than computing the size, which costs a call ~2 us in
+    # NumPy or a kernel's compile.
+    saved = np.empty(n, dtype=dtype)
+    g = np.empty(dim)  # scratch of finish_student_anchored
+    use_bound, lo = _shift_mode(temperature, dtype)
+    # The tiles of ``_tiles``, written out: a generator costs a small call ~1 us
+    # (and default_tile_rows never gives fewer than min(n, TILE_ROWS) rows).
+    if tile_rows is None and n <= TILE_ROWS:
+        rows = n
+    else:
+        rows = tile_rows or default_tile_rows(n, n_cand, dtype.itemsize)
+    one_tile = rows >= n  # every small call
+    block = np.empty((n, n_cand), dtype=dtype) if one_tile else None
     if pos is None:
         pos = cand
-    bounds, use_bound, lo = _bounds_and_mode(s_norms, temperature, s.dtype)
-    inv_sum = np.empty(s.shape[0], dtype=np.float64)
-    saved = np.empty(int((starts[1:] - starts[:-1]).max()), dtype=s.dtype)  # np.diff: ~5 us
-    for r0, r1, block in _tiles(anchors, cand, tile_rows):
-        softmax_rows(block, bounds, use_bound, lo, r0, pos_class, members, starts, saved,
+
+    normalize_rows(s, s_norms, inv_tau, anchors)
+    if neg is None:  # (no slice of ``cand``: a view costs a small call 0.2 us)
+        normalize_rows(t, t_norms, 1.0, cand)
+    else:
+        normalize_rows(t, t_norms, 1.0, cand[:n])
+        normalize_rows(neg, neg_norms, 1.0, cand[n:])
+    _logit_bounds(s_norms, temperature, bounds)
+    if one_tile:
+        np.matmul(anchors, cand.T, out=block)
+        softmax_rows(block, bounds, use_bound, lo, 0, pos_class, members, starts, saved,
                      inv_sum, row_loss)
-        np.matmul(block, cand, out=grad[r0:r1])
-    finish_student_anchored(s, s_norms, grad, inv_sum, pos, pos_class, inv_tau,
-                            np.empty(s.shape[1]), grad)
+        np.matmul(block, cand, out=grad)
+    else:
+        for r0, r1, block in _tiles(anchors, cand, rows):
+            softmax_rows(block, bounds, use_bound, lo, r0, pos_class, members, starts, saved,
+                         inv_sum, row_loss)
+            np.matmul(block, cand, out=grad[r0:r1])
+    finish_student_anchored(s, s_norms, grad, inv_sum, pos, pos_class, inv_tau, g, grad)
 
 
 def teacher_anchored(s, s_norms, t, t_norms, neg, neg_norms, temperature, tile_rows, row_loss,
@@ -557,29 +601,57 @@ def teacher_anchored(s, s_norms, t, t_norms, neg, neg_norms, temperature, tile_r
     candidate side of the gradient ``sum_i p_ij a_i`` is accumulated in
     float64 tile by tile, in tile order. Outputs as :func:`student_anchored`.
     """
+    # Buffers first, then the kernels and products back to back (see
+    # :func:`student_anchored`).
     n, dim = s.shape
     dtype = s.dtype
+    n_cand = n if neg is None else n + neg.shape[0]
     inv_tau = 1.0 / temperature
     anchors = np.empty_like(t)
-    normalize_rows(t, t_norms, inv_tau, anchors)
-    cand = _candidates(s, s_norms, neg, neg_norms)
-    bounds, use_bound, lo = _bounds_and_mode(t_norms, temperature, dtype)
+    cand = np.empty((n_cand, dim), dtype=dtype)
+    bounds = np.empty(n, dtype=np.float64)
+    use_bound, lo = _shift_mode(temperature, dtype)
     pos_class, members, starts = _diagonal(n)
     saved = np.empty(1, dtype=dtype)
-    rows = tile_rows or default_tile_rows(n, cand.shape[0], dtype.itemsize)
-    weighted = np.empty((min(rows, n), dim), dtype=dtype)
-    part = np.empty((n, dim), dtype=dtype)
+    if tile_rows is None and n <= TILE_ROWS:  # (see student_anchored)
+        rows = n
+    else:
+        rows = tile_rows or default_tile_rows(n, n_cand, dtype.itemsize)
+    one_tile = rows >= n  # every small call
+    # Fewer ``B x D`` buffers per call (see student_anchored): the products'
+    # ``part`` lives in ``grad`` (written only by the last pass), and with one
+    # tile the scaled anchors in ``cand`` (not read after the first product).
+    weighted = cand[:n] if one_tile else np.empty((rows, dim), dtype=dtype)
+    part = grad
     acc = np.zeros((n, dim), dtype=np.float64)
     inv_sum = np.empty(n, dtype=np.float64)
-    for r0, r1, block in _tiles(anchors, cand, rows):
-        softmax_rows(block, bounds, use_bound, lo, r0, pos_class, members, starts, saved,
+    g = np.empty(dim)  # scratch of finish_teacher_anchored
+
+    normalize_rows(t, t_norms, inv_tau, anchors)
+    if neg is None:
+        normalize_rows(s, s_norms, 1.0, cand)
+    else:
+        normalize_rows(s, s_norms, 1.0, cand[:n])
+        normalize_rows(neg, neg_norms, 1.0, cand[n:])
+    _logit_bounds(t_norms, temperature, bounds)
+    if one_tile:  # no generator, no slices
+        block = np.empty((n, n_cand), dtype=dtype)
+        np.matmul(anchors, cand.T, out=block)
+        softmax_rows(block, bounds, use_bound, lo, 0, pos_class, members, starts, saved,
                      inv_sum, row_loss)
-        w = weighted[: r1 - r0]
-        scale_rows(anchors[r0:r1], inv_sum, r0, w)
-        np.matmul(block[:, :n].T, w, out=part)
+        scale_rows(anchors, inv_sum, 0, weighted)
+        np.matmul((block if neg is None else block[:, :n]).T, weighted, out=part)
         accumulate(acc, part)
+    else:
+        for r0, r1, block in _tiles(anchors, cand, rows):
+            softmax_rows(block, bounds, use_bound, lo, r0, pos_class, members, starts, saved,
+                         inv_sum, row_loss)
+            w = weighted[: r1 - r0]
+            scale_rows(anchors[r0:r1], inv_sum, r0, w)
+            np.matmul(block[:, :n].T, w, out=part)
+            accumulate(acc, part)
     del weighted, part, cand, block  # (``block`` is a view of the tile buffer)
-    finish_teacher_anchored(s, s_norms, anchors, acc, np.empty(dim), grad)
+    finish_teacher_anchored(s, s_norms, anchors, acc, g, grad)
 
 
 def triplet(s, s_norms, labels, qualifies, n_qualifying, margin, tile_rows, row_loss, grad):

@@ -53,21 +53,25 @@ and a hard-count kernel); :func:`column_stats_grid`, :func:`coefficients` and
 :func:`gradient_rows` are Python launchers choosing among them.
 
 The launch functions -- :func:`column_stats`, :func:`coefficients`,
-:func:`gradient_rows` -- are the interface shared with
-``kernels.cuda.selectivity`` (same names, arguments and output
-conventions: every result goes into an output the caller allocated; scratch
-is the launcher's own business). The codes and row indices below are the
+:func:`gradient_rows`, and :func:`loss_and_gradient`, the loss's three in
+one call -- are the interface shared with ``kernels.cuda.selectivity`` (same
+names, arguments and output conventions: every result goes into an output
+the caller allocated, except :func:`loss_and_gradient`'s two host scalars;
+scratch is the launcher's own business). The codes and row indices below are the
 home of both modules'.
 """
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numba import prange
 
-from kdnumba._policy import jit, parallel_jit
+from kdnumba._policy import jit, kernel_launch, parallel_jit
 from kdnumba.kernels.cpu.dtypes import LARGEST_FINITE, cast_like
 from kdnumba.kernels.cpu.fastexp import exp_nonpos
+from kdnumba.kernels.cpu.reductions import ordered_sum
 
 #: ``metric`` codes of :func:`gradient_rows`.
 VARIANCE = 0
@@ -406,6 +410,12 @@ def _n_tasks(n_mats, n_rows, n_cols, col_block, rows_per_chunk):
 
 @parallel_jit
 def _variance_grid(a, b, n_mats, n_tasks, col_block, rows_per_chunk, shift, part, stats):
+    # ``shift`` (float64 scratch, ``(n_mats, N)``) is filled here, not by the
+    # launcher: two NumPy row copies cost a small call about 2 us (issue #16).
+    for m in range(n_mats):
+        x = a if m == 0 else b
+        for j in range(a.shape[1]):
+            shift[m, j] = np.float64(x[0, j])  # the first row, exactly
     for task in prange(n_tasks):
         _var_task(np.int64(task), a, b, col_block, rows_per_chunk, shift, part)
     for m in range(n_mats):
@@ -459,18 +469,39 @@ def column_stats(a, b, n_mats, flags, threshold, sharpness, k, eps, stats, argma
     The task grid is :func:`plan`'s and the scratch is allocated here.
     """
     n_rows, n_cols = a.shape
-    col_block, rows = plan(n_rows, n_cols)
-    n_ch = n_chunks(n_rows, rows)
+    col_block, rows, n_ch, n_tasks = _grid(n_mats, n_rows, n_cols)
     # Scratch of statistics not requested is never written, so np.empty costs
     # no memory traffic (its pages are never touched).
     part = np.empty((n_mats, n_ch, N_PARTIALS, n_cols), np.float64)
-    # The peak's scratch only when the peak is asked for (a small call pays
-    # for every allocation; the other kernels never receive these).
-    peak_cols = n_cols if flags & WANT_PEAK else 0
-    p_max = np.empty((n_mats, n_ch, peak_cols), a.dtype)
-    p_arg = np.empty((n_mats, n_ch, peak_cols), np.int32)  # offsets within a chunk
-    column_stats_grid(a, b, n_mats, flags, threshold, sharpness, k, eps,
-                      col_block, rows, part, p_max, p_arg, stats, argmax)
+    # The loss's three metrics go straight to their kernel (what
+    # column_stats_grid would run, without its bookkeeping: a small call pays
+    # for every Python statement, issue #16); the peak's scratch only when
+    # the peak is asked for.
+    if flags == WANT_VARIANCE:
+        _variance_grid(a, b, n_mats, n_tasks, col_block, rows,
+                       np.empty((n_mats, n_cols), np.float64), part, stats)
+    elif flags == WANT_SPARSITY:
+        _sparsity_grid(a, b, n_mats, n_tasks, sharpness, k, col_block, rows, part,
+                       _soft_scratch(n_tasks, col_block, a.dtype), stats)
+    else:
+        peak_cols = n_cols if flags & WANT_PEAK else 0
+        p_max = np.empty((n_mats, n_ch, peak_cols), a.dtype)
+        p_arg = np.empty((n_mats, n_ch, peak_cols), np.int32)  # offsets within a chunk
+        if flags == WANT_PEAK:
+            _peak_grid(a, b, n_mats, n_tasks, float(eps), col_block, rows, part, p_max,
+                       p_arg, stats, argmax)
+            return
+        column_stats_grid(a, b, n_mats, flags, threshold, sharpness, k, eps,
+                          col_block, rows, part, p_max, p_arg, stats, argmax)
+
+
+@functools.lru_cache(maxsize=256)
+def _grid(n_mats: int, n_rows: int, n_cols: int) -> tuple[int, int, int, int]:
+    """``(col_block, rows_per_chunk, n_chunks, n_tasks)`` of :func:`plan` (cached:
+    the plan costs a small call 1.5 us of Python arithmetic)."""
+    col_block, rows = plan(n_rows, n_cols)
+    return (col_block, rows, n_chunks(n_rows, rows),
+            _n_tasks(n_mats, n_rows, n_cols, col_block, rows))
 
 
 def column_stats_grid(a, b, n_mats, flags, threshold, sharpness, k, eps, col_block,
@@ -511,10 +542,8 @@ def column_stats_grid(a, b, n_mats, flags, threshold, sharpness, k, eps, col_blo
     n_rows, n_cols = a.shape
     n_tasks = _n_tasks(n_mats, n_rows, n_cols, col_block, rows_per_chunk)
     if flags & WANT_VARIANCE:
-        # Shift of the variance sums: the first row, exactly (float64 holds F).
+        # Shift of the variance sums (the kernel copies the first rows into it).
         shift = np.empty((n_mats, n_cols), np.float64)
-        shift[0] = a[0]
-        shift[n_mats - 1] = b[0] if n_mats == 2 else a[0]
     if flags == WANT_VARIANCE:
         _variance_grid(a, b, n_mats, n_tasks, col_block, rows_per_chunk, shift, part, stats)
     elif flags == WANT_SPARSITY:
@@ -625,6 +654,67 @@ def _coef_peak(stats, weight, eps, n_rows, sq, coef):
         coef[CF_BOUND, j] = abs(b)
 
 
+def loss_and_gradient(t, s, metric, flags, threshold, sharpness, k, eps, weight, grad):
+    """The loss's launches in one call: :func:`column_stats` of the teacher
+    and the student, :func:`coefficients`, the sum of the loss terms and
+    :func:`gradient_rows` of the student.
+
+    Parameters (the same on both devices; ``F`` is the dtype of ``s``):
+        t, s: ``(B, N)`` F, C-contiguous (teacher, student).
+        metric: ``VARIANCE``, ``SPARSITY`` or ``PEAK_TO_AVERAGE``; flags: its
+            ``WANT_*`` bit.
+        threshold, sharpness, k, eps, weight: Python floats
+            (``k = sharpness / threshold``).
+        grad: ``(B, N)`` F output, ``d loss / d s``.
+
+    Returns ``(total, fits)``: ``sum_j sq_j`` of :func:`coefficients` (the loss
+    is ``weight * total / N``; NaN/inf when an input is not finite) and
+    whether every gradient element is finite.
+
+    On the CPU the kernels run back to back with nothing in between but their
+    calls (a small call's Python work between two kernels costs more than its
+    own time: it evicts the activations from cache, issue #16), under launch
+    contexts of its own, with the element count of ``s`` as ``work`` for the
+    serial-below threshold (the relaxed sparsity's statistics too: counting
+    them twice, as before, sent 16k-32k-element inputs to the parallel build,
+    which was measured 1.2-2x *slower* than the serial one there on 1 and 2
+    threads, 3200x10 to 32x1000, float32 and float64, with the same bits).
+    """
+    n_rows, n_cols = s.shape
+    f = s.dtype.type
+    col_block, rows, n_ch, n_tasks = _grid(2, n_rows, n_cols)
+    part = np.empty((2, n_ch, N_PARTIALS, n_cols), np.float64)
+    stats = np.empty((2, N_STATS, n_cols), np.float64)
+    sq = np.empty(n_cols, np.float64)
+    coef = np.empty((N_COEFS, n_cols), np.float64)
+    largest = LARGEST_FINITE[grad.dtype]
+    if metric == VARIANCE:
+        shift = np.empty((2, n_cols), np.float64)
+        with kernel_launch(s.size):
+            _variance_grid(t, s, 2, n_tasks, col_block, rows, shift, part, stats)
+            _coef_variance(stats, weight, n_rows, sq, coef)
+            fits = _grad_variance(s, coef, largest, grad)
+    elif metric == SPARSITY:
+        sharp_f, k_f = f(sharpness), f(k)
+        acc = _soft_scratch(n_tasks, col_block, s.dtype)
+        coef_f = np.empty(n_cols, s.dtype)
+        with kernel_launch(s.size):
+            _sparsity_grid(t, s, 2, n_tasks, sharp_f, k_f, col_block, rows, part, acc, stats)
+            _coef_sparsity(stats, weight, k, n_rows, sq, coef)
+            fits = _grad_sparsity(s, sharp_f, k_f, coef, coef_f, largest, grad)
+    else:
+        p_max = np.empty((2, n_ch, n_cols), s.dtype)
+        p_arg = np.empty((2, n_ch, n_cols), np.int32)
+        argmax = np.empty((2, n_cols), np.int64)
+        coef_f = np.empty(n_cols, s.dtype)
+        with kernel_launch(s.size):
+            _peak_grid(t, s, 2, n_tasks, eps, col_block, rows, part, p_max, p_arg, stats,
+                       argmax)
+            _coef_peak(stats, weight, eps, n_rows, sq, coef)
+            fits = _grad_peak(s, coef, coef_f, argmax[1], largest, grad)
+    return ordered_sum(sq), fits
+
+
 def gradient_rows(x, metric, sharpness, k, coef, argmax, grad, flag):
     """Write ``grad = d loss / d x``; ``flag[0] = 1`` when some element of it is
     not finite (finite inputs can still overflow a float32 gradient).
@@ -638,53 +728,72 @@ def gradient_rows(x, metric, sharpness, k, coef, argmax, grad, flag):
         flag: ``(1,)`` int32, zeroed by the caller.
 
     Overflow is ruled out from ``coef[CF_BOUND]`` in O(N); only when a bound
-    exceeds the dtype's range is the gradient itself scanned.
+    exceeds the dtype's range is the gradient itself scanned. One kernel call
+    per metric does the gradient and that check (a small call pays a few
+    microseconds for every NumPy operation around a kernel, issue #16).
     """
+    largest = LARGEST_FINITE[grad.dtype]
     if metric == VARIANCE:
-        _grad_variance(x, coef[CF_A], coef[CF_B], grad)
+        fits = _grad_variance(x, coef, largest, grad)
+    elif metric == SPARSITY:
+        # (``coef_f``: the ``B`` coefficients in F, written by the kernel.)
+        fits = _grad_sparsity(x, sharpness, k, coef, np.empty(coef.shape[1], x.dtype),
+                              largest, grad)
     else:
-        with np.errstate(over="ignore"):  # an overflow is reported through ``flag``
-            coef_f = coef[CF_B].astype(x.dtype)
-        if metric == SPARSITY:
-            _grad_sparsity(x, sharpness, k, coef_f, grad)
-        else:
-            _grad_peak(x, coef_f, coef[CF_B], argmax, coef[CF_C], grad)
-    if not _gradient_fits(metric, grad, coef, argmax):
+        fits = _grad_peak(x, coef, np.empty(coef.shape[1], x.dtype), argmax, largest, grad)
+    if not fits:
         flag[0] = 1
 
 
-def _gradient_fits(metric, grad, coef, argmax) -> bool:
-    """Whether no gradient element overflowed (``coef[CF_BOUND]`` bounds every
-    element except the peak's own, which are checked directly)."""
-    if metric == PEAK_TO_AVERAGE:
-        if not np.isfinite(grad[argmax, np.arange(grad.shape[1])]).all():
-            return False
-    if float(coef[CF_BOUND].max()) <= LARGEST_FINITE[grad.dtype]:  # False for NaN
-        return True
-    return bool(np.isfinite(grad).all())
+@jit
+def _gradient_fits(grad, bound, largest):
+    """Whether no element of ``grad`` overflowed: every per-column bound
+    ``bound_j`` of ``|grad_ij|`` is at most ``largest`` (the dtype's largest
+    finite value; a NaN bound is not), or else every element is finite."""
+    for j in range(bound.shape[0]):
+        if not (bound[j] <= largest):
+            for i in range(grad.shape[0]):
+                for jj in range(grad.shape[1]):
+                    if not np.isfinite(grad[i, jj]):
+                        return False
+            return True
+    return True
+
+
+@jit
+def _coef_in_dtype(coef, coef_f):
+    """``coef_f_j = coef[CF_B, j]`` rounded to ``coef_f``'s dtype (an overflow
+    gives inf, which the gradient's check reports)."""
+    for j in range(coef_f.shape[0]):
+        coef_f[j] = cast_like(coef[CF_B, j], coef_f)
 
 
 # --- gradient ------------------------------------------------------------------
 # No reduction in these loops (the policy grants no ``reassoc``, so a scalar
 # accumulator would keep LLVM from vectorising them): overflow of the gradient
-# is ruled out by the caller from per-column bounds instead.
+# is ruled out from per-column bounds instead (:func:`_gradient_fits`, after
+# the loop; each kernel returns its answer).
 
 # One kernel per metric (a call compiles its own metric's only); rows are
 # processed in chunks of GRAD_ROWS_PER_CHUNK by one parallel loop. Rows are
 # independent: any thread count gives the same bits.
 
 @parallel_jit
-def _grad_variance(x, mean64, coef64, grad):
-    """``grad_ij = (x_ij - mean_j) * coef64_j`` (``mean64``, ``coef64``: ``(N,)``
-    float64). float64 arithmetic: ``x - mean`` cancels when |mean| >> std; the
-    loop is memory-bound, so the narrower vectors cost nothing (measured)."""
+def _grad_variance(x, coef, largest, grad):
+    """``grad_ij = (x_ij - mean_j) * coef_j`` (``mean = coef[CF_A]``, ``coef =
+    coef[CF_B]``, float64). float64 arithmetic: ``x - mean`` cancels when
+    |mean| >> std; the loop is memory-bound, so the narrower vectors cost
+    nothing (measured)."""
     n_rows = x.shape[0]
+    mean64 = coef[CF_A]
+    coef64 = coef[CF_B]
     for ch in prange((n_rows + GRAD_ROWS_PER_CHUNK - 1) // GRAD_ROWS_PER_CHUNK):
         for i in range(ch * GRAD_ROWS_PER_CHUNK, min(n_rows, (ch + 1) * GRAD_ROWS_PER_CHUNK)):
             row = x[i]
             g = grad[i]
             for j in range(row.shape[0]):
                 g[j] = cast_like((np.float64(row[j]) - mean64[j]) * coef64[j], g)
+    return _gradient_fits(grad, coef[CF_BOUND], largest)
 
 
 @jit
@@ -696,9 +805,10 @@ def _sign(v):
 
 
 @parallel_jit
-def _grad_sparsity(x, sharp, k, coef, grad):
+def _grad_sparsity(x, sharp, k, coef64, coef, largest, grad):
     """``grad_ij = coef_j sigmoid'(z_ij) sign(x_ij)``, ``z = sharp - k |x|``
-    (``coef``: ``(N,)`` in ``x``'s dtype)."""
+    (``coef``: ``(N,)`` scratch, set to ``coef64[CF_B]`` in ``x``'s dtype)."""
+    _coef_in_dtype(coef64, coef)
     n_rows = x.shape[0]
     one = cast_like(1.0, x)
     for ch in prange((n_rows + GRAD_ROWS_PER_CHUNK - 1) // GRAD_ROWS_PER_CHUNK):
@@ -711,13 +821,17 @@ def _grad_sparsity(x, sharp, k, coef, grad):
                 e = exp_nonpos(-abs(sharp - k * abs(v)))
                 r = one / (one + e)
                 g[j] = coef[j] * (e * r * r) * _sign(v)
+    return _gradient_fits(grad, coef64[CF_BOUND], largest)
 
 
 @parallel_jit
-def _grad_peak(x, coef, coef64, argmax, peak_coef64, grad):
+def _grad_peak(x, coef64, coef, argmax, largest, grad):
     """``grad_ij = coef_j sign(x_ij)``, except at ``i = argmax_j`` where
-    ``grad_ij = coef64_j sign(x_ij) + peak_coef64_j`` (the maximum's own
-    derivative; ``coef64`` is ``coef`` in float64)."""
+    ``grad_ij = coef64[CF_B, j] sign(x_ij) + coef64[CF_C, j]`` (the maximum's
+    own derivative, in float64); ``coef``: ``(N,)`` scratch, set to
+    ``coef64[CF_B]`` in ``x``'s dtype. The peak's elements are not covered by
+    ``coef64[CF_BOUND]``: they are checked directly."""
+    _coef_in_dtype(coef64, coef)
     n_rows, n_cols = x.shape
     for ch in prange((n_rows + GRAD_ROWS_PER_CHUNK - 1) // GRAD_ROWS_PER_CHUNK):
         for i in range(ch * GRAD_ROWS_PER_CHUNK, min(n_rows, (ch + 1) * GRAD_ROWS_PER_CHUNK)):
@@ -725,6 +839,11 @@ def _grad_peak(x, coef, coef64, argmax, peak_coef64, grad):
             g = grad[i]
             for j in range(row.shape[0]):
                 g[j] = coef[j] * _sign(row[j])
+    peaks_finite = True
     for j in range(n_cols):
         i = argmax[j]
-        grad[i, j] = cast_like(coef64[j] * np.float64(_sign(x[i, j])) + peak_coef64[j], x)
+        grad[i, j] = cast_like(coef64[CF_B, j] * np.float64(_sign(x[i, j])) + coef64[CF_C, j],
+                               x)
+        if not np.isfinite(grad[i, j]):
+            peaks_finite = False
+    return peaks_finite and _gradient_fits(grad, coef64[CF_BOUND], largest)

@@ -1,8 +1,9 @@
 """Per-neuron selectivity statistics and their gradient on the GPU.
 
 The CUDA twin of ``kernels.cpu.selectivity``: the same launch functions
-(:func:`column_stats`, :func:`coefficients`, :func:`gradient_rows`) with the
-same arguments and outputs, the same codes (imported from there), the same
+(:func:`column_stats`, :func:`coefficients`, :func:`gradient_rows`, and
+:func:`loss_and_gradient`, which runs the loss's three) with the same
+arguments and outputs, the same codes (imported from there), the same
 statistics, tie rule and ``sign(0) = 0``. On ``(B, N)`` activations:
 
 1. :func:`column_stats`, first launch per matrix -- column-blocked partial
@@ -67,7 +68,7 @@ from kdnumba.kernels.cpu.selectivity import (  # noqa: F401  (the shared interfa
     WANT_SPARSITY,
     WANT_VARIANCE,
 )
-from kdnumba.kernels.cuda import compile_kernel, grid_size, is_simulator
+from kdnumba.kernels.cuda import compile_kernel, grid_size, is_simulator, reduce
 
 #: Columns per block (one warp: a row segment is one coalesced load; fewer
 #: under the simulator, where every thread is a Python thread).
@@ -381,6 +382,25 @@ def coefficients(metric, stats, weight, eps, k, n_rows, sq, coef):
     threads = TILE * _lanes()
     compile_kernel(_coefficients_kernel, _COEF_SIG)[-(-n_cols // threads), threads](
         int(metric), stats, float(weight), float(eps), float(k), int(n_rows), sq, coef)
+
+
+def loss_and_gradient(t, s, metric, flags, threshold, sharpness, k, eps, weight, grad):
+    """:func:`column_stats` of the teacher and the student, :func:`coefficients`,
+    the sum of the loss terms and :func:`gradient_rows`, in order on one
+    stream: the interface and results of
+    ``kernels.cpu.selectivity.loss_and_gradient`` (``(total, fits)``, host
+    values; ``t``, ``s``, ``grad`` device arrays)."""
+    n_rows, n_cols = s.shape
+    stats = cuda.device_array((2, N_STATS, n_cols), dtype=np.float64)
+    argmax = cuda.device_array((2, n_cols), dtype=np.int64)
+    sq = cuda.device_array(n_cols, dtype=np.float64)
+    coef = cuda.device_array((N_COEFS, n_cols), dtype=np.float64)
+    flag = cuda.to_device(np.zeros(1, dtype=np.int32))
+    column_stats(t, s, 2, flags, threshold, sharpness, k, eps, stats, argmax)
+    coefficients(metric, stats, weight, eps, k, n_rows, sq, coef)
+    total = reduce.total(sq)
+    gradient_rows(s, metric, sharpness, k, coef, argmax[1], grad, flag)
+    return total, not flag.copy_to_host()[0]
 
 
 def gradient_rows(x, metric, sharpness, k, coef, argmax, grad, flag):
