@@ -52,14 +52,17 @@ SIZES = (320, 1_000, 4_000, 16_000, 32_000)
 
 def _shape(loss: str, size: int) -> tuple[int, int]:
     """``(B, C)`` with ``B*C = size``: 10 columns (classes / neurons / features)
-    and ``size/10`` rows, except the contrastive losses (quadratic in B):
-    32 rows and ``size/32`` columns."""
-    if loss in ("nt_xent", "info_nce"):
+    and ``size/10`` rows, except the contrastive and relational losses
+    (quadratic or cubic in B): 32 rows and ``size/32`` columns.
+    ``attention_transfer`` gets ``(size/40, 10, 2, 2)`` feature maps.
+    A loss written ``selectivity_loss@sparsity`` runs that metric."""
+    if loss in ("nt_xent", "info_nce", "rkd_loss"):
         return 32, size // 32
     return size // 10, 10
 
 
 def _inputs(loss: str, size: int, dtype) -> tuple[tuple, dict]:
+    loss, _, metric = loss.partition("@")
     rng = np.random.default_rng(0)
     rows, cols = _shape(loss, size)
     s = rng.standard_normal((rows, cols)).astype(dtype)
@@ -67,7 +70,10 @@ def _inputs(loss: str, size: int, dtype) -> tuple[tuple, dict]:
     if loss == "kd_loss":
         y = rng.integers(0, cols, rows, dtype=np.int64)
         return (s, t, y), {"temperature": 3.0, "alpha": 0.3}
-    return (s, t), {}
+    if loss == "attention_transfer":
+        maps = (rows // 4, cols, 2, 2)
+        return (s.reshape(maps), t.reshape(maps)), {}
+    return (s, t), ({"metric": metric} if metric else {})
 
 
 # --- recording the dispatchers a call runs ---------------------------------------------
@@ -187,7 +193,7 @@ def prepare(loss: str, size: int, dtype) -> tuple:
     dispatchers and BLAS products it runs (compiled, and checked to repeat bit for bit)."""
     import kdnumba.functional as F
 
-    fn = getattr(F, loss)
+    fn = getattr(F, loss.partition("@")[0])
     args, kwargs = _inputs(loss, size, dtype)
     reference = fn(*args, **kwargs)
     fn(*args, **kwargs)
@@ -223,7 +229,7 @@ def measure(cases: list[tuple[str, int]], dtype, rounds: int) -> list[dict]:
 def profile(loss: str, size: int, dtype, calls: int = 20_000) -> None:
     import kdnumba.functional as F
 
-    fn = getattr(F, loss)
+    fn = getattr(F, loss.partition("@")[0])
     args, kwargs = _inputs(loss, size, dtype)
     fn(*args, **kwargs)
     prof = cProfile.Profile()
