@@ -497,10 +497,17 @@ def _active_threading_layer() -> str | None:
         return None
 
 
-#: Below this many elements a parallel kernel runs on the calling thread only:
-#: waking the pool costs more than the work (measured: a 32x10 kd_loss took
-#: 23 us on 1 thread and up to 3.5 ms on 2 threads of a busy machine).
-SERIAL_BELOW = 1 << 15
+#: Below this much work (elements, in units of ``kd_loss``'s ~1.5 ns per
+#: element and thread) a parallel kernel runs on the calling thread only:
+#: waking the pool costs more than the work. On the ``workqueue`` layer a
+#: trivial parallel launch costs 34 us at best and 90 us typically (``omp``:
+#: 2 us), measured on the 2-core Zen 3 VM; two threads halve the work, so
+#: the serial build wins up to ~100-200 us of work: ``rkd_loss`` at 32 x 10
+#: took 372-398 us through the parallel angle kernel and 182 us serial, at
+#: 48 x 64 1032 us against 539-653 us (issue 16). Was 1 << 15 (a 32x10
+#: kd_loss took 23 us on 1 thread and up to 3.5 ms on 2 threads of a busy
+#: machine through the parallel build).
+SERIAL_BELOW = 1 << 17
 
 
 class _LaunchState(threading.local):

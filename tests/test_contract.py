@@ -127,8 +127,9 @@ def test_float32_agrees_with_float64(spec, variant):
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=["float32", "float64"])
 @pytest.mark.parametrize("spec", LOSSES)
-def test_one_and_two_threads_bit_identical(spec, dtype):
+def test_one_and_two_threads_bit_identical(spec, dtype, monkeypatch):
     args = arguments(spec, None, dtype, seed=3, **(spec.medium or {}))
+    monkeypatch.setattr(_policy, "SERIAL_BELOW", 0)  # every launch through the parallel build
 
     def call():
         loss, grads = run(spec, args)
@@ -151,6 +152,7 @@ def test_serial_and_parallel_builds_bit_identical(spec, dtype, monkeypatch):
         loss, grads = run(spec, args)
         return loss, np.concatenate([g.ravel() for g in grads])
 
+    monkeypatch.setattr(_policy, "SERIAL_BELOW", 0)  # every launch parallel
     parallel = call()
     monkeypatch.setattr(_policy, "SERIAL_BELOW", 1 << 62)  # every launch serial
     assert_same_loss_and_grad(call(), parallel)

@@ -129,7 +129,9 @@ def concurrent_matches_serial(problems, n_workers=4, repeats=3, thread_counts=(N
 
 
 def test_concurrent_calls_match_serial_calls(rng):
-    problems = [problem(rng, 256, 500, DTYPES[i % 2], KINDS[i % 4]) for i in range(8)]
+    # 256 x 520 elements: above SERIAL_BELOW, so the parallel builds race.
+    assert 256 * 520 >= _policy.SERIAL_BELOW
+    problems = [problem(rng, 256, 520, DTYPES[i % 2], KINDS[i % 4]) for i in range(8)]
     concurrent_matches_serial(problems)
 
 
@@ -143,9 +145,10 @@ _WORKQUEUE_SCRIPT = textwrap.dedent("""
     from concurrent.futures import ThreadPoolExecutor
     from kdnumba.functional import kd_loss
     rng = np.random.default_rng(0)
-    probs = [((3 * rng.standard_normal((128, 400))).astype(dt),
-              (3 * rng.standard_normal((128, 400))).astype(dt),
-              rng.integers(0, 400, 128)) for dt in (np.float32, np.float64) * 2]
+    # 256 x 600 elements: above SERIAL_BELOW, so the parallel builds run.
+    probs = [((3 * rng.standard_normal((256, 600))).astype(dt),
+              (3 * rng.standard_normal((256, 600))).astype(dt),
+              rng.integers(0, 600, 256)) for dt in (np.float32, np.float64) * 2]
     serial = [kd_loss(*p) for p in probs]
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(lambda p: kd_loss(*p), probs * 3))

@@ -33,12 +33,14 @@ import numpy as np
 
 
 def compute():
-    """kd_loss on a 256x200 float32 batch (above SERIAL_BELOW: all threads)."""
+    """kd_loss on a 512x300 float32 batch (above SERIAL_BELOW: all threads)."""
+    from kdnumba import _policy
     from kdnumba.functional import kd_loss
+    assert 512 * 300 >= _policy.SERIAL_BELOW
     rng = np.random.default_rng(3)
-    s = rng.standard_normal((256, 200)).astype(np.float32)
-    t = rng.standard_normal((256, 200)).astype(np.float32)
-    y = rng.integers(0, 200, 256)
+    s = rng.standard_normal((512, 300)).astype(np.float32)
+    t = rng.standard_normal((512, 300)).astype(np.float32)
+    y = rng.integers(0, 300, 512)
     loss, grad = kd_loss(s, t, y, temperature=2.0, alpha=0.5)
     return [loss.hex(), hashlib.sha256(grad.tobytes()).hexdigest(), numba.get_num_threads()]
 
