@@ -74,6 +74,7 @@ from numba.core import caching as _caching
 from numba.core import compiler as _compiler
 from numba.core import config as _config
 from numba.core import sigutils as _sigutils
+from numba.core.runtime import nrt as _nrt
 from numba.core.dispatcher import Dispatcher as _Dispatcher
 from numba.misc.appdirs import AppDirs as _AppDirs
 from numba.np.ufunc import parallel as _parallel
@@ -359,7 +360,14 @@ class _KernelCache(_caching._Cache):
     def load_overload(self, sig, target_context):
         if self._parallel:
             start_threading_layer()
-        target_context.refresh()
+        # Machine code loaded from disk needs only Numba's runtime (NRT: the
+        # allocator np.empty calls) set up; Numba's own Cache calls
+        # target_context.refresh() here, which imports and installs every
+        # typing and lowering registry (numba.np.arraymath imports
+        # scipy.linalg when SciPy is installed): 0.2-0.5 s of a cached first
+        # call, measured, for nothing the loaded code uses. A compile, in
+        # this process, still refreshes first (numba.core.compiler does).
+        _nrt.rtsys.initialize(target_context)
         if not self._enabled:
             return None
         key = self._index_key(sig, target_context.codegen())

@@ -237,3 +237,42 @@ def test_an_entry_saved_for_another_signature_is_not_loaded(tiny_kernel):
     again = load()
     assert again(np.int64(4)) == 8 and again(np.float64(1.5)) == 3.0
     assert index.exists()
+
+
+LOAD_CHILD = r'''
+import hashlib, json, sys
+import numba, numpy as np
+from kdnumba.functional import kd_loss
+rng = np.random.default_rng(5)
+s = rng.standard_normal((64, 100)).astype(np.float32)
+t = rng.standard_normal((64, 100)).astype(np.float32)
+y = rng.integers(0, 100, 64)
+loss, grad = kd_loss(s, t, y, temperature=2.0)
+digest = hashlib.sha256(np.float64(loss).tobytes() + grad.tobytes()).hexdigest()
+registries_loaded = "numba.np.arraymath" in sys.modules
+# A compile after a cache load still sees every registry (np.linalg included).
+later = numba.njit(lambda a: np.linalg.norm(np.sin(a)))(np.ones(4))
+print(json.dumps({"digest": digest, "registries_loaded": registries_loaded,
+                  "later": float(later)}))
+'''
+
+
+def test_a_cache_load_skips_numbas_registries_and_gives_the_same_bits(tmp_path):
+    """Loading machine code from the disk cache initialises only Numba's
+    runtime, not every typing/lowering registry (their import pulls in
+    scipy.linalg, 0.2-0.5 s): the cached first call then costs ~0.1 s. The
+    loaded kernel gives the compiled one's bits, and a later compile in the
+    same process still works."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
+    env.pop("KDNUMBA_CACHE_DIR", None)
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", LOAD_CHILD], env=env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    cold, warm = runs
+    assert cold["registries_loaded"]          # compiling refreshes the registries
+    assert not warm["registries_loaded"]      # loading from the cache does not
+    assert warm["digest"] == cold["digest"]
+    assert warm["later"] == cold["later"] == pytest.approx(np.linalg.norm(np.sin(np.ones(4))))
