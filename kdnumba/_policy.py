@@ -1,7 +1,8 @@
 """The one place that decides how kdnumba compiles and runs its Numba kernels.
 
 Every CPU kernel is built with :func:`jit` (serial) or :func:`parallel_jit`
-(``prange`` loops). Reading this file tells you the whole compilation policy:
+(``prange`` loops), and every helper that only kernels call with
+:func:`callee` (no Python wrappers). Reading this file tells you the whole compilation policy:
 
 * ``cache=True`` -- compiled machine code is stored on disk, so the 0.3-0.8 s
   first-call compile is paid once per machine, not once per process. Unlike
@@ -118,6 +119,20 @@ def jit(fn=None, **overrides):
     if fn is None:
         return build
     return build(fn)
+
+
+def callee(fn=None, **overrides):
+    """Helper kernel called only from other kernels: :func:`jit` without the
+    CPython and cfunc wrappers.
+
+    Numba builds those wrappers at every compile, whoever the caller; for a
+    helper they are dead code that still passes through LLVM (cold compile,
+    issue 16: about 0.3 s of ``kd_loss``'s first call went to its helpers'
+    wrappers). Never call one from Python: without its wrapper, the call
+    crashes the interpreter. ``tests/test_architecture.py`` checks that no
+    Python code outside a kernel names one.
+    """
+    return jit(fn, no_cpython_wrapper=True, no_cfunc_wrapper=True, **overrides)
 
 
 def parallel_jit(fn=None, **overrides):

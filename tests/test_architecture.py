@@ -12,6 +12,10 @@ checks two rules of ``docs/architecture.md``:
   *modules* (``kdnumba._validation``) are package-internal and may be
   imported; underscore *names* belong to their module. ``kdnumba.reference``
   (test references) is exempt, as are tests.
+
+And one rule of ``kdnumba._policy``: a kernel helper built with ``callee``
+(no CPython wrapper) is named only inside kernels, never by Python code
+(in the package, its tests or benchmarks), where calling it would crash.
 """
 
 from __future__ import annotations
@@ -158,3 +162,101 @@ def test_kernels_know_nothing_of_the_layers_above():
         if module.startswith("kdnumba.kernels"):
             bad = sorted(d for d in deps if d.startswith(above))
             assert not bad, f"{module} imports {bad}"
+
+
+# --- kernel helpers without Python wrappers --------------------------------------------
+
+KERNELS_CPU = PACKAGE / "kernels" / "cpu"
+_KERNELS_CPU_MODULE = "kdnumba.kernels.cpu"
+_JIT_DECORATORS = {"jit", "njit", "parallel_jit", "callee", "overload", "intrinsic",
+                   "register_jitable"}
+
+
+def _decorators(node) -> list[str]:
+    names = []
+    for d in node.decorator_list:
+        d = d.func if isinstance(d, ast.Call) else d
+        names.append(d.id if isinstance(d, ast.Name) else getattr(d, "attr", ""))
+    return names
+
+
+def _callees() -> dict[str, set[str]]:
+    """``kernel module -> names of its helpers built with _policy.callee``."""
+    found = {}
+    for path in sorted(KERNELS_CPU.glob("*.py")):
+        found[path.stem] = {node.name for node in ast.parse(path.read_text()).body
+                            if isinstance(node, ast.FunctionDef)
+                            and "callee" in _decorators(node)}
+    return found
+
+
+def _python_side_uses(tree, callees, own_module=None):
+    """``(line, module.name)`` where Python code (not a kernel's body) names a
+    callee: a name imported from its kernel module (or defined there, for
+    ``own_module``), an attribute of an imported kernel module, or an
+    attribute of ``kernels`` (the functional layer's ``be.kernels(family)``)."""
+    names, modules = {}, {"kernels": set().union(*callees.values())}
+    if own_module is not None:
+        names.update({n: f"{own_module}.{n}" for n in callees[own_module]})
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            for alias in node.names:
+                local = alias.asname or alias.name
+                if node.module == _KERNELS_CPU_MODULE and alias.name in callees:
+                    modules[local] = callees[alias.name]
+                elif node.module.startswith(_KERNELS_CPU_MODULE + "."):
+                    stem = node.module.rsplit(".", 1)[1]
+                    if alias.name in callees.get(stem, ()):
+                        names[local] = f"{stem}.{alias.name}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                stem = alias.name.rsplit(".", 1)[-1]
+                if alias.name.startswith(_KERNELS_CPU_MODULE + ".") and alias.asname:
+                    modules[alias.asname] = callees.get(stem, set())
+    uses = []
+
+    def visit(node, in_kernel):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            in_kernel = in_kernel or bool(set(_decorators(node)) & _JIT_DECORATORS)
+        if not in_kernel and not isinstance(node, (ast.Import, ast.ImportFrom)):
+            if isinstance(node, ast.Name) and node.id in names:
+                uses.append((node.lineno, names[node.id]))
+            elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                  and node.attr in modules.get(node.value.id, ())):
+                uses.append((node.lineno, f"{node.value.id}.{node.attr}"))
+        for child in ast.iter_child_nodes(node):
+            visit(child, in_kernel)
+
+    visit(tree, False)
+    return uses
+
+
+def test_callee_helpers_are_never_called_from_python():
+    # A ``callee`` has no CPython wrapper: a call from Python would crash the
+    # interpreter rather than raise. So only kernels may name one.
+    callees = _callees()
+    assert {"lane_sum", "hard_power", "_exp_in_place"} <= set().union(*callees.values())
+    root = PACKAGE.parent
+    files = sorted(PACKAGE.rglob("*.py")) + sorted((root / "tests").rglob("*.py")) \
+        + sorted((root / "bench").rglob("*.py"))
+    bad = []
+    for path in files:
+        own = path.stem if path.parent == KERNELS_CPU else None
+        for line, name in _python_side_uses(ast.parse(path.read_text()), callees, own):
+            bad.append(f"{path.relative_to(root)}:{line} names {name}")
+    assert not bad, "Python code names a wrapper-less kernel helper:\n" + "\n".join(bad)
+
+
+def test_the_callee_check_sees_python_calls():
+    callees = {"reductions": {"lane_sum"}, "softmax_kl": {"hard_power"}}
+    seen = _python_side_uses(ast.parse(
+        "from kdnumba.kernels.cpu.reductions import lane_sum\n"
+        "from kdnumba.kernels.cpu import softmax_kl\n"
+        "def f(x):\n    return lane_sum(x) + softmax_kl.hard_power(x)\n"
+        "@jit\ndef g(x):\n    return lane_sum(x)\n"
+        "def h(kernels):\n    return kernels.hard_power\n"), callees)
+    assert seen == [(4, "reductions.lane_sum"), (4, "softmax_kl.hard_power"),
+                    (9, "kernels.hard_power")]
+    own = _python_side_uses(ast.parse("def driver(x):\n    return hard_power(x)\n"),
+                            callees, "softmax_kl")
+    assert own == [(2, "softmax_kl.hard_power")]

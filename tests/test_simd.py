@@ -20,9 +20,27 @@ import numpy as np
 import pytest
 
 from kdnumba.kernels.cpu import simd
-from kdnumba.kernels.cpu.reductions import LANE_BLOCK, lane_dot, lane_max, lane_sum
+from kdnumba.kernels.cpu import reductions
+from kdnumba.kernels.cpu.reductions import LANE_BLOCK
 
 DTYPES = [np.float32, np.float64]
+
+
+# The lane reductions are kernel helpers (``callee``: no Python wrapper), so
+# the tests call them from a kernel of their own.
+@numba.njit(cache=False)
+def lane_sum(x):
+    return reductions.lane_sum(x)
+
+
+@numba.njit(cache=False)
+def lane_dot(x, y):
+    return reductions.lane_dot(x, y)
+
+
+@numba.njit(cache=False)
+def lane_max(x):
+    return reductions.lane_max(x)
 
 
 @numba.njit(cache=False)

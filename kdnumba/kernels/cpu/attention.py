@@ -33,18 +33,14 @@ import numpy as np
 from numba import prange
 
 from kdnumba._constants import ROW_SUM_TOL
-from kdnumba._policy import jit, parallel_jit
+from kdnumba._policy import callee, jit, parallel_jit
 from kdnumba.kernels.cpu.dtypes import cast_like
 from kdnumba.kernels.cpu.fastexp import log_pos_f64
 
 _CBLOCK = 64
 
-#: The helpers below are only called from the kernels: no CPython or cfunc
-#: wrapper is built for them (less code to compile on the first call).
-_callee = jit(no_cpython_wrapper=True, no_cfunc_wrapper=True)
 
-
-@_callee
+@callee
 def _ipow(x, k):
     """``x**k`` for a small integer ``k >= 0`` by repeated multiplication."""
     r = cast_like(1.0, x)
@@ -53,7 +49,7 @@ def _ipow(x, k):
     return r
 
 
-@_callee
+@callee
 def _power(x, p, use_abs):
     """``v(x)``: ``x^p``, or ``|x|^p`` when ``use_abs``."""
     if use_abs:
@@ -61,7 +57,7 @@ def _power(x, p, use_abs):
     return _ipow(x, p)
 
 
-@_callee
+@callee
 def _power_derivative(x, p, use_abs):
     """``v'(x)``: ``p x^(p-1)``, or ``p |x|^(p-1) sign(x)`` (``sign(0) = 0``)."""
     if use_abs:
@@ -74,7 +70,7 @@ def _power_derivative(x, p, use_abs):
     return _ipow(x, p - 1) * cast_like(p, x)
 
 
-@_callee
+@callee
 def _square_sum(f, acc, q):
     """``q_j = sum_c f_cj^2`` for ``f`` of shape ``(C, S)`` (``v(x) = x^2``, with or
     without ``|.|``); ``acc`` is F scratch, ``q`` float64 output."""
@@ -93,7 +89,7 @@ def _square_sum(f, acc, q):
             q[j] += acc[j]
 
 
-@_callee
+@callee
 def _power_sum(f, p, use_abs, acc, q):
     """``q_j = sum_c v(f_cj)`` for ``f`` of shape ``(C, S)``; ``acc`` is F scratch."""
     n_ch, n_sp = f.shape
@@ -111,7 +107,7 @@ def _power_sum(f, p, use_abs, acc, q):
             q[j] += acc[j]
 
 
-@_callee
+@callee
 def _normalise(q, eps):
     """``q <- q / max(||q||, eps)`` in place; returns ``||q||``."""
     norm = 0.0
@@ -124,7 +120,7 @@ def _normalise(q, eps):
     return norm
 
 
-@_callee
+@callee
 def _map_gradient(a_s, a_t, k_s, k_t, eps, paper_loss, w, acc):
     """One sample's loss from its channel sums ``a_s``, ``a_t`` (float64,
     overwritten), and ``acc = k_s g_q`` (F), the factor of ``v'(f_cj)`` in

@@ -52,7 +52,7 @@ import math
 import numpy as np
 
 from kdnumba._constants import NORM_EPS as EPS  # cos(a, b) = a.b / (max(||a||, EPS) ...)
-from kdnumba._policy import jit
+from kdnumba._policy import callee, jit
 from kdnumba.kernels.cpu.dtypes import MAX_FLOAT64, cast_like
 from kdnumba.kernels.cpu.fastexp import exp_nonpos
 from kdnumba.kernels.cpu.reductions import lane_dot, lane_max, lane_sum
@@ -67,11 +67,6 @@ TILE_BYTES = 16 << 20
 #: Exponent range kept by the exp pass: ``exp(x)`` with ``x < -EXP_RANGE`` is 0.
 EXP_RANGE_F32 = 60.0
 EXP_RANGE_F64 = 600.0
-
-
-#: Helpers called only from the kernels below: no CPython or cfunc wrapper is
-#: built for them (less code to compile on the first call).
-_callee = jit(no_cpython_wrapper=True, no_cfunc_wrapper=True)
 
 
 def exp_range(dtype) -> float:
@@ -155,7 +150,7 @@ def class_means(t, t_norms, members, starts, out):
 
 # --- the exp pass over one tile ------------------------------------------------------
 
-@_callee
+@callee
 def _exp_in_place(row, shift, lo):
     """``row_j <- exp(min(row_j - shift, 0))``, 0 below ``lo``: element-wise, no
     reduction, so the loop vectorises fully."""
@@ -234,7 +229,7 @@ def softmax_rows(block, bounds, use_bound, neg_range, row0, pos_class, members, 
 
 # --- gradient finishing passes ---------------------------------------------------------
 
-@_callee
+@callee
 def _chain_normalisation(x_row, norm, g, out_row, scale):
     """``out_row = scale * d(loss)/d x`` from ``g = d(loss)/d x_hat`` (float64).
 
@@ -320,7 +315,7 @@ def finish_teacher_anchored(s, s_norms, anchors, acc, g, grad):
 
 # --- batch-hard triplet --------------------------------------------------------------
 
-@_callee
+@callee
 def _masked_extrema(keys, labels, yi):
     """``(max of keys with labels == yi, min of keys with labels != yi)``.
 
@@ -413,7 +408,7 @@ def triplet_select(block, sq_norms, labels, qualifies, row0, pos_idx, neg_idx):
                 break
 
 
-@_callee
+@callee
 def _distance_and_unit(x, i, j, unit):
     """``||x_i - x_j||`` in float64 and ``unit = (x_i - x_j)/d`` (0 if d == 0)."""
     dim = x.shape[1]

@@ -42,7 +42,7 @@ import numpy as np
 from numba import prange
 
 from kdnumba._constants import DKD_MASK as MASK
-from kdnumba._policy import jit, parallel_jit
+from kdnumba._policy import callee, jit, parallel_jit
 from kdnumba.kernels.cpu.dtypes import cast_like
 from kdnumba.kernels.cpu.fastexp import exp_nonpos
 from kdnumba.kernels.cpu.reductions import lane_max, lane_sum
@@ -50,7 +50,7 @@ from kdnumba.kernels.cpu.reductions import lane_max, lane_sum
 _ROWS_PER_CHUNK = 16
 
 
-@jit
+@callee
 def _max_except(row, g):
     """``max_{j != g} row[j]`` (``row`` has at least 2 elements, ``0 <= g < C``)."""
     n = row.shape[0]
@@ -63,7 +63,7 @@ def _max_except(row, g):
     return a if a > b else b
 
 
-@jit
+@callee
 def _exponentials(s_row, t_row, m_s, m_t, inv_t, e_s, e_t, w_terms):
     """``e = exp(min(d, 0))``, ``w = e_t (d_t - d_s)`` element-wise (vectorises);
     the target column (the only one where ``d`` may be > 0) is fixed by the
@@ -79,19 +79,19 @@ def _exponentials(s_row, t_row, m_s, m_t, inv_t, e_s, e_t, w_terms):
         w_terms[j] = et * (d_t - d_s)
 
 
-@jit
+@callee
 def _gradient_row(g_row, e_t, a_s, a_t):
     for j in range(g_row.shape[0]):
         g_row[j] = a_s * g_row[j] - a_t * e_t[j]
 
 
-@jit
+@callee
 def _logaddexp(a, b):
     m = max(a, b)
     return m + math.log(math.exp(a - m) + math.exp(b - m))
 
 
-@jit
+@callee
 def row_terms(a_s, log_z_s, a_t, log_z_t):
     """Per-row scalars shared by the CPU and CUDA kernels (float64).
 

@@ -34,7 +34,7 @@ import math
 import numpy as np
 from numba import prange
 
-from kdnumba._policy import jit, parallel_jit
+from kdnumba._policy import callee, jit, parallel_jit
 from kdnumba.kernels.cpu.dtypes import cast_like
 from kdnumba.kernels.cpu.fastexp import exp_nonpos
 from kdnumba.kernels.cpu.reductions import lane_dot, lane_max, lane_sum
@@ -43,19 +43,19 @@ from kdnumba.kernels.cpu.reductions import lane_dot, lane_max, lane_sum
 COLUMN_BLOCK = 256
 
 
-@jit
+@callee
 def _exp_row(z_row, m, inv_t, e_row):
     for j in range(z_row.shape[0]):
         e_row[j] = exp_nonpos((z_row[j] - m) * inv_t)
 
 
-@jit
+@callee
 def _scale_row(e_row, r):
     for j in range(e_row.shape[0]):
         e_row[j] = e_row[j] * r
 
 
-@jit
+@callee
 def _center_row(y_row, m, out_row):
     for j in range(y_row.shape[0]):
         out_row[j] = y_row[j] - m
@@ -72,13 +72,13 @@ def _probe(z_row):
     return acc
 
 
-@jit
+@callee
 def _softmax_row(z_row, inv_t, y_row):
     _exp_row(z_row, lane_max(z_row), inv_t, y_row)
     _scale_row(y_row, cast_like(1.0 / lane_sum(y_row), z_row))
 
 
-@jit
+@callee
 def pearson_coefficients(s_ab, s_aa, s_bb, sum_a, sum_b, mean_a, mean_b, n, eps, weight):
     """``(rho, p, q, r)`` of one vector pair (float64): the correlation and the
     gradient ``-weight Pc(b/D - k a) = -p y_t + q y_s - r`` in the uncentred
@@ -165,13 +165,13 @@ def dist_columns(ys, yt, eps, w_col, col_rho, col_coef):
             col_coef[2, lo + j] = r
 
 
-@jit
+@callee
 def _dy_row(ys_row, yt_row, p, q, r, cp, cq, cr, g_row):
     for j in range(ys_row.shape[0]):
         g_row[j] = (q + cq[j]) * ys_row[j] - (p + cp[j]) * yt_row[j] - (r + cr[j])
 
 
-@jit
+@callee
 def _softmax_back_row(ys_row, dot, inv_t, g_row):
     for j in range(ys_row.shape[0]):
         g_row[j] = inv_t * ys_row[j] * (g_row[j] - dot)

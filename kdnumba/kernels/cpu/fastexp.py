@@ -27,7 +27,7 @@ import numpy as np
 from numba import types
 from numba.extending import intrinsic, overload
 
-from kdnumba._policy import FASTMATH_FLAGS, jit
+from kdnumba._policy import FASTMATH_FLAGS, callee, jit
 
 
 def _bitcast(name: str, source, target):
@@ -141,7 +141,7 @@ _SQRT2 = 1.4142135623730951
 _TINY = 2.2250738585072014e-308  # smallest normal float64
 
 
-@jit
+@callee
 def log_pos_f64(x):
     """``log(x)`` for float64 ``x > 0``, branch-free so that loops vectorise.
 

@@ -45,7 +45,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from kdnumba._policy import jit, parallel_jit
+from kdnumba._policy import callee, jit, parallel_jit
 from kdnumba.kernels.cpu.reductions import lane_dot
 
 
@@ -115,7 +115,7 @@ def _normalise(x, eps, xh, norms):
             row[j] *= inv
 
 
-@jit
+@callee
 def _upper_gram(x, out):
     """``out[i, j] += sum_c x[c, i] x[c, j]`` for ``j >= i`` (``x``: ``C x P``)."""
     c_n, p = x.shape
@@ -128,7 +128,7 @@ def _upper_gram(x, out):
                 o[j] += xi * row[j]
 
 
-@jit
+@callee
 def _nst_spatial_sample(sh, th, gh):
     """``l = ||S^T S / Cs - T^T T / Ct||^2``; ``gh += 4/Cs S D``; returns ``l``."""
     cs, p = sh.shape
@@ -159,7 +159,7 @@ def _nst_spatial_sample(sh, th, gh):
     return loss
 
 
-@jit
+@callee
 def _nst_channel_sample(sh, th, gh):
     """The ``C x C`` order: ``l`` from ``M_ss``, ``M_st`` and ``||T T^T||^2``;
     ``gh = 4 (M_ss S / Cs^2 - M_st T / (Cs Ct))``; returns ``l``."""

@@ -16,7 +16,7 @@ count, and whether a kernel was just compiled or loaded from the disk cache:
 
 from __future__ import annotations
 
-from kdnumba._policy import jit
+from kdnumba._policy import callee, jit
 from kdnumba.kernels.cpu.simd import simd_dot, simd_max, simd_sum
 
 
@@ -36,7 +36,7 @@ def ordered_sum(values):
 LANE_BLOCK = 1024
 
 
-@jit
+@callee
 def lane_sum(x):
     """``sum(x)`` as float64: fixed-order SIMD lanes per block, blocks in float64.
 
@@ -59,7 +59,7 @@ def lane_sum(x):
     return total
 
 
-@jit
+@callee
 def lane_dot(x, y):
     """``sum(x * y)`` as float64 with the block/lane structure of :func:`lane_sum`."""
     n = x.shape[0]
@@ -76,7 +76,7 @@ def lane_dot(x, y):
     return total
 
 
-@jit
+@callee
 def lane_max(x):
     """``max(x)`` by :func:`kdnumba.kernels.cpu.simd.simd_max` (32 lanes) and a
     scalar tail; ``x`` non-empty, 1-D C-contiguous. NaN elements are skipped

@@ -55,7 +55,7 @@ import math
 import numpy as np
 from numba import prange
 
-from kdnumba._policy import jit, parallel_jit
+from kdnumba._policy import callee, jit, parallel_jit
 from kdnumba.kernels.cpu.dtypes import MAX_FLOAT64
 from kdnumba.kernels.cpu.reductions import lane_sum
 
@@ -65,10 +65,6 @@ from kdnumba.kernels.cpu.reductions import lane_sum
 ROWS_PER_TASK = 16
 
 
-#: The row functions below are only called from :func:`_tasks`: no CPython or
-#: cfunc wrapper is built for them (less code to compile on the first call).
-_callee = jit(no_cpython_wrapper=True, no_cfunc_wrapper=True)
-
 # Phases of :func:`_tasks`.
 _GEOMETRY = 0
 _DISTANCE = 1
@@ -77,7 +73,7 @@ _ASSEMBLE = 3
 _PRODUCT = 4
 
 
-@_callee
+@callee
 def _geometry_row(i, et, eps, q, inv_norm, dist_row_sum):
     """Row ``i``: ``q[i, j] = ||e_i - e_j||^2`` (float64, summed over features
     in order), ``inv_norm[i, j] = iota_ij``, ``dist_row_sum[i] = sum_j d_ij``
@@ -113,7 +109,7 @@ def _geometry_row(i, et, eps, q, inv_norm, dist_row_sum):
     dist_row_sum[i] = total if finite else math.nan
 
 
-@_callee
+@callee
 def _distance_row(i, qs, qt, eps, inv_mu_s, inv_mu_t, row_loss, row_hd):
     """Row ``i``: ``sum_j smooth_l1(x_ij)`` and ``sum_j clip(x_ij) d^s_ij`` with
     ``x_ij = d^s_ij / mu_s - d^t_ij / mu_t`` (off-diagonal; the diagonal is 0 - 0)."""
@@ -134,7 +130,7 @@ def _distance_row(i, qs, qt, eps, inv_mu_s, inv_mu_t, row_loss, row_hd):
     row_hd[i] = hd
 
 
-@_callee
+@callee
 def _angle_task(task, hqs, ins, hqt, int_, r, loss_table, scratch, row_loss):
     """Rows ``b`` of block ``task``: ``r[b]`` (``-2 S`` of the angle term) and
     ``row_loss[b] = sum_{a,c} smooth_l1(K^a_bc - T^a_bc)``. ``hqs``, ``hqt``:
@@ -183,7 +179,7 @@ def _angle_task(task, hqs, ins, hqt, int_, r, loss_table, scratch, row_loss):
         row_loss[b] = lane_sum(loss_table[b])
 
 
-@_callee
+@callee
 def _assemble_row(i, r, w_a, qs, qt, eps, inv_mu_s, inv_mu_t, k_mean, w_d, out):
     """Row ``i`` of the gradient factor ``M`` (see :func:`assemble`)."""
     n = qs.shape[0]
@@ -209,7 +205,7 @@ def _assemble_row(i, r, w_a, qs, qt, eps, inv_mu_s, inv_mu_t, k_mean, w_d, out):
     o_row[i] = -w_a * r_sum + 4.0 * w_d * c_sum
 
 
-@_callee
+@callee
 def _product_row(i, m, ec, acc):
     """``acc[i] = m[i] @ ec`` (float64)."""
     n, dim = ec.shape

@@ -68,7 +68,7 @@ import functools
 import numpy as np
 from numba import prange
 
-from kdnumba._policy import jit, kernel_launch, parallel_jit
+from kdnumba._policy import callee, jit, kernel_launch, parallel_jit
 from kdnumba.kernels.cpu.dtypes import LARGEST_FINITE, cast_like
 from kdnumba.kernels.cpu.fastexp import exp_nonpos
 from kdnumba.kernels.cpu.reductions import ordered_sum
@@ -190,7 +190,7 @@ def _var_task(task, a, b, col_block, rows_per_chunk, shift, part):
             s2[j] += d0 * d0
 
 
-@jit
+@callee
 def sigmoid(z):
     """``1 / (1 + exp(-z))`` without overflow, in the dtype of ``z``.
 
@@ -202,7 +202,7 @@ def sigmoid(z):
     return r if z >= cast_like(0.0, z) else e * r
 
 
-@jit
+@callee
 def _abs_rows4(r0, r1, r2, r3, asum):
     """``asum += |r0| + |r1| + |r2| + |r3|`` (float64 before adding: a sum of
     float32 values can overflow float32)."""
@@ -344,7 +344,7 @@ def _peak_task(task, a, b, col_block, rows_per_chunk, part, p_max, p_arg):
 # instruction, so they stay off when this is inlined into a parallel kernel.)
 # The loops are O(chunks * N) and run once per call; speed does not matter.
 
-@jit(fastmath=False)
+@callee(fastmath=False)
 def _combine_var(shift, n_rows, part, stats):
     """``stats[ST_MEAN]``, ``stats[ST_VAR]`` of one matrix."""
     b = np.float64(n_rows)
@@ -362,7 +362,7 @@ def _combine_var(shift, n_rows, part, stats):
         stats[ST_VAR, j] = v
 
 
-@jit(fastmath=False)
+@callee(fastmath=False)
 def _combine_mean(n_rows, part, out):
     """``out = sum_ch part[ch] / B`` in chunk order (``part``: ``(C, N)``, one
     partial's row of every chunk; not a literal row number, which Numba would
@@ -375,7 +375,7 @@ def _combine_mean(n_rows, part, out):
         out[j] = total / b
 
 
-@jit(fastmath=False)
+@callee(fastmath=False)
 def _combine_peak(rows_per_chunk, eps, p_max, p_arg, stats, argmax):
     """``stats[ST_PEAK]``, ``argmax`` and ``stats[ST_RATIO]`` (after
     ``stats[ST_MEAN_ABS]``)."""
@@ -617,7 +617,7 @@ def _coef_variance(stats, weight, n_rows, sq, coef):
         coef[CF_BOUND, j] = abs(b) * np.sqrt(n_rows * stats[1, ST_VAR, j])
 
 
-@jit(fastmath=False)
+@callee(fastmath=False)
 def _finite_sq(stats, row, j):
     """``(sel_s - sel_t)_j**2`` and the difference; the square is NaN where a
     mean magnitude is not finite (inf/NaN input that the sigmoid or the
@@ -745,7 +745,7 @@ def gradient_rows(x, metric, sharpness, k, coef, argmax, grad, flag):
         flag[0] = 1
 
 
-@jit
+@callee
 def _gradient_fits(grad, bound, largest):
     """Whether no element of ``grad`` overflowed: every per-column bound
     ``bound_j`` of ``|grad_ij|`` is at most ``largest`` (the dtype's largest
@@ -760,7 +760,7 @@ def _gradient_fits(grad, bound, largest):
     return True
 
 
-@jit
+@callee
 def _coef_in_dtype(coef, coef_f):
     """``coef_f_j = coef[CF_B, j]`` rounded to ``coef_f``'s dtype (an overflow
     gives inf, which the gradient's check reports)."""
@@ -796,7 +796,7 @@ def _grad_variance(x, coef, largest, grad):
     return _gradient_fits(grad, coef[CF_BOUND], largest)
 
 
-@jit
+@callee
 def _sign(v):
     """``sign(v)`` in the dtype of ``v``, ``sign(0) = 0`` (branch-free selects)."""
     zero = cast_like(0.0, v)

@@ -38,7 +38,7 @@ import math
 import numpy as np
 from numba import prange
 
-from kdnumba._policy import jit, parallel_jit
+from kdnumba._policy import callee, jit, parallel_jit
 from kdnumba._constants import (
     DIV_JSD,
     DIV_REVERSE_KL,
@@ -63,7 +63,7 @@ _ROWS_PER_CHUNK = 16
 _MAX_POWER = 4
 
 
-@jit
+@callee
 def hard_power(inv_t):
     """``T`` when ``inv_t`` is the dtype's ``1/T`` (as the caller rounds it:
     float64, then the dtype) for an integer ``T`` in ``2 .. _MAX_POWER``, else 0.
@@ -81,7 +81,7 @@ def hard_power(inv_t):
     return power
 
 
-@jit
+@callee
 def _exponentials(s_row, t_row, m_s, m_t, inv_t, e_s_t, e_t_t, w_terms, e_s, with_hard, power):
     """Pass 2: element-wise, no reduction, so it vectorises fully.
 
@@ -112,7 +112,7 @@ def _exponentials(s_row, t_row, m_s, m_t, inv_t, e_s_t, e_t_t, w_terms, e_s, wit
                 e_s[j] = h
 
 
-@jit
+@callee
 def _gradient_row(g_row, e_t_t, e_s, a_s, a_t, a_h, reuse_soft):
     """Pass 3, in place: ``g = a_s e^T_s - a_t e^T_t + a_h e_s``.
 
@@ -243,7 +243,7 @@ def kd_rows(s, t, labels_index, labels_dense, labels_kind, inv_t,
 # ``0 * x`` for that), so the caller's check of the total sees it.
 
 
-@jit
+@callee
 def _div_exponentials(s_row, t_row, m_s, m_t, inv_t, e_s_t, e_t_t, x, e_s, with_hard):
     """``e_s_t = exp(u_s)``, ``e_t_t = exp(u_t)``, ``x = u_s - u_t`` and, with
     ``with_hard``, ``e_s = exp(s - m_s)``, in one vectorised loop."""
@@ -258,7 +258,7 @@ def _div_exponentials(s_row, t_row, m_s, m_t, inv_t, e_s_t, e_t_t, x, e_s, with_
             e_s[j] = exp_nonpos(d_s)
 
 
-@jit
+@callee
 def _jsd_terms(x, shift, beta, y):
     """In place: ``x_j <- -L_j`` (``log p/m``) and ``y_j = d_j - L_j`` (``log q/m``)
     from ``x_j = u_s - u_t`` on entry, with ``d = shift - x`` = ``log q - log p``
@@ -276,7 +276,7 @@ def _jsd_terms(x, shift, beta, y):
         y[j] = cast_like(np.float64(d) - big_l, x)
 
 
-@jit
+@callee
 def _tvd_terms(e_s_t, e_t_t, inv_zs, ratio, x, y):
     """``y = |p - q|`` and, in place, ``x = sign(p - q)/2 + 0 * x`` (the ``0 * x``
     carries a non-finite ``u_s - u_t`` into the sums). ``p - q`` is taken as
@@ -291,7 +291,7 @@ def _tvd_terms(e_s_t, e_t_t, inv_zs, ratio, x, y):
         x[j] = sgn + zero * x[j]
 
 
-@jit
+@callee
 def _div_gradient_row(g_row, x, e_s, a, k, a_h, reuse_soft):
     """In place: ``g = a e^T_s (x - k) + a_h e_s``, ``g_row`` holding ``e^T_s`` on
     entry (``reuse_soft``: ``e_s`` is ``e^T_s``, taken from ``g_row``)."""
@@ -383,7 +383,7 @@ def divergence_rows(s, t, labels_index, labels_dense, labels_kind, divergence, b
 # --- sparse (top-K) teachers -----------------------------------------------------------------
 
 
-@jit
+@callee
 def _soft_exponentials(s_row, m_s, inv_t, e_s_t, e_s, with_hard):
     """``e_s_t = exp((s - m_s)/T)`` and, with ``with_hard``, ``e_s = exp(s - m_s)``."""
     for j in range(s_row.shape[0]):
@@ -393,7 +393,7 @@ def _soft_exponentials(s_row, m_s, inv_t, e_s_t, e_s, with_hard):
             e_s[j] = exp_nonpos(d_s)
 
 
-@jit
+@callee
 def _scale_row(g_row, e_s, a_s, a_h, reuse_soft):
     """In place: ``g = a_s e^T_s + a_h e_s`` (``g_row`` holds ``e^T_s`` on entry)."""
     for j in range(g_row.shape[0]):
@@ -402,7 +402,7 @@ def _scale_row(g_row, e_s, a_s, a_h, reuse_soft):
         g_row[j] = a_s * e + a_h * h
 
 
-@jit
+@callee
 def check_topk_row(idx_row, g_row):
     """:data:`SPARSE_OK`, :data:`SPARSE_OUT_OF_RANGE` or :data:`SPARSE_DUPLICATE`
     for one row of top-K indices, in O(K) and without extra memory: every

@@ -27,18 +27,18 @@ import math
 
 from numba import prange
 
-from kdnumba._policy import jit, parallel_jit
+from kdnumba._policy import callee, jit, parallel_jit
 from kdnumba.kernels.cpu.dtypes import cast_like
 from kdnumba.kernels.cpu.reductions import lane_dot, lane_sum
 
 
-@jit
+@callee
 def _center(z_row, mu, y_row):
     for j in range(z_row.shape[0]):
         y_row[j] = z_row[j] - mu
 
 
-@jit
+@callee
 def _scale(y_row, r):
     for j in range(y_row.shape[0]):
         y_row[j] = y_row[j] * r
@@ -67,7 +67,7 @@ def standardize_rows(z, eps, y, std):
         _scale(y_row, cast_like(1.0 / (sigma + eps), z))
 
 
-@jit
+@callee
 def _backward_row(g_row, y_row, a, b, c, out_row, accumulate):
     for j in range(g_row.shape[0]):
         v = (a * g_row[j] - c) - b * y_row[j]
