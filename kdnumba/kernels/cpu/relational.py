@@ -250,8 +250,11 @@ def _tasks(phase, n_tasks, m0, m1, m2, m3, m4, m5, m6, v0, v1, x0, x1, x2, x3, x
         # The parfor's index is unsigned: one int64 type for the callees, which
         # would otherwise be compiled for both.
         task = np.int64(index)
-        if phase == _GEOMETRY:
-            _geometry_row(task, m0, x0, m1, m2, v0)
+        if phase == _GEOMETRY:  # the student's rows, then the teacher's
+            if task < m1.shape[0]:
+                _geometry_row(task, m0, x0, m1, m2, v0)
+            else:
+                _geometry_row(task - m1.shape[0], m3, x0, m4, m5, v1)
         elif phase == _DISTANCE:
             _distance_row(task, m0, m1, x0, x1, x2, v0, v1)
         elif phase == _ANGLE:
@@ -335,9 +338,7 @@ def loss_and_gradient(s, t, eps, w_d, w_a, grad):
     eps = float(eps)
 
     with kernel_launch(n * n * (dim_s + dim_t)):
-        _tasks(_GEOMETRY, n, et_s, q_s, ins, no_m, no_m, no_m, no_m, sum_s, no_v,
-               eps, 0.0, 0.0, 0.0, 0.0, 0.0)
-        _tasks(_GEOMETRY, n, et_t, q_t, int_, no_m, no_m, no_m, no_m, sum_t, no_v,
+        _tasks(_GEOMETRY, 2 * n, et_s, q_s, ins, et_t, q_t, int_, no_m, sum_s, sum_t,
                eps, 0.0, 0.0, 0.0, 0.0, 0.0)
     total_s, total_t = ordered_sum(sum_s), ordered_sum(sum_t)
     distance_total = total_s + total_t
