@@ -76,7 +76,6 @@ _DISTANCE = 1
 _ANGLE = 2
 _ASSEMBLE = 3
 _PRODUCT = 4
-_CENTER = 5
 
 
 @_callee
@@ -226,19 +225,26 @@ def _product_row(i, m, ec, acc):
             a_row[d] += mik * e_row[d]
 
 
-@_callee
-def _center_column(d, et, ec):
-    """Column ``d`` of ``ec = e - mean_rows(e)`` from ``et = e^T`` (float64): the
-    mean summed in row order, then divided by ``B`` (NumPy's
+# Serial, and not a phase of ``_tasks``: O(B D) work is below the cost of a
+# parallel launch at any batch RKD is used with, and as a phase it made the
+# headline call (B = 512, every other phase parallel) compile the serial build
+# of ``_tasks`` as well, +1 s of cold compile (issue #16). No fast-math: with
+# ``arcp`` LLVM hoists ``1 / B`` out of the column loop, and the means would no
+# longer be NumPy's divisions, bit for bit.
+@jit(fastmath=False)
+def _center_columns(et, ec):
+    """``ec = e - mean_rows(e)`` from ``et = e^T`` (float64), column by column:
+    each mean summed in row order, then divided by ``B`` (NumPy's
     ``e - e.mean(axis=0, dtype=float64)``, bit for bit)."""
     n = et.shape[1]
-    col = et[d]
-    total = 0.0
-    for i in range(n):
-        total += col[i]
-    mean = total / n
-    for i in range(n):
-        ec[i, d] = col[i] - mean
+    for d in range(et.shape[0]):
+        col = et[d]
+        total = 0.0
+        for i in range(n):
+            total += col[i]
+        mean = total / n
+        for i in range(n):
+            ec[i, d] = col[i] - mean
 
 
 @parallel_jit
@@ -261,8 +267,6 @@ def _tasks(phase, n_tasks, m0, m1, m2, m3, m4, m5, m6, v0, v1, x0, x1, x2, x3, x
             _angle_task(task, m0, m1, m2, m3, m4, m5, m6, v0)
         elif phase == _ASSEMBLE:
             _assemble_row(task, m0, x0, m1, m2, x1, x2, x3, x4, x5, m3)
-        elif phase == _CENTER:
-            _center_column(task, m0, m1)
         else:
             _product_row(task, m0, m1, m2)
 
@@ -306,11 +310,11 @@ def loss_and_gradient(s, t, eps, w_d, w_a, grad):
     nothing in between but their calls and a few float operations: a small
     call's Python work between two kernels cost more than the kernels
     themselves (issue #16). Each phase keeps its own ``kernel_launch`` with
-    its own work (``B^2 (D_s + D_t)``, ``B^2``, ``B^3``, ``B D_s`` for the
-    centring, ``B^2 D_s``), so a phase runs the serial build exactly when it
-    did as a launch function of its own: a parallel launch costs 34-90 us on
-    the ``workqueue`` layer, more than the small phases' work even when the
-    call as a whole is large.
+    its own work (``B^2 (D_s + D_t)``, ``B^2``, ``B^3``, ``B^2 D_s``), so a
+    phase runs the serial build exactly when it did as a launch function of
+    its own: a parallel launch costs 34-90 us on the ``workqueue`` layer,
+    more than the small phases' work even when the call as a whole is large.
+    The centring is a serial kernel of its own (:func:`_center_columns`).
     """
     n, dim_s = s.shape
     dim_t = t.shape[1]
@@ -376,9 +380,7 @@ def loss_and_gradient(s, t, eps, w_d, w_a, grad):
         w_a_mean = w_a / float(n) ** 3
 
     m = ins  # iota_s is dead after the angle term: M takes its memory
-    with kernel_launch(n * dim_s):  # O(B D): serial unless large (a launch costs more)
-        _tasks(_CENTER, dim_s, et_s, ec, no_m, no_m, no_m, no_m, no_m, no_v, no_v,
-               0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    _center_columns(et_s, ec)
     with kernel_launch(n * n * dim_s):
         _tasks(_ASSEMBLE, n, r, q_s, q_t, m, no_m, no_m, no_m, no_v, no_v,
                w_a_mean, eps, inv_mu_s, inv_mu_t, k_mean, w_d / (n * n))
