@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from kdnumba import _dispatch
@@ -70,60 +72,24 @@ def rkd_loss(student_emb, teacher_emb, *, distance_weight=25.0, angle_weight=50.
     t_in = be.float_array(teacher_emb, "teacher_emb", dtype=s_in.dtype)
     v.check_same_batch(s_in, t_in, "student_emb", "teacher_emb")
     grad_in = be.gradient_buffer(out, s_in, (student_emb, teacher_emb, t_in))
-    s, t, grad = _rows(s_in), _rows(t_in), _rows(grad_in)
-    n = s.shape[0]
-    kernels = be.kernels("relational")
-    inputs = [("student_emb", s), ("teacher_emb", t)]
-
-    # Q and iota of both embeddings, and their rows' distance sums (float64).
-    q_s, ins, q_t, int_ = (be.empty((n, n), np.float64) for _ in range(4))
-    sum_s, sum_t = be.empty(n, np.float64), be.empty(n, np.float64)
-    with be.launch(n * n * (s.shape[1] + t.shape[1])):
-        kernels.geometry(s, NORM_EPS, q_s, ins, sum_s)
-        kernels.geometry(t, NORM_EPS, q_t, int_, sum_t)
-    # A NaN/inf input makes its rows' distance sums NaN (the clamps would hide it).
-    total_s, total_t = be.total(sum_s), be.total(sum_t)
-    be.check_finite(total_s + total_t, inputs)
-    mu_s = total_s / (n * (n - 1)) if n > 1 else 1.0
-    mu_t = total_t / (n * (n - 1)) if n > 1 else 1.0
-
-    loss_d = 0.0
-    k_mean = 0.0
-    if n > 1 and w_d != 0.0:
-        row_loss, row_hd = be.empty(n, np.float64), be.empty(n, np.float64)
-        with be.launch(n * n):
-            kernels.distance_rows(q_s, q_t, NORM_EPS, 1.0 / mu_s, 1.0 / mu_t, row_loss, row_hd)
-        loss_d = be.total(row_loss) / (n * n)
-        k_mean = be.total(row_hd) / (mu_s * mu_s * n * (n - 1))
-
-    loss_a = 0.0
-    w_a_mean = 0.0  # the angle weight of the gradient; 0: r is not read
-    r = be.placeholder(2, np.float64)
-    if n > 1 and w_a != 0.0:
-        r, row_loss = be.empty((n, n), np.float64), be.empty(n, np.float64)
-        with be.launch(n * n * n):
-            kernels.angle_rows(q_s, ins, q_t, int_, r, row_loss)
-        loss_a = be.total(row_loss) / float(n) ** 3
-        w_a_mean = w_a / float(n) ** 3
-    m = ins  # dead after the angle term: reuse its memory
-    del ins, int_
-    ec = be.empty(s.shape, np.float64)
-    with be.launch(n * n * s.shape[1]):
-        kernels.assemble(r, w_a_mean, q_s, q_t, NORM_EPS, 1.0 / mu_s, 1.0 / mu_t, k_mean,
-                         w_d / (n * n), m)
-        del r, q_s, q_t
-        # m has zero row sums, so m @ e = m @ (e - mean): the centred rows keep
-        # a large common offset out of the product.
-        kernels.center(s, ec)
-        kernels.matmul_rows(m, ec, grad)
-    loss = w_d * loss_d + w_a * loss_a
+    s, t = _rows(s_in), _rows(t_in)
+    # One launch function for the whole loss (a small call's Python between
+    # kernels cost more than the kernels, issue #16). It stops after the
+    # squared distances when their total is not finite (NaN/inf input: the
+    # clamps would hide it), leaving the gradient unwritten.
+    distance_total, loss = be.kernels("relational").loss_and_gradient(
+        s, t, NORM_EPS, w_d, w_a, _rows(grad_in))
+    inputs = (("student_emb", s), ("teacher_emb", t))
+    be.check_finite(distance_total, inputs)
     be.check_finite(loss, inputs)  # finite inputs, but squared distances beyond 1e308
     return float(loss), be.deliver(grad_in, out)
 
 
 def _rows(x):
-    """A C-contiguous ``(B, ...)`` array viewed as ``(B, D)``."""
-    return x.reshape(x.shape[0], int(np.prod(x.shape[1:])))
+    """A C-contiguous ``(B, ...)`` array viewed as ``(B, D)`` (itself when it is)."""
+    if len(x.shape) == 2:
+        return x
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
 
 
 # --- registry entry ------------------------------------------------------------------

@@ -55,9 +55,10 @@ import math
 import numpy as np
 from numba import prange
 
-from kdnumba._policy import callee, jit, parallel_jit
+from kdnumba._output_pool import POOL
+from kdnumba._policy import callee, jit, kernel_launch, parallel_jit
 from kdnumba.kernels.cpu.dtypes import MAX_FLOAT64
-from kdnumba.kernels.cpu.reductions import lane_sum
+from kdnumba.kernels.cpu.reductions import lane_sum, ordered_sum
 
 #: Rows ``b`` per task of the angle phase: the rows ``a`` it streams are
 #: reused by all of a task's rows while in cache (the grouping does not change
@@ -220,17 +221,42 @@ def _product_row(i, m, ec, acc):
             a_row[d] += mik * e_row[d]
 
 
+# Serial, and not a phase of ``_tasks``: O(B D) work is below the cost of a
+# parallel launch at any batch RKD is used with, and as a phase it made the
+# headline call (B = 512, every other phase parallel) compile the serial build
+# of ``_tasks`` as well, +1 s of cold compile (issue #16). No fast-math: with
+# ``arcp`` LLVM hoists ``1 / B`` out of the column loop, and the means would no
+# longer be NumPy's divisions, bit for bit.
+@jit(fastmath=False)
+def _center_columns(et, ec):
+    """``ec = e - mean_rows(e)`` from ``et = e^T`` (float64), column by column:
+    each mean summed in row order, then divided by ``B`` (NumPy's
+    ``e - e.mean(axis=0, dtype=float64)``, bit for bit)."""
+    n = et.shape[1]
+    for d in range(et.shape[0]):
+        col = et[d]
+        total = 0.0
+        for i in range(n):
+            total += col[i]
+        mean = total / n
+        for i in range(n):
+            ec[i, d] = col[i] - mean
+
+
 @parallel_jit
 def _tasks(phase, n_tasks, m0, m1, m2, m3, m4, m5, m6, v0, v1, x0, x1, x2, x3, x4, x5):
     """Task ``0 .. n_tasks - 1`` of ``phase``, in parallel: the one ``prange``
     kernel of the module (float64 arrays only, so one build serves both input
-    dtypes). Arguments as the launch functions below pass them."""
+    dtypes). Arguments as :func:`loss_and_gradient` passes them."""
     for index in prange(n_tasks):
         # The parfor's index is unsigned: one int64 type for the callees, which
         # would otherwise be compiled for both.
         task = np.int64(index)
-        if phase == _GEOMETRY:
-            _geometry_row(task, m0, x0, m1, m2, v0)
+        if phase == _GEOMETRY:  # the student's rows, then the teacher's
+            if task < m1.shape[0]:
+                _geometry_row(task, m0, x0, m1, m2, v0)
+            else:
+                _geometry_row(task - m1.shape[0], m3, x0, m4, m5, v1)
         elif phase == _DISTANCE:
             _distance_row(task, m0, m1, x0, x1, x2, v0, v1)
         elif phase == _ANGLE:
@@ -245,79 +271,117 @@ _NO_MATRIX = np.zeros((0, 0))
 _NO_VECTOR = np.zeros(0)
 
 
-def _launch(phase, n_tasks, matrices=(), vectors=(), scalars=()):
-    matrices = tuple(matrices) + (_NO_MATRIX,) * (7 - len(matrices))
-    vectors = tuple(vectors) + (_NO_VECTOR,) * (2 - len(vectors))
-    scalars = tuple(float(x) for x in scalars) + (0.0,) * (6 - len(scalars))
-    _tasks(phase, n_tasks, *matrices, *vectors, *scalars)
+# --- the launch function: the interface of ``kernels.cuda.relational`` -------------
 
 
-# --- launch functions: the interface of ``kernels.cuda.relational`` ----------------
+def loss_and_gradient(s, t, eps, w_d, w_a, grad):
+    """The whole loss in one call: ``(distance_total, loss)``, the gradient in ``grad``.
 
+    Parameters (the same on both devices; ``F`` is the dtype of ``s``):
+        s, t: ``(B, D_s)``, ``(B, D_t)`` F, C-contiguous (student, teacher).
+        eps: the clamp of squared distances (``NORM_EPS``).
+        w_d, w_a: Python floats, the distance and angle weights (``>= 0``).
+        grad: ``(B, D_s)`` F output, ``d loss / d s`` (not written when
+            ``distance_total`` is not finite).
 
-def geometry(e, eps, q, inv_norm, dist_row_sum):
-    """Per row ``i`` of ``e`` (B, D): ``q[i, j] = ||e_i - e_j||^2`` (float64, from
-    differences), ``inv_norm[i, j] = iota_ij`` and ``dist_row_sum[i] = sum_j d_ij``,
-    NaN when row ``i`` of ``q`` holds NaN or inf (a NaN/inf input, or squared
-    distances beyond the float64 range), so the caller checks the total only."""
-    et = np.ascontiguousarray(e.T, dtype=np.float64)
-    _launch(_GEOMETRY, e.shape[0], (et, q, inv_norm), (dist_row_sum,), (eps,))
+    Returns ``(distance_total, loss)``, Python floats: ``sum_{i != j} d^s_ij +
+    sum_{i != j} d^t_ij`` -- NaN/inf when an input holds NaN/inf (each row of
+    ``Q`` is checked before the ``max(Q, eps)`` clamp could hide it), and then
+    nothing else is computed and ``loss`` is NaN -- and ``w_d L_d + w_a L_a``
+    (inf when finite inputs have squared distances beyond float64).
 
+    Steps (phases of :func:`_tasks`), with ``M = dL/dE`` factor as in the
+    module docstring::
 
-def distance_rows(qs, qt, eps, inv_mu_s, inv_mu_t, row_loss, row_hd):
-    """Per row ``i``: ``sum_j smooth_l1(x_ij)`` and ``sum_j clip(x_ij) d^s_ij``,
-    ``x_ij = d^s_ij / mu_s - d^t_ij / mu_t`` (off-diagonal; the diagonal is 0 - 0)."""
-    _launch(_DISTANCE, qs.shape[0], (qs, qt), (row_loss, row_hd), (eps, inv_mu_s, inv_mu_t))
+        Q, iota of s and t (geometry)      -> mu_s, mu_t (row sums, in order)
+        distance term per row              -> L_d, k_mean      (skipped: B = 1, w_d = 0)
+        angle term per row block           -> L_a, R           (skipped: B = 1, w_a = 0)
+        M from R, Q (assemble, into iota_s's memory, dead by then)
+        ec = s - mean_rows(s) (per column) -> grad = M @ ec (float64, cast on the way out)
 
+    ``M`` has zero row sums, so ``M @ s = M @ ec``: the centred rows keep a
+    large common offset out of the product.
 
-def angle_rows(qs, ins, qt, int_, r, row_loss):
-    """The angle term's loss and its ``dL/dQ`` (unscaled: a sum, not a mean).
-
-    Parameters (all float64):
-        qs, ins: ``(B, B)`` student ``Q`` and ``iota``; qt, int_: the teacher's.
-        r: ``(B, B)`` output (overwritten): ``-2 S`` of the angle term,
-            i.e. ``sum_a A^a_bc`` at ``(b, c)`` plus ``2 (beta^a_b - alpha^a_b)``
-            at ``(b, a)``.
-        row_loss: ``(B,)`` output, ``sum_{a,c} smooth_l1(K^a_bc - T^a_bc)``.
-
-    A task owns ``ROWS_PER_TASK`` rows ``b`` and sweeps every ``a``.
-    Scratch: three ``(B, B)`` arrays (``Q / 2`` of both, a loss table) and one
-    row per task.
+    Every buffer is allocated first and the kernels run back to back with
+    nothing in between but their calls and a few float operations: a small
+    call's Python work between two kernels cost more than the kernels
+    themselves (issue #16). Each phase keeps its own ``kernel_launch`` with
+    its own work (``B^2 (D_s + D_t)``, ``B^2``, ``B^3``, ``B^2 D_s``), so a
+    phase runs the serial build exactly when it did as a launch function of
+    its own: a parallel launch costs 34-90 us on the ``workqueue`` layer,
+    more than the small phases' work even when the call as a whole is large.
+    The centring is a serial kernel of its own (:func:`_center_columns`).
     """
-    n = qs.shape[0]
-    n_tasks = (n + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    loss_table = np.empty((n, n))
-    scratch = np.empty((n_tasks, n))
-    half_qs, half_qt = 0.5 * qs, 0.5 * qt  # exact: (Q_ab + Q_ac - Q_bc) / 2 as one sum
-    _launch(_ANGLE, n_tasks, (half_qs, ins, half_qt, int_, r, loss_table, scratch),
-            (row_loss,))
+    n, dim_s = s.shape
+    dim_t = t.shape[1]
+    angle = n > 1 and w_a != 0.0
+    # Every buffer first, float64, in two blocks (two allocations whatever the
+    # shapes; large ones through the output pool, whose pages are already
+    # faulted in). B x B: Q and iota of both, and for the angle term R, its
+    # loss table and Q / 2 of both.
+    mats = POOL.empty((8 if angle else 4, n, n), np.float64)
+    q_s, ins, q_t, int_ = mats[0], mats[1], mats[2], mats[3]
+    # Rows: [e_s^T | e_t^T] for the squared distances; the centred rows take
+    # e_t^T's place (dead after them), and a float32 call's float64 product
+    # e_s^T's (dead once centred).
+    size_s = n * dim_s
+    rows = POOL.empty(size_s + n * max(dim_s, dim_t), np.float64)
+    et_s = rows[:size_s].reshape(dim_s, n)
+    et_t = rows[size_s:size_s + n * dim_t].reshape(dim_t, n)
+    ec = rows[size_s:2 * size_s].reshape(n, dim_s)
+    acc = grad if grad.dtype == np.float64 else rows[:size_s].reshape(n, dim_s)
+    np.copyto(et_s, s.T)
+    np.copyto(et_t, t.T)
+    sums = np.empty((2, n))
+    sum_s, sum_t = sums[0], sums[1]
+    no_m, no_v = _NO_MATRIX, _NO_VECTOR
+    eps = float(eps)
 
+    with kernel_launch(n * n * (dim_s + dim_t)):
+        _tasks(_GEOMETRY, 2 * n, et_s, q_s, ins, et_t, q_t, int_, no_m, sum_s, sum_t,
+               eps, 0.0, 0.0, 0.0, 0.0, 0.0)
+    total_s, total_t = ordered_sum(sum_s), ordered_sum(sum_t)
+    distance_total = total_s + total_t
+    if not math.isfinite(distance_total):
+        return distance_total, math.nan
+    mu_s = total_s / (n * (n - 1)) if n > 1 else 1.0
+    mu_t = total_t / (n * (n - 1)) if n > 1 else 1.0
+    inv_mu_s, inv_mu_t = 1.0 / mu_s, 1.0 / mu_t
 
-def assemble(r, w_a, qs, qt, eps, inv_mu_s, inv_mu_t, k_mean, w_d, out):
-    """The symmetric B x B factor ``M`` of the gradient, ``dL/dE = M E``.
+    loss_d = 0.0
+    k_mean = 0.0
+    if n > 1 and w_d != 0.0:
+        row_loss, row_hd = sums[0], sums[1]  # the distance sums are read
+        with kernel_launch(n * n):
+            _tasks(_DISTANCE, n, q_s, q_t, no_m, no_m, no_m, no_m, no_m, row_loss, row_hd,
+                   eps, inv_mu_s, inv_mu_t, 0.0, 0.0, 0.0)
+        loss_d = ordered_sum(row_loss) / (n * n)
+        k_mean = ordered_sum(row_hd) / (mu_s * mu_s * n * (n - 1))
 
-    ``M = w_a [(R + R^T) - diag((R + R^T) 1)] + w_d [4 diag(C 1) - 4 C]``
-    with ``R`` from :func:`angle_rows` and ``C_ij = dL_d/dQ_ij`` of the distance term::
+    loss_a = 0.0
+    w_a_mean = 0.0  # the angle weight of the gradient; 0: r is not read
+    r = no_m
+    if angle:
+        n_tasks = (n + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+        r, loss_table, half_qs, half_qt = mats[4], mats[5], mats[6], mats[7]
+        scratch = np.empty((n_tasks, n))
+        row_loss = sums[0]
+        # Q / 2, exact: (Q_ab + Q_ac - Q_bc) / 2 as one sum.
+        np.multiply(q_s, 0.5, out=half_qs)
+        np.multiply(q_t, 0.5, out=half_qt)
+        with kernel_launch(n * n * n):
+            _tasks(_ANGLE, n_tasks, half_qs, ins, half_qt, int_, r, loss_table, scratch,
+                   row_loss, no_v, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        loss_a = ordered_sum(row_loss) / float(n) ** 3
+        w_a_mean = w_a / float(n) ** 3
 
-        dL_d/dd_ij = h_ij / mu_s - k_mean,   k_mean = sum(h d) / (mu_s^2 B(B-1))
-        C_ij = dL_d/dd_ij / (2 d_ij)  where Q_ij >= eps (else the clamp is flat: 0)
-
-    (``w_d`` already holds the ``1/B^2`` of the mean; ``w_a`` the ``1/B^3``.)
-    ``r`` is not read when ``w_a == 0`` (pass any float64 2-D array).
-    ``out`` must not alias any input.
-    """
-    _launch(_ASSEMBLE, qs.shape[0], (r, qs, qt, out), (),
-            (w_a, eps, inv_mu_s, inv_mu_t, k_mean, w_d))
-
-
-def center(e, ec):
-    """``ec = e - mean_rows(e)`` in float64 (NumPy: the mean is summed in row order)."""
-    np.subtract(e, np.mean(e, axis=0, dtype=np.float64), out=ec)
-
-
-def matmul_rows(m, ec, grad):
-    """``grad = m @ ec`` (float64 accumulation, written in ``grad``'s dtype)."""
-    acc = grad if grad.dtype == np.float64 else np.empty(ec.shape)
-    _launch(_PRODUCT, m.shape[0], (m, ec, acc))
+    m = ins  # iota_s is dead after the angle term: M takes its memory
+    _center_columns(et_s, ec)
+    with kernel_launch(n * n * dim_s):
+        _tasks(_ASSEMBLE, n, r, q_s, q_t, m, no_m, no_m, no_m, no_v, no_v,
+               w_a_mean, eps, inv_mu_s, inv_mu_t, k_mean, w_d / (n * n))
+        _tasks(_PRODUCT, n, m, ec, acc, no_m, no_m, no_m, no_m, no_v, no_v,
+               0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
     if acc is not grad:
         grad[...] = acc
+    return distance_total, w_d * loss_d + w_a * loss_a

@@ -12,19 +12,19 @@ order; there is no atomic and no cross-thread reduction. Per-row float64
 partials are added by :mod:`kdnumba.kernels.cuda.reduce` (fixed order).
 Kernels grid-stride over their items, so any grid covers the problem.
 
-The launch functions are those of ``kernels.cpu.relational``, with the same
-arguments, writing into the caller's outputs (``angle_rows`` allocates two
-``(B, B)`` scratch arrays on the device). Thread mapping (B rows of D features):
+:func:`loss_and_gradient` is that of ``kernels.cpu.relational``, with the same
+arguments and results; it allocates its scratch on the device and launches,
+in order on one stream (B rows of D features):
 
-* :func:`geometry`: one thread per ``(i, j)`` -- ``Q_ij`` from differences,
+* geometry: one thread per ``(i, j)`` -- ``Q_ij`` from differences,
   ``iota_ij``; then one thread per row -- ``sum_j d_ij``, NaN when the row's
   ``Q`` is not finite (the ``max(Q, eps)`` clamp would otherwise hide a NaN
   input);
-* :func:`distance_rows`, :func:`angle_rows`, :func:`assemble`: one thread per row;
+* distance term, angle term, gradient factor ``M``: one thread per row;
   the angle term's O(B^3) work is B threads of O(B^2) each (fine for B up
   to a few thousand);
-* :func:`center`: one thread per column; :func:`matmul_rows`: one thread per
-  gradient element.
+* centring: one thread per column; ``M @ ec``: one thread per gradient
+  element.
 
 No ``min``/``max`` builtins (numba 0.68's CUDA target fails to compile them).
 """
@@ -36,7 +36,7 @@ import math
 import numpy as np
 from numba import cuda
 
-from kdnumba.kernels.cuda import compile_kernel, item_launch
+from kdnumba.kernels.cuda import compile_kernel, item_launch, reduce
 
 _PAIRS_SIG = "void({F}[:, ::1], float64, float64[:, ::1], float64[:, ::1])"
 _ROW_SUMS_SIG = "void(float64[:, ::1], float64, float64[::1])"
@@ -226,46 +226,61 @@ def _launch(pyfunc, signature, n_items, dtype=None):
     return compile_kernel(pyfunc, signature, dtype)[item_launch(n_items)]
 
 
-# --- the launch functions: the interface of ``kernels.cpu.relational`` ----------------
+# --- the launch function: the interface of ``kernels.cpu.relational`` ----------------
 
-def geometry(e, eps, q, inv_norm, dist_row_sum):
-    """``Q``, ``iota`` (float64 ``(B, B)``) and per row ``sum_{j != i} d_ij`` of the
-    rows of ``e`` (B, D), NaN for a row whose ``Q`` holds NaN or inf (CPU twin)."""
-    n = e.shape[0]
-    _launch(_pairs_kernel, _PAIRS_SIG, n * n, e.dtype)(e, eps, q, inv_norm)
-    _launch(_row_sums_kernel, _ROW_SUMS_SIG, n)(q, eps, dist_row_sum)
+def loss_and_gradient(s, t, eps, w_d, w_a, grad):
+    """The whole loss on one stream: ``(distance_total, loss)``, host floats, the
+    gradient in ``grad`` (device arrays ``s``, ``t``, ``grad``): the interface
+    and results of ``kernels.cpu.relational.loss_and_gradient``, which
+    describes the steps. Scratch: four ``(B, B)`` arrays for ``Q`` and
+    ``iota``, and when the angle term is on three more (``R`` and two for its
+    per-row sums); ``M`` takes ``iota_s``'s memory."""
+    n, dim_s = s.shape
+    empty = cuda.device_array
+    q_s, ins = empty((n, n), dtype=np.float64), empty((n, n), dtype=np.float64)
+    q_t, int_ = empty((n, n), dtype=np.float64), empty((n, n), dtype=np.float64)
+    sum_s, sum_t = empty(n, dtype=np.float64), empty(n, dtype=np.float64)
+    ec = empty((n, dim_s), dtype=np.float64)
+    eps = float(eps)
 
+    pairs = _launch(_pairs_kernel, _PAIRS_SIG, n * n, s.dtype)
+    row_sums = _launch(_row_sums_kernel, _ROW_SUMS_SIG, n)
+    pairs(s, eps, q_s, ins)
+    row_sums(q_s, eps, sum_s)
+    pairs(t, eps, q_t, int_)
+    row_sums(q_t, eps, sum_t)
+    total_s, total_t = reduce.total(sum_s), reduce.total(sum_t)
+    distance_total = total_s + total_t
+    if not math.isfinite(distance_total):
+        return distance_total, math.nan
+    mu_s = total_s / (n * (n - 1)) if n > 1 else 1.0
+    mu_t = total_t / (n * (n - 1)) if n > 1 else 1.0
+    inv_mu_s, inv_mu_t = 1.0 / mu_s, 1.0 / mu_t
 
-def distance_rows(qs, qt, eps, inv_mu_s, inv_mu_t, row_loss, row_hd):
-    """Per row ``sum_j smooth_l1(x_ij)`` and ``sum_j clip(x_ij) d^s_ij`` (CPU twin)."""
-    n = qs.shape[0]
-    _launch(_distance_kernel, _DISTANCE_SIG, n)(qs, qt, eps, inv_mu_s, inv_mu_t,
-                                                row_loss, row_hd)
+    loss_d = 0.0
+    k_mean = 0.0
+    if n > 1 and w_d != 0.0:
+        row_loss, row_hd = sum_s, sum_t  # the distance sums are read
+        _launch(_distance_kernel, _DISTANCE_SIG, n)(q_s, q_t, eps, inv_mu_s, inv_mu_t,
+                                                    row_loss, row_hd)
+        loss_d = reduce.total(row_loss) / (n * n)
+        k_mean = reduce.total(row_hd) / (mu_s * mu_s * n * (n - 1))
 
+    loss_a = 0.0
+    w_a_mean = 0.0  # the angle weight of the gradient; 0: r is not read
+    if n > 1 and w_a != 0.0:
+        r = empty((n, n), dtype=np.float64)
+        alpha, hk = empty((n, n), dtype=np.float64), empty((n, n), dtype=np.float64)
+        _launch(_angle_kernel, _ANGLE_SIG, n)(q_s, ins, q_t, int_, r, alpha, hk, sum_s)
+        loss_a = reduce.total(sum_s) / float(n) ** 3
+        w_a_mean = w_a / float(n) ** 3
+    else:
+        r = empty((1, 1), dtype=np.float64)  # not read (one element: some drivers
+        # reject zero-size allocations)
 
-def angle_rows(qs, ins, qt, int_, r, row_loss):
-    """The angle term's per-row loss and ``r = -2 dL/dQ`` (unscaled, overwritten);
-    see ``kernels.cpu.relational.angle_rows``. Scratch: two ``(B, B)`` arrays."""
-    n = qs.shape[0]
-    alpha = cuda.device_array((n, n), dtype=np.float64)
-    hk = cuda.device_array((n, n), dtype=np.float64)
-    _launch(_angle_kernel, _ANGLE_SIG, n)(qs, ins, qt, int_, r, alpha, hk, row_loss)
-
-
-def assemble(r, w_a, qs, qt, eps, inv_mu_s, inv_mu_t, k_mean, w_d, out):
-    """The symmetric ``(B, B)`` factor ``M`` of ``dL/dE = M E`` into ``out`` (CPU
-    twin); ``r`` is not read when ``w_a == 0``."""
-    n = qs.shape[0]
-    _launch(_assemble_kernel, _ASSEMBLE_SIG, n)(r, w_a, qs, qt, eps, inv_mu_s, inv_mu_t,
-                                                k_mean, w_d, out)
-
-
-def center(e, ec):
-    """``ec = e - mean_rows(e)`` in float64 (mean summed in row order)."""
-    _launch(_center_kernel, _CENTER_SIG, e.shape[1], e.dtype)(e, ec)
-
-
-def matmul_rows(m, ec, grad):
-    """``grad = m @ ec`` (float64 accumulation in ``k`` order, written in ``grad``'s dtype)."""
-    n, dim = ec.shape
-    _launch(_matmul_kernel, _MATMUL_SIG, n * dim, grad.dtype)(m, ec, grad)
+    m = ins  # iota_s is dead after the angle term: M takes its memory
+    _launch(_assemble_kernel, _ASSEMBLE_SIG, n)(r, w_a_mean, q_s, q_t, eps, inv_mu_s,
+                                                inv_mu_t, k_mean, w_d / (n * n), m)
+    _launch(_center_kernel, _CENTER_SIG, dim_s, s.dtype)(s, ec)
+    _launch(_matmul_kernel, _MATMUL_SIG, n * dim_s, grad.dtype)(m, ec, grad)
+    return distance_total, w_d * loss_d + w_a * loss_a
