@@ -59,6 +59,7 @@ from kdnumba._output_pool import POOL
 from kdnumba._policy import callee, jit, kernel_launch, parallel_jit
 from kdnumba.kernels.cpu.dtypes import MAX_FLOAT64
 from kdnumba.kernels.cpu.reductions import lane_sum, ordered_sum
+from kdnumba.kernels.relational_scalars import angle_means, distance_means, mean_distances
 
 #: Rows ``b`` per task of the angle phase: the rows ``a`` it streams are
 #: reused by all of a task's rows while in cache (the grouping does not change
@@ -344,8 +345,7 @@ def loss_and_gradient(s, t, eps, w_d, w_a, grad):
     distance_total = total_s + total_t
     if not math.isfinite(distance_total):
         return distance_total, math.nan
-    mu_s = total_s / (n * (n - 1)) if n > 1 else 1.0
-    mu_t = total_t / (n * (n - 1)) if n > 1 else 1.0
+    mu_s, mu_t = mean_distances(total_s, total_t, n)
     inv_mu_s, inv_mu_t = 1.0 / mu_s, 1.0 / mu_t
 
     loss_d = 0.0
@@ -355,8 +355,7 @@ def loss_and_gradient(s, t, eps, w_d, w_a, grad):
         with kernel_launch(n * n):
             _tasks(_DISTANCE, n, q_s, q_t, no_m, no_m, no_m, no_m, no_m, row_loss, row_hd,
                    eps, inv_mu_s, inv_mu_t, 0.0, 0.0, 0.0)
-        loss_d = ordered_sum(row_loss) / (n * n)
-        k_mean = ordered_sum(row_hd) / (mu_s * mu_s * n * (n - 1))
+        loss_d, k_mean = distance_means(ordered_sum(row_loss), ordered_sum(row_hd), mu_s, n)
 
     loss_a = 0.0
     w_a_mean = 0.0  # the angle weight of the gradient; 0: r is not read
@@ -372,8 +371,7 @@ def loss_and_gradient(s, t, eps, w_d, w_a, grad):
         with kernel_launch(n * n * n):
             _tasks(_ANGLE, n_tasks, half_qs, ins, half_qt, int_, r, loss_table, scratch,
                    row_loss, no_v, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-        loss_a = ordered_sum(row_loss) / float(n) ** 3
-        w_a_mean = w_a / float(n) ** 3
+        loss_a, w_a_mean = angle_means(ordered_sum(row_loss), w_a, n)
 
     m = ins  # iota_s is dead after the angle term: M takes its memory
     _center_columns(et_s, ec)

@@ -37,6 +37,7 @@ import numpy as np
 from numba import cuda
 
 from kdnumba.kernels.cuda import compile_kernel, item_launch, reduce
+from kdnumba.kernels.relational_scalars import angle_means, distance_means, mean_distances
 
 _PAIRS_SIG = "void({F}[:, ::1], float64, float64[:, ::1], float64[:, ::1])"
 _ROW_SUMS_SIG = "void(float64[:, ::1], float64, float64[::1])"
@@ -253,8 +254,7 @@ def loss_and_gradient(s, t, eps, w_d, w_a, grad):
     distance_total = total_s + total_t
     if not math.isfinite(distance_total):
         return distance_total, math.nan
-    mu_s = total_s / (n * (n - 1)) if n > 1 else 1.0
-    mu_t = total_t / (n * (n - 1)) if n > 1 else 1.0
+    mu_s, mu_t = mean_distances(total_s, total_t, n)
     inv_mu_s, inv_mu_t = 1.0 / mu_s, 1.0 / mu_t
 
     loss_d = 0.0
@@ -263,8 +263,7 @@ def loss_and_gradient(s, t, eps, w_d, w_a, grad):
         row_loss, row_hd = sum_s, sum_t  # the distance sums are read
         _launch(_distance_kernel, _DISTANCE_SIG, n)(q_s, q_t, eps, inv_mu_s, inv_mu_t,
                                                     row_loss, row_hd)
-        loss_d = reduce.total(row_loss) / (n * n)
-        k_mean = reduce.total(row_hd) / (mu_s * mu_s * n * (n - 1))
+        loss_d, k_mean = distance_means(reduce.total(row_loss), reduce.total(row_hd), mu_s, n)
 
     loss_a = 0.0
     w_a_mean = 0.0  # the angle weight of the gradient; 0: r is not read
@@ -272,8 +271,7 @@ def loss_and_gradient(s, t, eps, w_d, w_a, grad):
         r = empty((n, n), dtype=np.float64)
         alpha, hk = empty((n, n), dtype=np.float64), empty((n, n), dtype=np.float64)
         _launch(_angle_kernel, _ANGLE_SIG, n)(q_s, ins, q_t, int_, r, alpha, hk, sum_s)
-        loss_a = reduce.total(sum_s) / float(n) ** 3
-        w_a_mean = w_a / float(n) ** 3
+        loss_a, w_a_mean = angle_means(reduce.total(sum_s), w_a, n)
     else:
         r = empty((1, 1), dtype=np.float64)  # not read (one element: some drivers
         # reject zero-size allocations)
