@@ -257,9 +257,9 @@ def _div_exponentials(s_row, t_row, m_s, m_t, inv_t, e_s_t, e_t_t, x, e_s, with_
         d_s = s_row[j] - m_s
         u_s = d_s * inv_t
         u_t = (t_row[j] - m_t) * inv_t
+        x[j] = u_s - u_t  # first: fewer values live across the exponentials (see _exponentials)
         e_s_t[j] = exp_nonpos(u_s)
         e_t_t[j] = exp_nonpos(u_t)
-        x[j] = u_s - u_t
         if with_hard:
             e_s[j] = exp_nonpos(d_s)
 
