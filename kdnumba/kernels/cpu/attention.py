@@ -33,7 +33,7 @@ import numpy as np
 from numba import prange
 
 from kdnumba._constants import ROW_SUM_TOL
-from kdnumba._policy import callee, jit, parallel_jit
+from kdnumba._policy import callee, parallel_jit
 from kdnumba.kernels.cpu.dtypes import cast_like
 from kdnumba.kernels.cpu.fastexp import log_pos_f64
 

@@ -42,7 +42,7 @@ import numpy as np
 from numba import prange
 
 from kdnumba._constants import DKD_MASK as MASK
-from kdnumba._policy import callee, jit, parallel_jit
+from kdnumba._policy import callee, parallel_jit
 from kdnumba.kernels.cpu.dtypes import cast_like
 from kdnumba.kernels.cpu.fastexp import exp_nonpos
 from kdnumba.kernels.cpu.reductions import lane_max, lane_sum

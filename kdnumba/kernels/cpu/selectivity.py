@@ -42,23 +42,22 @@ the exp runs at the full float32 vector width.
 
 The gradient of every metric is, per element, a per-column coefficient times
 a function of the element itself (``d stat_j / d x_ij`` depends on column
-``j``'s statistics only), so :func:`gradient_rows` writes it in one row-major
-pass; the peak-to-average metric then adds one extra term per column at the
-row of the column maximum.
+``j``'s statistics only), so one row-major pass writes it; the
+peak-to-average metric then adds one extra term per column at the row of the
+column maximum.
 
 Compilation is per metric: each of the loss's three metrics has its own
 statistics kernel, coefficient function and gradient kernel, so a call
 compiles only its metric's code (``selectivity_statistics`` runs the three
-and a hard-count kernel); :func:`column_stats_grid`, :func:`coefficients` and
-:func:`gradient_rows` are Python launchers choosing among them.
+and a hard-count kernel); :func:`column_stats_grid` and
+:func:`loss_and_gradient` are Python launchers choosing among them.
 
-The launch functions -- :func:`column_stats`, :func:`coefficients`,
-:func:`gradient_rows`, and :func:`loss_and_gradient`, the loss's three in
-one call -- are the interface shared with ``kernels.cuda.selectivity`` (same
-names, arguments and output conventions: every result goes into an output
-the caller allocated, except :func:`loss_and_gradient`'s two host scalars;
-scratch is the launcher's own business). The codes and row indices below are the
-home of both modules'.
+The launch functions -- :func:`column_stats` (the statistics alone) and
+:func:`loss_and_gradient` (statistics, loss terms and gradient in one call)
+-- are the interface shared with ``kernels.cuda.selectivity`` (same names,
+arguments and output conventions: every array result goes into an output the
+caller allocated; scratch is the launcher's own business). The codes and row
+indices below are the home of both modules'.
 """
 
 from __future__ import annotations
@@ -73,7 +72,7 @@ from kdnumba.kernels.cpu.dtypes import LARGEST_FINITE, cast_like
 from kdnumba.kernels.cpu.fastexp import exp_nonpos
 from kdnumba.kernels.cpu.reductions import ordered_sum
 
-#: ``metric`` codes of :func:`gradient_rows`.
+#: ``metric`` codes of :func:`loss_and_gradient`.
 VARIANCE = 0
 SPARSITY = 1
 PEAK_TO_AVERAGE = 2
@@ -469,30 +468,16 @@ def column_stats(a, b, n_mats, flags, threshold, sharpness, k, eps, stats, argma
     The task grid is :func:`plan`'s and the scratch is allocated here.
     """
     n_rows, n_cols = a.shape
-    col_block, rows, n_ch, n_tasks = _grid(n_mats, n_rows, n_cols)
+    col_block, rows, n_ch, _ = _grid(n_mats, n_rows, n_cols)
     # Scratch of statistics not requested is never written, so np.empty costs
-    # no memory traffic (its pages are never touched).
+    # no memory traffic (its pages are never touched). The peak's scratch only
+    # when the peak is asked for.
     part = np.empty((n_mats, n_ch, N_PARTIALS, n_cols), np.float64)
-    # The loss's three metrics go straight to their kernel (what
-    # column_stats_grid would run, without its bookkeeping: a small call pays
-    # for every Python statement, issue #16); the peak's scratch only when
-    # the peak is asked for.
-    if flags == WANT_VARIANCE:
-        _variance_grid(a, b, n_mats, n_tasks, col_block, rows,
-                       np.empty((n_mats, n_cols), np.float64), part, stats)
-    elif flags == WANT_SPARSITY:
-        _sparsity_grid(a, b, n_mats, n_tasks, sharpness, k, col_block, rows, part,
-                       _soft_scratch(n_tasks, col_block, a.dtype), stats)
-    else:
-        peak_cols = n_cols if flags & WANT_PEAK else 0
-        p_max = np.empty((n_mats, n_ch, peak_cols), a.dtype)
-        p_arg = np.empty((n_mats, n_ch, peak_cols), np.int32)  # offsets within a chunk
-        if flags == WANT_PEAK:
-            _peak_grid(a, b, n_mats, n_tasks, float(eps), col_block, rows, part, p_max,
-                       p_arg, stats, argmax)
-            return
-        column_stats_grid(a, b, n_mats, flags, threshold, sharpness, k, eps,
-                          col_block, rows, part, p_max, p_arg, stats, argmax)
+    peak_cols = n_cols if flags & WANT_PEAK else 0
+    p_max = np.empty((n_mats, n_ch, peak_cols), a.dtype)
+    p_arg = np.empty((n_mats, n_ch, peak_cols), np.int32)  # offsets within a chunk
+    column_stats_grid(a, b, n_mats, flags, threshold, sharpness, k, eps,
+                      col_block, rows, part, p_max, p_arg, stats, argmax)
 
 
 @functools.lru_cache(maxsize=256)
@@ -569,37 +554,22 @@ def column_stats_grid(a, b, n_mats, flags, threshold, sharpness, k, eps, col_blo
 
 # --- loss terms and gradient coefficients ----------------------------------------
 
-#: Rows of the ``coef`` output of :func:`coefficients`.
+#: Rows of the gradient coefficients (``coef``, see the loss terms' section below).
 CF_A, CF_B, CF_C, CF_BOUND = 0, 1, 2, 3
 N_COEFS = 4
 
-def coefficients(metric, stats, weight, eps, k, n_rows, sq, coef):
-    """Per-column loss terms and gradient coefficients.
-
-    Parameters (the same on both devices):
-        metric: ``VARIANCE``, ``SPARSITY`` or ``PEAK_TO_AVERAGE``.
-        stats: ``(2, N_STATS, N)`` float64 from :func:`column_stats` of the
-            teacher (``stats[0]``) and the student (``stats[1]``).
-        weight, eps, k: float64 (``k = sharpness / threshold``); n_rows: ``B``.
-        sq: ``(N,)`` float64 output, ``(sel_s - sel_t)_j**2`` (NaN where a mean
-            magnitude is not finite and ``metric != VARIANCE``: inf/NaN input
-            that the sigmoid or the maximum hide); the loss is
-            ``weight * sum_j sq_j / N``.
-        coef: ``(N_COEFS, N)`` float64 output. With ``c = 2 weight / N (sel_s -
-            sel_t)``: variance ``A = mean_s, B = 2c/B``; sparsity ``B = -k c / B``;
-            peak ``B = -c M / (B D**2), C = c / D`` (``D = mean_abs_s + eps``,
-            ``M`` the peak); ``BOUND`` is a bound of ``|grad_ij|`` over the column
-            (off the peak's row: ``|s_ij - mean_j| <= sqrt(B var_j)``,
-            ``sigmoid' <= 1/4``, ``|sign| <= 1``).
-    """
-    if metric == VARIANCE:
-        _coef_variance(stats, float(weight), int(n_rows), sq, coef)
-    elif metric == SPARSITY:
-        _coef_sparsity(stats, float(weight), float(k), int(n_rows), sq, coef)
-    else:
-        _coef_peak(stats, float(weight), float(eps), int(n_rows), sq, coef)
-
-
+# Per-column loss terms and gradient coefficients, from ``stats`` (``(2,
+# N_STATS, N)`` float64: teacher ``stats[0]``, student ``stats[1]``):
+#
+# * ``sq_j = (sel_s - sel_t)_j**2``, NaN where a mean magnitude is not finite
+#   and the metric is not the variance (inf/NaN input that the sigmoid or the
+#   maximum hide); the loss is ``weight * sum_j sq_j / N``;
+# * ``coef`` (``(N_COEFS, N)``): with ``c = 2 weight / N (sel_s - sel_t)``,
+#   variance ``A = mean_s, B = 2c/B``; sparsity ``B = -k c / B``; peak
+#   ``B = -c M / (B D**2), C = c / D`` (``D = mean_abs_s + eps``, ``M`` the
+#   peak); ``BOUND`` bounds ``|grad_ij|`` over the column (off the peak's row:
+#   ``|s_ij - mean_j| <= sqrt(B var_j)``, ``sigmoid' <= 1/4``, ``|sign| <= 1``).
+#
 # One function per metric (a call compiles its own metric's only). No
 # fast-math: the coefficients are exactly the IEEE float64 expressions below
 # (no FMA contraction), whatever the device.
@@ -656,8 +626,9 @@ def _coef_peak(stats, weight, eps, n_rows, sq, coef):
 
 def loss_and_gradient(t, s, metric, flags, threshold, sharpness, k, eps, weight, grad):
     """The loss's launches in one call: :func:`column_stats` of the teacher
-    and the student, :func:`coefficients`, the sum of the loss terms and
-    :func:`gradient_rows` of the student.
+    and the student, the per-column loss terms and gradient coefficients
+    (``_coef_*``, formulas above), their sum, and the gradient of the student
+    (``_grad_*``, with the overflow check).
 
     Parameters (the same on both devices; ``F`` is the dtype of ``s``):
         t, s: ``(B, N)`` F, C-contiguous (teacher, student).
@@ -667,7 +638,7 @@ def loss_and_gradient(t, s, metric, flags, threshold, sharpness, k, eps, weight,
             (``k = sharpness / threshold``).
         grad: ``(B, N)`` F output, ``d loss / d s``.
 
-    Returns ``(total, fits)``: ``sum_j sq_j`` of :func:`coefficients` (the loss
+    Returns ``(total, fits)``: ``sum_j sq_j`` of the loss terms (the loss
     is ``weight * total / N``; NaN/inf when an input is not finite) and
     whether every gradient element is finite.
 
@@ -713,36 +684,6 @@ def loss_and_gradient(t, s, metric, flags, threshold, sharpness, k, eps, weight,
             _coef_peak(stats, weight, eps, n_rows, sq, coef)
             fits = _grad_peak(s, coef, coef_f, argmax[1], largest, grad)
     return ordered_sum(sq), fits
-
-
-def gradient_rows(x, metric, sharpness, k, coef, argmax, grad, flag):
-    """Write ``grad = d loss / d x``; ``flag[0] = 1`` when some element of it is
-    not finite (finite inputs can still overflow a float32 gradient).
-
-    Parameters (``F`` is the dtype of ``x``; the same on both devices):
-        x, grad: ``(B, N)`` F, C-contiguous.
-        metric: ``VARIANCE``, ``SPARSITY`` or ``PEAK_TO_AVERAGE``.
-        sharpness, k: F, the sparsity relaxation (as in :func:`column_stats`).
-        coef: ``(N_COEFS, N)`` float64 from :func:`coefficients`.
-        argmax: ``(N,)`` int64, the student's first maximal rows.
-        flag: ``(1,)`` int32, zeroed by the caller.
-
-    Overflow is ruled out from ``coef[CF_BOUND]`` in O(N); only when a bound
-    exceeds the dtype's range is the gradient itself scanned. One kernel call
-    per metric does the gradient and that check (a small call pays a few
-    microseconds for every NumPy operation around a kernel, issue #16).
-    """
-    largest = LARGEST_FINITE[grad.dtype]
-    if metric == VARIANCE:
-        fits = _grad_variance(x, coef, largest, grad)
-    elif metric == SPARSITY:
-        # (``coef_f``: the ``B`` coefficients in F, written by the kernel.)
-        fits = _grad_sparsity(x, sharpness, k, coef, np.empty(coef.shape[1], x.dtype),
-                              largest, grad)
-    else:
-        fits = _grad_peak(x, coef, np.empty(coef.shape[1], x.dtype), argmax, largest, grad)
-    if not fits:
-        flag[0] = 1
 
 
 @callee

@@ -38,11 +38,10 @@ import math
 import numpy as np
 from numba import prange
 
-from kdnumba._policy import callee, jit, parallel_jit
+from kdnumba._policy import callee, parallel_jit
 from kdnumba._constants import (
     DIV_JSD,
     DIV_REVERSE_KL,
-    LABELS_DENSE,
     LABELS_INDEX,
     LABELS_NONE,
     SPARSE_DUPLICATE,

@@ -27,7 +27,7 @@ import math
 
 from numba import prange
 
-from kdnumba._policy import callee, jit, parallel_jit
+from kdnumba._policy import callee, parallel_jit
 from kdnumba.kernels.cpu.dtypes import cast_like
 from kdnumba.kernels.cpu.reductions import lane_dot, lane_sum
 

@@ -1,9 +1,9 @@
 """Per-neuron selectivity statistics and their gradient on the GPU.
 
 The CUDA twin of ``kernels.cpu.selectivity``: the same launch functions
-(:func:`column_stats`, :func:`coefficients`, :func:`gradient_rows`, and
-:func:`loss_and_gradient`, which runs the loss's three) with the same
-arguments and outputs, the same codes (imported from there), the same
+(:func:`column_stats`, and :func:`loss_and_gradient`, which runs the loss's
+three steps :func:`column_stats`, :func:`coefficients` and
+:func:`gradient_rows`) with the same arguments and outputs, the same codes (imported from there), the same
 statistics, tie rule and ``sign(0) = 0``. On ``(B, N)`` activations:
 
 1. :func:`column_stats`, first launch per matrix -- column-blocked partial
@@ -377,7 +377,9 @@ def column_stats(a, b, n_mats, flags, threshold, sharpness, k, eps, stats, argma
 
 def coefficients(metric, stats, weight, eps, k, n_rows, sq, coef):
     """Per-column loss terms ``sq`` and gradient coefficients ``coef`` (device
-    arrays): the interface and outputs of ``kernels.cpu.selectivity.coefficients``."""
+    arrays), the same values as the CPU module's ``_coef_*`` functions
+    (formulas in ``kernels/cpu/selectivity.py``, "loss terms and gradient
+    coefficients"); a step of :func:`loss_and_gradient`."""
     n_cols = sq.shape[0]
     threads = TILE * _lanes()
     compile_kernel(_coefficients_kernel, _COEF_SIG)[-(-n_cols // threads), threads](
@@ -405,8 +407,8 @@ def loss_and_gradient(t, s, metric, flags, threshold, sharpness, k, eps, weight,
 
 def gradient_rows(x, metric, sharpness, k, coef, argmax, grad, flag):
     """Write ``grad = d loss / d x``; ``flag[0] = 1`` when some element is not
-    finite (``flag``: a zeroed ``(1,)`` int32 device array): the interface of
-    ``kernels.cpu.selectivity.gradient_rows``."""
+    finite (``flag``: a zeroed ``(1,)`` int32 device array; the CPU decides
+    the same from per-column bounds): a step of :func:`loss_and_gradient`."""
     n_rows, n_cols = x.shape
     dtype = np.dtype(x.dtype)
     lanes = _lanes()
