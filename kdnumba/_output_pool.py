@@ -134,7 +134,6 @@ class OutputPool:
                        if sys.getrefcount(blocks[i]) == self._unused_refs)
             return free, sum(b.nbytes for b in blocks) - free
 
-
     def _after_fork_in_child(self) -> None:
         # A thread of the parent may have held the lock at the fork; the child
         # has only the forking thread, so nobody would ever release it.

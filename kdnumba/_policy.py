@@ -126,10 +126,10 @@ def callee(fn=None, **overrides):
     CPython and cfunc wrappers.
 
     Numba builds those wrappers at every compile, whoever the caller; for a
-    helper they are dead code that still passes through LLVM (cold compile,
-    issue 16: about 0.3 s of ``kd_loss``'s first call went to its helpers'
-    wrappers). Never call one from Python: without its wrapper, the call
-    crashes the interpreter. ``tests/test_architecture.py`` checks that no
+    helper they are dead code that still passes through LLVM (issue 16; the
+    saving measured on a first call was within the noise of a 2-core VM).
+    Never call one from Python: without its wrapper, the call crashes the
+    interpreter. ``tests/test_architecture.py`` checks that no
     Python code outside a kernel names one.
     """
     return jit(fn, no_cpython_wrapper=True, no_cfunc_wrapper=True, **overrides)
