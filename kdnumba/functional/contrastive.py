@@ -44,13 +44,13 @@ rounded logits as its log-sum-exp, so it is never negative, also in float32.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
 
 from kdnumba import _dispatch
 from kdnumba import _validation as v
+from kdnumba.kernels.contrastive_lists import diagonal
 from kdnumba.registry import BadInput, LossSpec, Variant, Workload, register
 
 __all__ = ["info_nce", "nt_xent", "supervised_contrastive", "triplet_loss"]
@@ -116,12 +116,17 @@ def _row_norms(be, kernels, x, name: str):
     norms = be.empty(x.shape[0], np.float64)
     kernels.row_norms(x, norms)
     if not math.isfinite(be.total(norms)):  # one number back; the rows only on this path
-        host = be.to_host(norms)
-        if not np.isfinite(host).all():
-            if not np.isfinite(be.to_host(x)).all():
-                raise ValueError(f"{name} contains NaN or inf values")
-            raise ValueError(f"{name} has rows whose norm overflows float64; rescale it")
+        _check_norms(be, x, norms, name)
     return norms
+
+
+def _check_norms(be, x, norms, name: str) -> None:
+    """``ValueError`` naming ``x`` if a row of it holds NaN/inf or its norm
+    overflows float64 (called once a total of norms was not finite)."""
+    if not np.isfinite(be.to_host(norms)).all():
+        if not np.isfinite(be.to_host(x)).all():
+            raise ValueError(f"{name} contains NaN or inf values")
+        raise ValueError(f"{name} has rows whose norm overflows float64; rescale it")
 
 
 def _norms(be, kernels, s, t, neg):
@@ -144,22 +149,10 @@ def _norms(be, kernels, s, t, neg):
     if not math.isfinite(be.total(norms)):  # one number back; the rows only on this path
         for x, x_norms, name in ((s, s_norms, "student_emb"), (t, t_norms, "teacher_emb"),
                                  (neg, neg_norms, "negatives")):
-            if x is not None and not np.isfinite(be.to_host(x_norms)).all():
-                if not np.isfinite(be.to_host(x)).all():
-                    raise ValueError(f"{name} contains NaN or inf values")
-                raise ValueError(f"{name} has rows whose norm overflows float64; rescale it")
+            if x is not None:
+                _check_norms(be, x, x_norms, name)
         # Finite norms whose float64 total overflows: nothing wrong with the inputs.
     return s_norms, t_norms, neg_norms
-
-
-@functools.lru_cache(maxsize=16)
-def _diagonal_lists(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """NT-Xent's positive lists (anchor ``i``'s positive is teacher row ``i``):
-    ``(pos_class, members, starts)`` = ``(arange(n), arange(n), arange(n + 1))``,
-    int64. Built once per batch size (two ``np.arange`` cost a small call
-    ~2 us); the kernels only read them."""
-    index = np.arange(n, dtype=np.int64)
-    return index, index, np.arange(n + 1, dtype=np.int64)
 
 
 def class_lists(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -210,7 +203,7 @@ def _softmax_loss(mode, student_emb, teacher_emb, negatives, labels, temperature
     row_loss = be.empty(n, np.float64)
     if mode != "info_nce":  # (before the first kernel: see _norms)
         if y is None:  # NT-Xent: anchor i's positive is teacher row i
-            lists = _diagonal_lists(n)
+            lists = diagonal(n)
         else:  # supervised: the teacher rows of the anchor's class
             lists = class_lists(y)
         pos_class = be.to_device(lists[0])

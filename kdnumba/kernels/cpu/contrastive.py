@@ -46,13 +46,13 @@ Inputs are validated, C-contiguous arrays of one float dtype.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
 
 from kdnumba._constants import NORM_EPS as EPS  # cos(a, b) = a.b / (max(||a||, EPS) ...)
 from kdnumba._policy import callee, jit
+from kdnumba.kernels.contrastive_lists import diagonal
 from kdnumba.kernels.cpu.dtypes import MAX_FLOAT64, cast_like
 from kdnumba.kernels.cpu.fastexp import exp_nonpos
 from kdnumba.kernels.cpu.reductions import lane_dot, lane_max, lane_sum
@@ -507,14 +507,6 @@ def _logit_bounds(norms, temperature, out):
         out[i] = unit / temperature
 
 
-@functools.lru_cache(maxsize=16)
-def _diagonal(n):
-    """Positive lists where anchor ``i``'s positive is candidate ``i`` (built
-    once per ``n``: two ``np.arange`` cost a small call ~2 us; only read)."""
-    index = np.arange(n, dtype=np.int64)
-    return index, index, np.arange(n + 1, dtype=np.int64)
-
-
 def student_anchored(s, s_norms, t, t_norms, neg, neg_norms, pos, pos_class, members, starts,
                      temperature, tile_rows, row_loss, grad):
     """Student anchors against normalised teacher rows and queued negatives
@@ -606,7 +598,7 @@ def teacher_anchored(s, s_norms, t, t_norms, neg, neg_norms, temperature, tile_r
     cand = np.empty((n_cand, dim), dtype=dtype)
     bounds = np.empty(n, dtype=np.float64)
     use_bound, lo = _shift_mode(temperature, dtype)
-    pos_class, members, starts = _diagonal(n)
+    pos_class, members, starts = diagonal(n)
     saved = np.empty(1, dtype=dtype)
     if tile_rows is None and n <= TILE_ROWS:  # (see student_anchored)
         rows = n
