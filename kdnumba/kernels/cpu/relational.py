@@ -59,7 +59,7 @@ from kdnumba._output_pool import POOL
 from kdnumba._policy import callee, jit, kernel_launch, parallel_jit
 from kdnumba.kernels.cpu.dtypes import MAX_FLOAT64
 from kdnumba.kernels.cpu.reductions import lane_sum, ordered_sum
-from kdnumba.kernels.relational_scalars import angle_means, distance_means, mean_distances
+from kdnumba.kernels.relational_scalars import run_phases
 
 #: Rows ``b`` per task of the angle phase: the rows ``a`` it streams are
 #: reused by all of a task's rows while in cache (the grouping does not change
@@ -312,6 +312,8 @@ def loss_and_gradient(s, t, eps, w_d, w_a, grad):
     its own: a parallel launch costs 34-90 us on the ``workqueue`` layer,
     more than the small phases' work even when the call as a whole is large.
     The centring is a serial kernel of its own (:func:`_center_columns`).
+    The flow between the phases (the means, which terms run, the loss) is
+    ``kernels.relational_scalars.run_phases``, shared with the CUDA twin.
     """
     n, dim_s = s.shape
     dim_t = t.shape[1]
@@ -338,29 +340,23 @@ def loss_and_gradient(s, t, eps, w_d, w_a, grad):
     no_m, no_v = _NO_MATRIX, _NO_VECTOR
     eps = float(eps)
 
-    with kernel_launch(n * n * (dim_s + dim_t)):
-        _tasks(_GEOMETRY, 2 * n, et_s, q_s, ins, et_t, q_t, int_, no_m, sum_s, sum_t,
-               eps, 0.0, 0.0, 0.0, 0.0, 0.0)
-    total_s, total_t = ordered_sum(sum_s), ordered_sum(sum_t)
-    distance_total = total_s + total_t
-    if not math.isfinite(distance_total):
-        return distance_total, math.nan
-    mu_s, mu_t = mean_distances(total_s, total_t, n)
-    inv_mu_s, inv_mu_t = 1.0 / mu_s, 1.0 / mu_t
+    r = no_m  # the angle term's factor, when it runs
 
-    loss_d = 0.0
-    k_mean = 0.0
-    if n > 1 and w_d != 0.0:
+    def geometry():
+        with kernel_launch(n * n * (dim_s + dim_t)):
+            _tasks(_GEOMETRY, 2 * n, et_s, q_s, ins, et_t, q_t, int_, no_m, sum_s, sum_t,
+                   eps, 0.0, 0.0, 0.0, 0.0, 0.0)
+        return ordered_sum(sum_s), ordered_sum(sum_t)
+
+    def distance(inv_mu_s, inv_mu_t):
         row_loss, row_hd = sums[0], sums[1]  # the distance sums are read
         with kernel_launch(n * n):
             _tasks(_DISTANCE, n, q_s, q_t, no_m, no_m, no_m, no_m, no_m, row_loss, row_hd,
                    eps, inv_mu_s, inv_mu_t, 0.0, 0.0, 0.0)
-        loss_d, k_mean = distance_means(ordered_sum(row_loss), ordered_sum(row_hd), mu_s, n)
+        return ordered_sum(row_loss), ordered_sum(row_hd)
 
-    loss_a = 0.0
-    w_a_mean = 0.0  # the angle weight of the gradient; 0: r is not read
-    r = no_m
-    if angle:
+    def angle_term():
+        nonlocal r
         n_tasks = (n + ROWS_PER_TASK - 1) // ROWS_PER_TASK
         r, loss_table, half_qs, half_qt = mats[4], mats[5], mats[6], mats[7]
         scratch = np.empty((n_tasks, n))
@@ -371,15 +367,17 @@ def loss_and_gradient(s, t, eps, w_d, w_a, grad):
         with kernel_launch(n * n * n):
             _tasks(_ANGLE, n_tasks, half_qs, ins, half_qt, int_, r, loss_table, scratch,
                    row_loss, no_v, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-        loss_a, w_a_mean = angle_means(ordered_sum(row_loss), w_a, n)
+        return ordered_sum(row_loss)
 
-    m = ins  # iota_s is dead after the angle term: M takes its memory
-    _center_columns(et_s, ec)
-    with kernel_launch(n * n * dim_s):
-        _tasks(_ASSEMBLE, n, r, q_s, q_t, m, no_m, no_m, no_m, no_v, no_v,
-               w_a_mean, eps, inv_mu_s, inv_mu_t, k_mean, w_d / (n * n))
-        _tasks(_PRODUCT, n, m, ec, acc, no_m, no_m, no_m, no_m, no_v, no_v,
-               0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-    if acc is not grad:
-        grad[...] = acc
-    return distance_total, w_d * loss_d + w_a * loss_a
+    def gradient(w_a_mean, inv_mu_s, inv_mu_t, k_mean, w_d_mean):
+        m = ins  # iota_s is dead after the angle term: M takes its memory
+        _center_columns(et_s, ec)
+        with kernel_launch(n * n * dim_s):
+            _tasks(_ASSEMBLE, n, r, q_s, q_t, m, no_m, no_m, no_m, no_v, no_v,
+                   w_a_mean, eps, inv_mu_s, inv_mu_t, k_mean, w_d_mean)
+            _tasks(_PRODUCT, n, m, ec, acc, no_m, no_m, no_m, no_m, no_v, no_v,
+                   0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        if acc is not grad:
+            grad[...] = acc
+
+    return run_phases(n, w_d, w_a, geometry, distance, angle_term, gradient)

@@ -37,7 +37,7 @@ import numpy as np
 from numba import cuda
 
 from kdnumba.kernels.cuda import compile_kernel, item_launch, reduce
-from kdnumba.kernels.relational_scalars import angle_means, distance_means, mean_distances
+from kdnumba.kernels.relational_scalars import run_phases
 
 _PAIRS_SIG = "void({F}[:, ::1], float64, float64[:, ::1], float64[:, ::1])"
 _ROW_SUMS_SIG = "void(float64[:, ::1], float64, float64[::1])"
@@ -244,41 +244,37 @@ def loss_and_gradient(s, t, eps, w_d, w_a, grad):
     ec = empty((n, dim_s), dtype=np.float64)
     eps = float(eps)
 
-    pairs = _launch(_pairs_kernel, _PAIRS_SIG, n * n, s.dtype)
-    row_sums = _launch(_row_sums_kernel, _ROW_SUMS_SIG, n)
-    pairs(s, eps, q_s, ins)
-    row_sums(q_s, eps, sum_s)
-    pairs(t, eps, q_t, int_)
-    row_sums(q_t, eps, sum_t)
-    total_s, total_t = reduce.total(sum_s), reduce.total(sum_t)
-    distance_total = total_s + total_t
-    if not math.isfinite(distance_total):
-        return distance_total, math.nan
-    mu_s, mu_t = mean_distances(total_s, total_t, n)
-    inv_mu_s, inv_mu_t = 1.0 / mu_s, 1.0 / mu_t
+    # The angle term's factor; one element when the term is off, not read (some
+    # drivers reject zero-size allocations).
+    r = empty((1, 1), dtype=np.float64)
 
-    loss_d = 0.0
-    k_mean = 0.0
-    if n > 1 and w_d != 0.0:
+    def geometry():
+        pairs = _launch(_pairs_kernel, _PAIRS_SIG, n * n, s.dtype)
+        row_sums = _launch(_row_sums_kernel, _ROW_SUMS_SIG, n)
+        pairs(s, eps, q_s, ins)
+        row_sums(q_s, eps, sum_s)
+        pairs(t, eps, q_t, int_)
+        row_sums(q_t, eps, sum_t)
+        return reduce.total(sum_s), reduce.total(sum_t)
+
+    def distance(inv_mu_s, inv_mu_t):
         row_loss, row_hd = sum_s, sum_t  # the distance sums are read
         _launch(_distance_kernel, _DISTANCE_SIG, n)(q_s, q_t, eps, inv_mu_s, inv_mu_t,
                                                     row_loss, row_hd)
-        loss_d, k_mean = distance_means(reduce.total(row_loss), reduce.total(row_hd), mu_s, n)
+        return reduce.total(row_loss), reduce.total(row_hd)
 
-    loss_a = 0.0
-    w_a_mean = 0.0  # the angle weight of the gradient; 0: r is not read
-    if n > 1 and w_a != 0.0:
+    def angle_term():
+        nonlocal r
         r = empty((n, n), dtype=np.float64)
         alpha, hk = empty((n, n), dtype=np.float64), empty((n, n), dtype=np.float64)
         _launch(_angle_kernel, _ANGLE_SIG, n)(q_s, ins, q_t, int_, r, alpha, hk, sum_s)
-        loss_a, w_a_mean = angle_means(reduce.total(sum_s), w_a, n)
-    else:
-        r = empty((1, 1), dtype=np.float64)  # not read (one element: some drivers
-        # reject zero-size allocations)
+        return reduce.total(sum_s)
 
-    m = ins  # iota_s is dead after the angle term: M takes its memory
-    _launch(_assemble_kernel, _ASSEMBLE_SIG, n)(r, w_a_mean, q_s, q_t, eps, inv_mu_s,
-                                                inv_mu_t, k_mean, w_d / (n * n), m)
-    _launch(_center_kernel, _CENTER_SIG, dim_s, s.dtype)(s, ec)
-    _launch(_matmul_kernel, _MATMUL_SIG, n * dim_s, grad.dtype)(m, ec, grad)
-    return distance_total, w_d * loss_d + w_a * loss_a
+    def gradient(w_a_mean, inv_mu_s, inv_mu_t, k_mean, w_d_mean):
+        m = ins  # iota_s is dead after the angle term: M takes its memory
+        _launch(_assemble_kernel, _ASSEMBLE_SIG, n)(r, w_a_mean, q_s, q_t, eps, inv_mu_s,
+                                                    inv_mu_t, k_mean, w_d_mean, m)
+        _launch(_center_kernel, _CENTER_SIG, dim_s, s.dtype)(s, ec)
+        _launch(_matmul_kernel, _MATMUL_SIG, n * dim_s, grad.dtype)(m, ec, grad)
+
+    return run_phases(n, w_d, w_a, geometry, distance, angle_term, gradient)
