@@ -485,12 +485,28 @@ def _shift_mode(temperature, dtype):
     (:func:`_logit_bounds`), and the exp pass's flush threshold (none on the
     bound path: no exponent is below ``-2/tau >= -EXP_RANGE`` there, and the
     row losses read every positive's exponential)."""
-    limit = EXP_RANGE_F32 if dtype == _FLOAT32 else EXP_RANGE_F64
+    limit = exp_range(dtype)
     use_bound = 2.0 / temperature <= limit
     return use_bound, (-math.inf if use_bound else -limit)
 
 
-_FLOAT32 = np.dtype(np.float32)
+def _rows_per_tile(n, n_cand, tile_rows, itemsize):
+    """Anchor rows per tile: ``tile_rows``, or :func:`default_tile_rows` (which
+    never gives fewer than ``min(n, TILE_ROWS)``, hence the shortcut)."""
+    if tile_rows is None and n <= TILE_ROWS:
+        return n
+    return tile_rows or default_tile_rows(n, n_cand, itemsize)
+
+
+def _normalize_candidates(first, first_norms, extra, extra_norms, cand):
+    """``cand`` = the normalised rows of ``first``, then of ``extra`` (or ``None``;
+    no slice of ``cand`` then: a view costs a small call 0.2 us)."""
+    if extra is None:
+        normalize_rows(first, first_norms, 1.0, cand)
+    else:
+        n = first.shape[0]
+        normalize_rows(first, first_norms, 1.0, cand[:n])
+        normalize_rows(extra, extra_norms, 1.0, cand[n:])
 
 
 # No fast-math: exactly the IEEE float64 operations of
@@ -549,23 +565,16 @@ def student_anchored(s, s_norms, t, t_norms, neg, neg_norms, pos, pos_class, mem
     saved = np.empty(n, dtype=dtype)
     g = np.empty(dim)  # scratch of finish_student_anchored
     use_bound, lo = _shift_mode(temperature, dtype)
-    # The tiles of ``_tiles``, written out: a generator costs a small call ~1 us
-    # (and default_tile_rows never gives fewer than min(n, TILE_ROWS) rows).
-    if tile_rows is None and n <= TILE_ROWS:
-        rows = n
-    else:
-        rows = tile_rows or default_tile_rows(n, n_cand, dtype.itemsize)
-    one_tile = rows >= n  # every small call
+    rows = _rows_per_tile(n, n_cand, tile_rows, dtype.itemsize)
+    # One tile (every small call) runs without ``_tiles``: a generator costs a
+    # small call ~1 us.
+    one_tile = rows >= n
     block = np.empty((n, n_cand), dtype=dtype) if one_tile else None
     if pos is None:
         pos = cand
 
     normalize_rows(s, s_norms, inv_tau, anchors)
-    if neg is None:  # (no slice of ``cand``: a view costs a small call 0.2 us)
-        normalize_rows(t, t_norms, 1.0, cand)
-    else:
-        normalize_rows(t, t_norms, 1.0, cand[:n])
-        normalize_rows(neg, neg_norms, 1.0, cand[n:])
+    _normalize_candidates(t, t_norms, neg, neg_norms, cand)
     _logit_bounds(s_norms, temperature, bounds)
     if one_tile:
         np.matmul(anchors, cand.T, out=block)
@@ -600,10 +609,7 @@ def teacher_anchored(s, s_norms, t, t_norms, neg, neg_norms, temperature, tile_r
     use_bound, lo = _shift_mode(temperature, dtype)
     pos_class, members, starts = diagonal(n)
     saved = np.empty(1, dtype=dtype)
-    if tile_rows is None and n <= TILE_ROWS:  # (see student_anchored)
-        rows = n
-    else:
-        rows = tile_rows or default_tile_rows(n, n_cand, dtype.itemsize)
+    rows = _rows_per_tile(n, n_cand, tile_rows, dtype.itemsize)
     one_tile = rows >= n  # every small call
     # Fewer ``B x D`` buffers per call (see student_anchored): the products'
     # ``part`` lives in ``grad`` (written only by the last pass), and with one
@@ -615,11 +621,7 @@ def teacher_anchored(s, s_norms, t, t_norms, neg, neg_norms, temperature, tile_r
     g = np.empty(dim)  # scratch of finish_teacher_anchored
 
     normalize_rows(t, t_norms, inv_tau, anchors)
-    if neg is None:
-        normalize_rows(s, s_norms, 1.0, cand)
-    else:
-        normalize_rows(s, s_norms, 1.0, cand[:n])
-        normalize_rows(neg, neg_norms, 1.0, cand[n:])
+    _normalize_candidates(s, s_norms, neg, neg_norms, cand)
     _logit_bounds(t_norms, temperature, bounds)
     if one_tile:  # no generator, no slices
         block = np.empty((n, n_cand), dtype=dtype)
