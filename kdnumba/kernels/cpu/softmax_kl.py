@@ -362,8 +362,10 @@ def divergence_rows(s, t, labels_index, labels_dense, labels_kind, divergence, b
             # D >= 0 exactly; rounding can leave a tiny negative value.
             loss = w_soft * max(div, 0.0) if div == div else w_soft * div
             if not has_hard:
+                # ``not has_hard`` (True here), not a literal True: a literal
+                # compiles a second specialisation of the helper (see kd_rows).
                 _div_gradient_row(g_row, x, e_s, cast_like(a, s), cast_like(k, s),
-                                  cast_like(0.0, s), True)
+                                  cast_like(0.0, s), not has_hard)
             else:
                 z_h = z_s if unit_t else lane_sum(e_s)
                 lse = m_s + math.log(z_h)
@@ -405,6 +407,19 @@ def _scale_row(g_row, e_s, a_s, a_h, reuse_soft):
         e = g_row[j]
         h = e if reuse_soft else e_s[j]
         g_row[j] = a_s * e + a_h * h
+
+
+@callee
+def _teacher_terms(v_row, idx_row, s_row, m_v, m_s, inv_t, e_q, w_q):
+    """The top-K teacher's ``e_q = exp(u_q)`` and ``w_q = e_q (u_q - u_s[idx])``
+    with ``u_q = (v - m_v)/T``, ``u_s = (s - m_s)/T``. A helper rather than a
+    loop in the ``prange`` body: the body's own ``exp`` call compiled the
+    exponential a second time (issue 16)."""
+    for k in range(v_row.shape[0]):
+        u_q = (v_row[k] - m_v) * inv_t
+        e = exp_nonpos(u_q)
+        e_q[k] = e
+        w_q[k] = e * (u_q - (s_row[idx_row[k]] - m_s) * inv_t)
 
 
 @callee
@@ -471,19 +486,15 @@ def sparse_kd_rows(s, top_v, top_i, labels_index, labels_dense, labels_kind, inv
             m_s = lane_max(s_row)
             _soft_exponentials(s_row, m_s, inv_t, g_row, e_s, has_hard and not unit_t)
             z_s = lane_sum(g_row)
-            m_v = lane_max(v_row)
-            for k in range(n_top):
-                u_q = (v_row[k] - m_v) * inv_t
-                e = exp_nonpos(u_q)
-                e_q[k] = e
-                w_q[k] = e * (u_q - (s_row[idx_row[k]] - m_s) * inv_t)
+            _teacher_terms(v_row, idx_row, s_row, lane_max(v_row), m_s, inv_t, e_q, w_q)
             z_q = lane_sum(e_q)
             kl = lane_sum(w_q) / z_q - math.log(z_q) + math.log(z_s)
             kl = max(kl, 0.0) if kl == kl else kl
             loss = w_soft * kl + 0.0 * lane_sum(s_row)
             a_s = cast_like(c_soft / z_s, s)
             if not has_hard:
-                _scale_row(g_row, e_s, a_s, cast_like(0.0, s), True)
+                # ``not has_hard``, not a literal True (see kd_rows)
+                _scale_row(g_row, e_s, a_s, cast_like(0.0, s), not has_hard)
             else:
                 z_h = z_s if unit_t else lane_sum(e_s)
                 lse = m_s + math.log(z_h)
