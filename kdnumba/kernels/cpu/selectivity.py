@@ -738,6 +738,17 @@ def _grad_variance(x, coef, largest, grad):
 
 
 @callee
+def _sigmoid_slope(z):
+    """``sigmoid'(z) = e / (1 + e)**2`` with ``e = exp(-|z|)`` (no overflow), in
+    the dtype of ``z``. A helper, not code in ``_grad_sparsity``'s ``prange``
+    body: ``exp_nonpos`` called there compiled the exponential once more, for
+    the parallel kernel's compiler flags (issue 16)."""
+    e = exp_nonpos(-abs(z))
+    r = cast_like(1.0, z) / (cast_like(1.0, z) + e)
+    return e * r * r
+
+
+@callee
 def _sign(v):
     """``sign(v)`` in the dtype of ``v``, ``sign(0) = 0`` (branch-free selects)."""
     zero = cast_like(0.0, v)
@@ -751,17 +762,13 @@ def _grad_sparsity(x, sharp, k, coef64, coef, largest, grad):
     (``coef``: ``(N,)`` scratch, set to ``coef64[CF_B]`` in ``x``'s dtype)."""
     _coef_in_dtype(coef64, coef)
     n_rows = x.shape[0]
-    one = cast_like(1.0, x)
     for ch in prange((n_rows + GRAD_ROWS_PER_CHUNK - 1) // GRAD_ROWS_PER_CHUNK):
         for i in range(ch * GRAD_ROWS_PER_CHUNK, min(n_rows, (ch + 1) * GRAD_ROWS_PER_CHUNK)):
             row = x[i]
             g = grad[i]
             for j in range(row.shape[0]):
                 v = row[j]
-                # sigmoid'(z) = e / (1 + e)**2 with e = exp(-|z|): no overflow.
-                e = exp_nonpos(-abs(sharp - k * abs(v)))
-                r = one / (one + e)
-                g[j] = coef[j] * (e * r * r) * _sign(v)
+                g[j] = coef[j] * _sigmoid_slope(sharp - k * abs(v)) * _sign(v)
     return _gradient_fits(grad, coef64[CF_BOUND], largest)
 
 
