@@ -2,12 +2,14 @@
 
 Parses the CPU kernels (nothing is imported or compiled) and checks:
 
-* **No literal ``True``/``False`` passed to a kernel helper.** Numba types a
-  literal bool argument as ``Literal[bool](True)``, not ``bool``: a helper
-  called once with ``True`` and once with a variable compiles twice, and the
-  parallel kernel that calls it carries both copies through its four LLVM
-  modules (sparse KD: 0.5-0.7 s of its first call). Pass a variable that
-  holds the value instead (``not has_hard``).
+* **No literal bool or int passed to a kernel helper** (``True``, ``3``, or a
+  module's integer constant such as ``ST_SOFT``, which Numba freezes as a
+  literal too). Numba types such an argument as ``Literal[bool](True)`` /
+  ``Literal[int](3)``, not ``bool`` / ``int64``: a helper compiles once per
+  literal value and once more for a variable, and the parallel kernel that
+  calls it carries every copy through its four LLVM modules (sparse KD:
+  0.5-0.7 s of its first call). Pass a variable that holds the value
+  (``not has_hard``) or ``np.int64(CONSTANT)``.
 * **No ``exp_nonpos`` call directly in a ``prange`` body.** It is an
   ``@overload``, and Numba caches an overload's implementation per caller's
   compiler flags: called from a parallel kernel's body as well as from
@@ -45,15 +47,21 @@ def _kernels(tree):
             and _decorator_names(node) & _KERNEL_DECORATORS]
 
 
-def literal_bool_arguments(tree, helpers: set[str]) -> list[tuple[int, str]]:
-    """``(line, helper)`` where a kernel passes ``True``/``False`` to a helper."""
+def _is_literal(arg) -> bool:
+    """A bool or int constant, or an UPPER_CASE module constant."""
+    if isinstance(arg, ast.Constant):
+        return isinstance(arg.value, int)  # bool is an int
+    return isinstance(arg, ast.Name) and arg.id.isupper()
+
+
+def literal_arguments(tree, helpers: set[str]) -> list[tuple[int, str]]:
+    """``(line, helper)`` where a kernel passes a literal bool or int to a helper."""
     found = []
     for kernel in _kernels(tree):
         for node in ast.walk(kernel):
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
                     and node.func.id in helpers
-                    and any(isinstance(a, ast.Constant) and isinstance(a.value, bool)
-                            for a in [*node.args, *(k.value for k in node.keywords)])):
+                    and any(_is_literal(a) for a in [*node.args, *(k.value for k in node.keywords)])):
                 found.append((node.lineno, node.func.id))
     return found
 
@@ -81,11 +89,11 @@ def _all(check, *args) -> list[str]:
             for line, name in check(ast.parse(path.read_text()), *args)]
 
 
-def test_no_literal_bool_reaches_a_helper():
+def test_no_literal_reaches_a_helper():
     helpers = _kernel_names()
-    assert {"_gradient_row", "_scale_row", "lane_sum"} <= helpers
-    bad = _all(literal_bool_arguments, helpers)
-    assert not bad, "literal bool passed to a kernel helper (compiles it twice):\n" + "\n".join(bad)
+    assert {"_gradient_row", "_scale_row", "_finite_sq", "lane_sum"} <= helpers
+    bad = _all(literal_arguments, helpers)
+    assert not bad, "literal passed to a kernel helper (compiles it again):\n" + "\n".join(bad)
 
 
 def test_no_costly_overload_in_a_prange_body():
@@ -102,8 +110,8 @@ def helper(x, flag):
 def kernel(x, out):
     y = helper(x, True)
     for i in prange(x.shape[0]):
-        out[i] = exp_nonpos(x[i]) + helper(x[i], flag=False)
-    return exp_nonpos(y[0])
+        out[i] = exp_nonpos(x[i]) + helper(x[i], flag=False) + helper(x[i], ROW)
+    return exp_nonpos(y[0]) + helper(x, np.int64(ROW)) + helper(x, 2.0)
 
 def python_side(x):
     return helper(x, True)
@@ -112,6 +120,8 @@ def python_side(x):
 
 def test_the_checks_see_the_patterns():
     tree = ast.parse(_BAD_KERNELS)
-    assert literal_bool_arguments(tree, {"helper"}) == [(8, "helper"), (10, "helper")]
+    # np.int64(ROW) and float constants are not literals to Numba.
+    assert literal_arguments(tree, {"helper"}) == [(8, "helper"), (10, "helper"),
+                                                   (10, "helper")]
     # Outside the prange loop, or in Python code, the calls are fine.
     assert costly_overloads_in_prange(tree) == [(10, "exp_nonpos")]

@@ -602,7 +602,9 @@ def _finite_sq(stats, row, j):
 def _coef_sparsity(stats, weight, k, n_rows, sq, coef):
     scale = 2.0 * weight / sq.shape[0]
     for j in range(sq.shape[0]):
-        sq[j], diff = _finite_sq(stats, ST_SOFT, j)
+        # np.int64(): a global constant is a literal to Numba, and each literal
+        # value would compile _finite_sq once more (tests/test_compile_cost.py).
+        sq[j], diff = _finite_sq(stats, np.int64(ST_SOFT), j)
         b = (scale * diff) * (-k / n_rows)
         coef[CF_A, j] = 0.0
         coef[CF_B, j] = b
@@ -614,7 +616,7 @@ def _coef_sparsity(stats, weight, k, n_rows, sq, coef):
 def _coef_peak(stats, weight, eps, n_rows, sq, coef):
     scale = 2.0 * weight / sq.shape[0]
     for j in range(sq.shape[0]):
-        sq[j], diff = _finite_sq(stats, ST_RATIO, j)
+        sq[j], diff = _finite_sq(stats, np.int64(ST_RATIO), j)
         c = scale * diff
         d = stats[1, ST_MEAN_ABS, j] + eps
         b = -c * stats[1, ST_PEAK, j] / (n_rows * d * d)
