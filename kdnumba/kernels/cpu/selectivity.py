@@ -190,14 +190,24 @@ def _var_task(task, a, b, col_block, rows_per_chunk, shift, part):
 
 
 @callee
+def _sigmoid_parts(z):
+    """``(e, r)`` with ``e = exp(-|z|) <= 1`` and ``r = 1 / (1 + e)``, in the
+    dtype of ``z``: what the sigmoid and its derivative are made of, without
+    overflow. The only ``exp`` of the module's sigmoids, so it is compiled
+    once (an ``exp_nonpos`` in a ``prange`` body would be compiled again for
+    the parallel kernel's flags, issue 16)."""
+    e = exp_nonpos(-abs(z))
+    return e, cast_like(1.0, z) / (cast_like(1.0, z) + e)
+
+
+@callee
 def sigmoid(z):
     """``1 / (1 + exp(-z))`` without overflow, in the dtype of ``z``.
 
     ``1/(1+e)`` for ``z >= 0`` and ``e/(1+e)`` for ``z < 0``, with
     ``e = exp(-|z|) <= 1`` (branch-free selects; vectorises).
     """
-    e = exp_nonpos(-abs(z))
-    r = cast_like(1.0, z) / (cast_like(1.0, z) + e)
+    e, r = _sigmoid_parts(z)
     return r if z >= cast_like(0.0, z) else e * r
 
 
@@ -742,11 +752,8 @@ def _grad_variance(x, coef, largest, grad):
 @callee
 def _sigmoid_slope(z):
     """``sigmoid'(z) = e / (1 + e)**2`` with ``e = exp(-|z|)`` (no overflow), in
-    the dtype of ``z``. A helper, not code in ``_grad_sparsity``'s ``prange``
-    body: ``exp_nonpos`` called there compiled the exponential once more, for
-    the parallel kernel's compiler flags (issue 16)."""
-    e = exp_nonpos(-abs(z))
-    r = cast_like(1.0, z) / (cast_like(1.0, z) + e)
+    the dtype of ``z`` (from :func:`_sigmoid_parts`)."""
+    e, r = _sigmoid_parts(z)
     return e * r * r
 
 
