@@ -9,8 +9,8 @@ in alternating fresh processes so that drift in the machine's speed hits both.
 Why: issue 16 asks for kernels near the limit on AVX2 *and* no regression on
 AVX-512; on an AVX-512 machine ``NUMBA_CPU_NAME=haswell`` is the AVX2 build of
 the same code. Each target compiles into its own Numba cache folder, once;
-the timed rounds load from it. A case name must match exactly (see
-``kdnumba bench --list``). Prints min and median per target, round and thread
+the timed rounds load from it. A case name must match exactly (as
+``kdnumba bench`` prints it). Prints min and median per target, round and thread
 count, and the min-over-rounds ratio to the first target.
 """
 

@@ -59,9 +59,10 @@ def literal_arguments(tree, helpers: set[str]) -> list[tuple[int, str]]:
     found = []
     for kernel in _kernels(tree):
         for node in ast.walk(kernel):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-                    and node.func.id in helpers
-                    and any(_is_literal(a) for a in [*node.args, *(k.value for k in node.keywords)])):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                    and node.func.id in helpers):
+                continue
+            if any(_is_literal(a) for a in [*node.args, *(k.value for k in node.keywords)]):
                 found.append((node.lineno, node.func.id))
     return found
 

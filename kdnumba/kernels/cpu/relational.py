@@ -303,8 +303,9 @@ def loss_and_gradient(s, t, eps, w_d, w_a, grad):
     ``M`` has zero row sums, so ``M @ s = M @ ec``: the centred rows keep a
     large common offset out of the product.
 
-    Every buffer is allocated first and the kernels run back to back with
-    nothing in between but their calls and a few float operations: a small
+    Every buffer but the angle term's per-task scratch is allocated first,
+    and the kernels run back to back with nothing in between but their calls,
+    the angle term's ``Q / 2`` and a few float operations: a small
     call's Python work between two kernels cost more than the kernels
     themselves (issue #16). Each phase keeps its own ``kernel_launch`` with
     its own work (``B^2 (D_s + D_t)``, ``B^2``, ``B^3``, ``B^2 D_s``), so a

@@ -197,8 +197,9 @@ def _class_means_kernel(t, t_norms, members, starts, out):
 # 2026-12-04 its float64 build lost the vector loads (float32 fell to v2).
 # Numba's built-in CUDA target has no ``alignment`` keyword (and aligns
 # complex128 to 16 bytes itself); the simulator accepts only None. The
-# buffers' byte sizes are fixed; the depth of a K chunk (``BK``) and of a J chunk (``BJ``) follow from the
-# itemsize, so float32 stages twice as deep as float64. Indices into shared
+# buffers' byte sizes are fixed; the depth of a K chunk (``BK``) and of a J
+# chunk (``BJ``) follow from the itemsize, so float32 stages twice as deep as
+# float64. Indices into shared
 # and local memory are ``np.uint64`` (``_U``): a signed index costs a
 # negative-index fix-up per access that also hides the adjacency of the loads.
 

@@ -3,8 +3,8 @@
 The CUDA twin of ``kernels.cpu.selectivity``: the same launch functions
 (:func:`column_stats`, and :func:`loss_and_gradient`, which runs the loss's
 three steps :func:`column_stats`, :func:`coefficients` and
-:func:`gradient_rows`) with the same arguments and outputs, the same codes (imported from there), the same
-statistics, tie rule and ``sign(0) = 0``. On ``(B, N)`` activations:
+:func:`gradient_rows`) with the same arguments and outputs, the same codes
+(imported from there), the same statistics, tie rule and ``sign(0) = 0``. On ``(B, N)`` activations:
 
 1. :func:`column_stats`, first launch per matrix -- column-blocked partial
    statistics. A block is a tile of ``TILE`` consecutive columns
